@@ -1,0 +1,3 @@
+"""miniomni: Mini-Omni in plain PyTorch."""
+
+__version__ = "0.1.0"
