@@ -1,0 +1,343 @@
+"""Every checkpoint format and hub id in one place: the published directory layout,
+the single-file safetensors bundle, hub downloads, safe ``.pth`` loading.
+
+Published layout (``miniomni download DIR`` writes it)::
+
+    DIR/model_config.yaml      gpt-omni/mini-omni
+    DIR/lit_model.pth          gpt-omni/mini-omni   (litgpt state dict)
+    DIR/tokenizer.json         gpt-omni/mini-omni
+    DIR/small.pt               gpt-omni/mini-omni2  (openai-whisper small)
+    DIR/snac/config.json       hubertsiuzdak/snac_24khz
+    DIR/snac/pytorch_model.bin hubertsiuzdak/snac_24khz
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import OmniConfig
+from .errors import CheckpointError
+from .models.whisper import WhisperDims, encoder_state_dict_from_whisper
+from .safeload import load_torch_file
+
+log = logging.getLogger(__name__)
+
+MINI_OMNI_REPO = "gpt-omni/mini-omni"
+MINI_OMNI_FILES = ("model_config.yaml", "lit_model.pth", "tokenizer.json")
+WHISPER_REPO = "gpt-omni/mini-omni2"
+WHISPER_FILE = "small.pt"
+SNAC_REPO = "hubertsiuzdak/snac_24khz"
+SNAC_DIR = "snac"
+SNAC_FILES = ("config.json", "pytorch_model.bin")
+OPENAI_WHISPER_CACHE = Path.home() / ".cache" / "whisper" / WHISPER_FILE
+
+BUNDLE_FORMAT = "miniomni-bundle"
+BUNDLE_VERSION = "1"
+
+
+def _fix_hint(directory: Path) -> str:
+    return f"run `miniomni download {directory}` (needs internet) or copy the published files there"
+
+
+@dataclass
+class CheckpointParts:
+    """Everything a pipeline needs, in memory, independent of the file format it came from."""
+
+    config: OmniConfig
+    model_state: dict[str, torch.Tensor]  # OmniModel state dict (this package's names)
+    whisper_dims: WhisperDims
+    whisper_state: dict[str, torch.Tensor]  # WhisperEncoder state dict (without "encoder.")
+    snac_config: dict[str, Any]
+    snac_state: dict[str, torch.Tensor]
+    tokenizer_json: str
+
+
+# ------------------------------------------------------------------- litgpt <-> ours
+
+_LITGPT_LAYER = {
+    "norm_1.weight": "attn_norm.weight",
+    "attn.proj.weight": "attn.out.weight",
+    "attn.proj.bias": "attn.out.bias",
+    "norm_2.weight": "mlp_norm.weight",
+    "mlp.fc_1.weight": "mlp.gate.weight",
+    "mlp.fc_2.weight": "mlp.up.weight",
+    "mlp.proj.weight": "mlp.down.weight",
+    "mlp.fc_1.bias": "mlp.gate.bias",
+    "mlp.fc_2.bias": "mlp.up.bias",
+    "mlp.proj.bias": "mlp.down.bias",
+}
+_LITGPT_TOP = {
+    "transformer.wte.weight": "llm.embed.weight",
+    "transformer.ln_f.weight": "llm.final_norm.weight",
+    "lm_head.weight": "llm.lm_head.weight",
+    "whisper_adapter.fc_1.weight": "adapter.gate.weight",
+    "whisper_adapter.fc_2.weight": "adapter.up.weight",
+    "whisper_adapter.proj.weight": "adapter.down.weight",
+}
+
+
+def litgpt_qkv_to_fused(tensor: torch.Tensor, config: OmniConfig) -> torch.Tensor:
+    """litgpt's grouped q/k/v (per group: its queries, its key, its value) -> [q; k; v]."""
+    rest = tensor.shape[1:]
+    grouped = tensor.reshape(config.n_query_groups, config.q_per_kv + 2, config.head_size, *rest)
+    q = grouped[:, : config.q_per_kv].reshape(-1, *rest)
+    k = grouped[:, config.q_per_kv].reshape(-1, *rest)
+    v = grouped[:, config.q_per_kv + 1].reshape(-1, *rest)
+    return torch.cat((q, k, v))
+
+
+def fused_qkv_to_litgpt(tensor: torch.Tensor, config: OmniConfig) -> torch.Tensor:
+    """Inverse of :func:`litgpt_qkv_to_fused`."""
+    rest = tensor.shape[1:]
+    hs, n_kv = config.head_size, config.n_query_groups
+    q, k, v = tensor.split((config.n_head * hs, n_kv * hs, n_kv * hs))
+    q = q.reshape(n_kv, config.q_per_kv, hs, *rest)
+    k = k.reshape(n_kv, 1, hs, *rest)
+    v = v.reshape(n_kv, 1, hs, *rest)
+    return torch.cat((q, k, v), dim=1).reshape(-1, *rest)
+
+
+def litgpt_to_state_dict(litgpt: dict[str, torch.Tensor], config: OmniConfig) -> dict[str, torch.Tensor]:
+    """Rename (and regroup q/k/v of) a litgpt ``lit_model.pth`` state dict into OmniModel names."""
+    if "model" in litgpt and isinstance(litgpt["model"], dict):
+        litgpt = litgpt["model"]
+    state: dict[str, torch.Tensor] = {}
+    unknown: list[str] = []
+    for key, tensor in litgpt.items():
+        if key in _LITGPT_TOP:
+            state[_LITGPT_TOP[key]] = tensor
+            continue
+        parts = key.split(".", 3)
+        if len(parts) == 4 and parts[:2] == ["transformer", "h"] and parts[2].isdigit():
+            prefix = f"llm.layers.{parts[2]}."
+            name = parts[3]
+            if name in ("attn.attn.weight", "attn.attn.bias"):
+                state[prefix + "attn.qkv." + name.rsplit(".", 1)[1]] = litgpt_qkv_to_fused(tensor, config)
+                continue
+            if name in _LITGPT_LAYER:
+                state[prefix + _LITGPT_LAYER[name]] = tensor
+                continue
+        unknown.append(key)
+    if unknown:
+        raise CheckpointError(
+            f"lit_model.pth holds tensors this model does not have: {', '.join(unknown[:5])}"
+            f"{' …' if len(unknown) > 5 else ''}; is it a Mini-Omni checkpoint with the matching model_config.yaml?"
+        )
+    if config.tie_word_embeddings:
+        state.pop("llm.lm_head.weight", None)
+    return state
+
+
+def state_dict_to_litgpt(state: dict[str, torch.Tensor], config: OmniConfig) -> dict[str, torch.Tensor]:
+    """OmniModel state dict -> litgpt names and layout (what the reference implementation loads)."""
+    top = {ours: theirs for theirs, ours in _LITGPT_TOP.items()}
+    layer = {ours: theirs for theirs, ours in _LITGPT_LAYER.items()}
+    out: dict[str, torch.Tensor] = {}
+    for key, tensor in state.items():
+        if key in top:
+            out[top[key]] = tensor
+            continue
+        parts = key.split(".", 3)  # llm.layers.N.rest
+        index, name = parts[2], parts[3]
+        prefix = f"transformer.h.{index}."
+        if name.startswith("attn.qkv."):
+            out[prefix + "attn.attn." + name.rsplit(".", 1)[1]] = fused_qkv_to_litgpt(tensor, config)
+        else:
+            out[prefix + layer[name]] = tensor
+    if config.tie_word_embeddings:
+        out["lm_head.weight"] = out["transformer.wte.weight"]
+    return out
+
+
+def check_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Refuse missing, unexpected or mis-shaped tensors with a message naming them."""
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    if getattr(model, "config", None) is not None and getattr(model.config, "tie_word_embeddings", False):
+        expected.pop("llm.lm_head.weight", None)
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k])]
+    problems = []
+    if missing:
+        problems.append(f"missing {', '.join(missing[:4])}{' …' if len(missing) > 4 else ''}")
+    if unexpected:
+        problems.append(f"unexpected {', '.join(unexpected[:4])}{' …' if len(unexpected) > 4 else ''}")
+    if wrong:
+        k = wrong[0]
+        problems.append(f"{k} has shape {tuple(state[k].shape)}, the config needs {tuple(expected[k])}")
+    if problems:
+        raise CheckpointError(
+            f"{source} does not fit its model config: {'; '.join(problems)}. Check that the config and "
+            f"weights belong together (re-download with `miniomni download`)."
+        )
+
+
+# ------------------------------------------------------------------------ directory
+
+
+def read_checkpoint_dir(directory: str | Path) -> CheckpointParts:
+    """Read the published layout; every missing or broken file is named with its fix."""
+    directory = Path(directory)
+    fix = _fix_hint(directory)
+    if not directory.is_dir():
+        raise CheckpointError(f"checkpoint directory {directory} does not exist; {fix}")
+    config_path = directory / "model_config.yaml"
+    if not config_path.is_file():
+        raise CheckpointError(f"model config not found: {config_path} is missing; {fix}")
+    config = OmniConfig.from_yaml(config_path)
+
+    tokenizer_path = directory / "tokenizer.json"
+    if not tokenizer_path.is_file():
+        raise CheckpointError(f"tokenizer not found: {tokenizer_path} is missing; {fix}")
+    tokenizer_json = tokenizer_path.read_text(encoding="utf-8")
+
+    whisper_path = directory / WHISPER_FILE
+    if not whisper_path.is_file() and OPENAI_WHISPER_CACHE.is_file():
+        log.info("using the Whisper encoder from %s", OPENAI_WHISPER_CACHE)
+        whisper_path = OPENAI_WHISPER_CACHE
+    whisper_dims, whisper_state = read_whisper_file(whisper_path, fix)
+
+    snac_dir = directory / SNAC_DIR
+    snac_config_path = snac_dir / "config.json"
+    if not snac_config_path.is_file():
+        raise CheckpointError(f"SNAC codec config not found: {snac_config_path} is missing; {fix}")
+    try:
+        snac_config = json.loads(snac_config_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{snac_config_path} is not valid JSON ({exc}); delete it and {fix}") from exc
+    snac_state = load_torch_file(snac_dir / "pytorch_model.bin", "SNAC codec weights", fix)
+
+    litgpt = load_torch_file(directory / "lit_model.pth", "Mini-Omni weights", fix)
+    if not isinstance(litgpt, dict):
+        raise CheckpointError(f"{directory / 'lit_model.pth'} does not hold a state dict; {fix}")
+    model_state = litgpt_to_state_dict(litgpt, config)
+    return CheckpointParts(config, model_state, whisper_dims, whisper_state, snac_config, snac_state, tokenizer_json)
+
+
+def read_whisper_file(path: Path, fix: str) -> tuple[WhisperDims, dict[str, torch.Tensor]]:
+    """Dimensions and encoder weights of an openai-whisper checkpoint (``small.pt``)."""
+    data = load_torch_file(path, "Whisper checkpoint", fix)
+    return encoder_state_dict_from_whisper(data, source=f"Whisper checkpoint '{path}'")
+
+
+def download(directory: str | Path, revision: str | None = None) -> Path:
+    """Fetch the published files into ``directory`` (published layout). Needs internet."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        from huggingface_hub import hf_hub_download
+    except ImportError as exc:  # pragma: no cover - a declared dependency
+        raise CheckpointError("huggingface_hub is not installed; pip install huggingface_hub") from exc
+    plan = [(MINI_OMNI_REPO, name, directory) for name in MINI_OMNI_FILES]
+    plan.append((WHISPER_REPO, WHISPER_FILE, directory))
+    plan += [(SNAC_REPO, name, directory / SNAC_DIR) for name in SNAC_FILES]
+    for repo_id, filename, target in plan:
+        if (target / filename).is_file():
+            log.info("%s already present", target / filename)
+            continue
+        log.info("downloading %s from %s into %s", filename, repo_id, target)
+        try:
+            hf_hub_download(repo_id=repo_id, filename=filename, local_dir=target,
+                            revision=revision if repo_id == MINI_OMNI_REPO else None)
+        except Exception as exc:  # huggingface_hub raises many types (offline, HTTP, timeouts)
+            raise CheckpointError(
+                f"could not download {filename} from the Hugging Face Hub repo {repo_id} "
+                f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}). "
+                f"This machine may be offline or unable to reach huggingface.co. On a connected machine run "
+                f"`miniomni download {directory}` and copy the folder here, or place the files by hand: "
+                + "; ".join(f"{r}/{f} -> {t / f}" for r, f, t in plan)
+            ) from exc
+    return directory
+
+
+def resolve_repo(repo_id: str) -> Path:
+    """A hub repo id -> a local directory in the published layout (downloaded on first use)."""
+    if repo_id != MINI_OMNI_REPO:
+        raise CheckpointError(
+            f"{repo_id!r} is neither a local path nor a known hub repo; use a checkpoint directory, "
+            f"a .safetensors bundle, or {MINI_OMNI_REPO!r}"
+        )
+    cache = Path(os.environ.get("MINIOMNI_CACHE", Path.home() / ".cache" / "miniomni")) / repo_id.replace("/", "--")
+    return download(cache)
+
+
+# ---------------------------------------------------------------------- safetensors bundle
+
+
+def write_bundle(parts: CheckpointParts, path: str | Path) -> Path:
+    """Write everything into one ``.safetensors`` file, atomically (temp file, then rename)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    tensors: dict[str, torch.Tensor] = {}
+    for prefix, state in (("omni.", parts.model_state), ("whisper.", parts.whisper_state), ("snac.", parts.snac_state)):
+        for key, tensor in state.items():
+            tensors[prefix + key] = tensor.detach().contiguous()
+    tensors["tokenizer_json"] = torch.frombuffer(bytearray(parts.tokenizer_json.encode("utf-8")), dtype=torch.uint8)
+    metadata = {
+        "format": BUNDLE_FORMAT,
+        "version": BUNDLE_VERSION,
+        "model_config": json.dumps(parts.config.to_dict()),
+        "whisper_dims": json.dumps(parts.whisper_dims.__dict__),
+        "snac_config": json.dumps(parts.snac_config),
+    }
+    tmp = path.with_name(path.name + ".partial")
+    save_file(tensors, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+    return path
+
+
+def read_bundle(path: str | Path) -> CheckpointParts:
+    """Read a bundle written by :func:`write_bundle`."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"bundle not found: {path} is missing; create it with `miniomni convert DIR {path}`")
+    groups: dict[str, dict[str, torch.Tensor]] = {"omni.": {}, "whisper.": {}, "snac.": {}}
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            if metadata.get("format") != BUNDLE_FORMAT:
+                raise CheckpointError(f"{path} is a safetensors file but not a miniomni bundle; create one with `miniomni convert`")
+            tokenizer_json = bytes(handle.get_tensor("tokenizer_json").numpy()).decode("utf-8")
+            for key in handle.keys():
+                for prefix, group in groups.items():
+                    if key.startswith(prefix):
+                        group[key[len(prefix) :]] = handle.get_tensor(key)
+    except (SafetensorError, OSError, ValueError, json.JSONDecodeError) as exc:
+        raise CheckpointError(
+            f"{path} could not be read ({exc}); it is probably incomplete. Delete it and run `miniomni convert` again"
+        ) from exc
+    config = OmniConfig.from_dict(json.loads(metadata["model_config"]))
+    return CheckpointParts(
+        config=config,
+        model_state=groups["omni."],
+        whisper_dims=WhisperDims.from_dict(json.loads(metadata["whisper_dims"])),
+        whisper_state=groups["whisper."],
+        snac_config=json.loads(metadata["snac_config"]),
+        snac_state=groups["snac."],
+        tokenizer_json=tokenizer_json,
+    )
+
+
+def read_checkpoint(source: str | Path) -> CheckpointParts:
+    """A directory in the published layout, a ``.safetensors`` bundle, or a hub repo id."""
+    path = Path(source)
+    if path.is_dir():
+        return read_checkpoint_dir(path)
+    if path.suffix == ".safetensors" or path.is_file():
+        return read_bundle(path)
+    if isinstance(source, str) and source.count("/") == 1 and not source.startswith((".", "/")):
+        return read_checkpoint_dir(resolve_repo(source))
+    raise CheckpointError(
+        f"checkpoint {source} not found: give a directory in the published layout, a .safetensors "
+        f"bundle, or the hub id {MINI_OMNI_REPO} (run `miniomni download DIR` first when offline)"
+    )

@@ -1,0 +1,191 @@
+"""Decoding: sampling, the per-task feeding rules and the KV-cached step loop (SPEC section 3)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from .errors import ConfigError
+from .models.omni import OmniModel
+from .tokens import (
+    EOA,
+    EOT,
+    NUM_AUDIO_LAYERS,
+    PAD_A,
+    PAD_T,
+    TEXT_STREAM,
+    Task,
+    layershift,
+)
+
+# The reference caps prompt + generated at 2048 positions.
+MAX_POSITIONS = 2048
+
+
+@dataclass
+class SamplingOptions:
+    """top-k, then temperature, then top-p, then a draw. ``temperature == 0`` or ``top_k == 1`` is greedy."""
+
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float = 1.0
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise ConfigError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k is not None and self.top_k < 1:
+            raise ConfigError(f"top_k must be >= 1, got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0 or self.top_k == 1
+
+    def generator(self, device: torch.device) -> torch.Generator | None:
+        if self.greedy:
+            return None
+        generator = torch.Generator(device=device)
+        if self.seed is not None:
+            generator.manual_seed(self.seed)
+        else:
+            generator.seed()
+        return generator
+
+
+def sample(logits: torch.Tensor, options: SamplingOptions, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Draw one id per row of (N, V) logits."""
+    if options.greedy:
+        return logits.argmax(dim=-1)
+    logits = logits.float()
+    if options.top_k is not None and options.top_k < logits.shape[-1]:
+        values, indices = torch.topk(logits, options.top_k, dim=-1)
+        logits = torch.full_like(logits, float("-inf")).scatter_(-1, indices, values)
+    logits = logits / options.temperature
+    if options.top_p < 1.0:
+        sorted_logits, sorted_indices = torch.sort(logits, descending=False, dim=-1)
+        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        remove = cumulative <= (1 - options.top_p)
+        remove[..., -1:] = False  # always keep the most probable token
+        logits = logits.masked_fill(remove.scatter(-1, sorted_indices, remove), float("-inf"))
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+
+
+@dataclass
+class Step:
+    """The tokens sampled at one step: text (absolute id) and, for speech output, 7 local audio ids."""
+
+    index: int
+    text: int
+    audio: list[int] | None
+
+
+@dataclass
+class DecodeInput:
+    """A prepared prompt: (B, 8, T) stream ids and, for audio input, Whisper features per row."""
+
+    task: Task
+    prompts: torch.Tensor
+    audio_features: torch.Tensor | None = None
+    audio_lengths: list[int] = field(default_factory=list)
+
+    @property
+    def prompt_length(self) -> int:
+        return self.prompts.shape[-1]
+
+
+def max_new_tokens_for(prompt_length: int, requested: int | None) -> int:
+    """How many tokens may be sampled: the request, capped so prompt + generated <= 2048."""
+    cap = MAX_POSITIONS - prompt_length
+    if cap < 1:
+        raise ConfigError(f"the prompt is {prompt_length} positions long; at most {MAX_POSITIONS - 1} fit")
+    if requested is None:
+        return cap
+    if requested < 1:
+        raise ConfigError(f"max_new_tokens must be >= 1, got {requested}")
+    return min(requested, cap)
+
+
+@torch.inference_mode()
+def decode(
+    model: OmniModel,
+    inputs: DecodeInput,
+    options: SamplingOptions | None = None,
+    max_new_tokens: int | None = None,
+) -> Iterator[Step]:
+    """Yield every sampled step, from the one sampled from the prompt up to and including the stop token.
+
+    Rules (SPEC section 3): text-output tasks feed ``_pad_a`` on the audio streams and stop at
+    ``_eot``; speech-output tasks feed the sampled audio back, feed ``_pad_t`` once the text has
+    emitted ``_eot`` (recorded as ``_pad_t``), and stop when audio layer 6 emits ``_eoa``.
+    ``A1A2-batch`` runs two rows (A1A2, A1T2): audio is sampled from row 0, text from row 1, row 0
+    is fed the audio, row 1 ``_pad_a``, both the text. As in the reference, stop conditions are
+    first checked on the second sampled step.
+    """
+    options = options or SamplingOptions()
+    task = inputs.task
+    device = model.llm.embed.weight.device
+    prompts = inputs.prompts.to(device)
+    rows, _, prompt_length = prompts.shape
+    budget = max_new_tokens_for(prompt_length, max_new_tokens)
+    batch_parallel = task == Task.A1A2_BATCH
+    if batch_parallel and rows != 2:
+        raise ValueError("A1A2-batch needs a batch of two prompts (A1A2, A1T2)")
+    text_row = 1 if batch_parallel else 0
+    audio_out = task.audio_output
+    generator = options.generator(device)
+
+    cache = model.new_cache(rows, max_length=prompt_length + budget)
+    features = inputs.audio_features.to(device) if inputs.audio_features is not None else None
+    text_logits, audio_logits = model(
+        prompts,
+        torch.arange(prompt_length, device=device),
+        cache,
+        audio_features=features,
+        audio_lengths=inputs.audio_lengths or None,
+        kv_len=prompt_length,
+        last_only=True,
+    )
+    layer_offsets = torch.tensor(
+        [layershift(0, layer) for layer in range(NUM_AUDIO_LAYERS)], device=device, dtype=torch.long
+    )
+    pad_audio = layer_offsets + PAD_A
+    text_ended = False
+    for index in range(budget):
+        if audio_out and text_ended:
+            text_token = PAD_T
+        else:
+            text_token = int(sample(text_logits[text_row, -1:], options, generator)[0])
+        audio_tokens: list[int] | None = None
+        if audio_out:
+            audio_ids = sample(audio_logits[0, -1], options, generator)  # (7,) local ids
+            audio_tokens = [int(a) for a in audio_ids.tolist()]
+        yield Step(index, text_token, audio_tokens)
+
+        if index > 0:
+            if audio_out and audio_tokens is not None and audio_tokens[-1] == EOA:
+                return
+            if text_token == EOT:
+                if not audio_out:
+                    return
+                text_ended = True
+        if index + 1 >= budget:
+            return
+
+        step_ids = pad_audio.repeat(rows, 1)  # (rows, 7)
+        if audio_out:
+            step_ids[0] = layer_offsets + audio_ids
+        next_ids = torch.empty(rows, NUM_AUDIO_LAYERS + 1, 1, dtype=torch.long, device=device)
+        next_ids[:, :NUM_AUDIO_LAYERS, 0] = step_ids
+        next_ids[:, TEXT_STREAM, 0] = text_token
+        position = prompt_length + index
+        text_logits, audio_logits = model(
+            next_ids,
+            torch.tensor([position], device=device),
+            cache,
+            kv_len=position + 1,
+        )

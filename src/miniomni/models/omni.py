@@ -1,0 +1,80 @@
+"""The Mini-Omni language model: audio adapter, 8-stream mean embedding, text and audio heads."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from ..config import OmniConfig
+from ..tokens import NUM_AUDIO_LAYERS, NUM_STREAMS
+from .llm import KVCache, SwiGLU, Transformer
+
+
+class OmniModel(nn.Module):
+    """Backbone plus the Whisper-to-LLM adapter.
+
+    Input: (B, 8, T) absolute token ids, streams 0..6 audio layers, stream 7 text.
+    Output: text logits (B, T, text_vocab_size) and audio logits (B, T, 7, audio_vocab_size).
+    """
+
+    def __init__(self, config: OmniConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.llm = Transformer(config)
+        self.adapter = SwiGLU(config.whisper_adapter_dim, config.intermediate_size, config.n_embd, bias=False)
+
+    def embed_streams(
+        self,
+        streams: torch.Tensor,
+        audio_features: torch.Tensor | None = None,
+        audio_lengths: Sequence[int] | None = None,
+    ) -> torch.Tensor:
+        """Mean of the 8 stream embeddings; adapted Whisper frames replace positions 1..T of the audio streams.
+
+        ``audio_features`` is (B, F, whisper_dim); row b injects its first ``audio_lengths[b]``
+        frames (``0`` injects nothing, as for text-input rows of a mixed batch).
+        """
+        if streams.dim() != 3 or streams.shape[1] != NUM_STREAMS:
+            raise ValueError(f"expected (B, 8, T) stream ids, got shape {tuple(streams.shape)}")
+        embeddings = self.llm.embed(streams)  # (B, 8, T, C)
+        if audio_features is not None:
+            adapted = self.adapter(audio_features.to(embeddings.dtype))
+            lengths = audio_lengths if audio_lengths is not None else [adapted.shape[1]] * adapted.shape[0]
+            for row, count in enumerate(lengths):
+                if count:
+                    embeddings[row, :NUM_AUDIO_LAYERS, 1 : count + 1] = adapted[row, :count]
+        # Summed in stream order, then divided: the reference's arithmetic, bit for bit.
+        total = embeddings[:, 0]
+        for stream in range(1, NUM_STREAMS):
+            total = total + embeddings[:, stream]
+        return total / NUM_STREAMS
+
+    def heads(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Split the full-vocabulary head into text logits and 7 audio-layer logits."""
+        logits = self.llm.lm_head(hidden)
+        text_vocab = self.config.text_vocab_size
+        text_logits = logits[..., :text_vocab]
+        audio_logits = logits[..., text_vocab:].unflatten(-1, (NUM_AUDIO_LAYERS, self.config.audio_vocab_size))
+        return text_logits, audio_logits
+
+    def forward(
+        self,
+        streams: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        audio_features: torch.Tensor | None = None,
+        audio_lengths: Sequence[int] | None = None,
+        kv_len: int | None = None,
+        last_only: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits for every position, or only the last one with ``last_only``."""
+        x = self.embed_streams(streams, audio_features, audio_lengths)
+        hidden = self.llm.forward_hidden(x, positions, cache, kv_len)
+        if last_only:
+            hidden = hidden[:, -1:]
+        return self.heads(hidden)
+
+    def new_cache(self, batch_size: int, max_length: int | None = None, dtype: torch.dtype | None = None) -> KVCache:
+        return self.llm.new_cache(batch_size, max_length, dtype=dtype)

@@ -1,0 +1,249 @@
+"""The loaded system: Whisper encoder + Mini-Omni model + SNAC codec + tokenizer, and ``load()``."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tokenizers import Tokenizer
+
+from .audio import load_audio, log_mel_spectrogram, trim_to_30s, whisper_frame_count
+from .checkpoints import CheckpointParts, check_state_dict, read_checkpoint
+from .codec import Codec
+from .errors import MiniOmniError
+from .generate import MAX_POSITIONS, DecodeInput, SamplingOptions, Step, decode
+from .models.omni import OmniModel
+from .models.whisper import WhisperEncoder
+from .tokens import EOT, NUM_AUDIO_LAYERS, TEXT_VOCAB_SIZE, Task, audio_prompt, text_prompt, undelay
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    """``auto`` picks CUDA, then MPS, then CPU."""
+    if device is None or str(device) == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise MiniOmniError("--device cuda was asked for but this PyTorch sees no CUDA GPU; use --device cpu")
+    if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise MiniOmniError("--device mps was asked for but MPS is not available here; use --device cpu")
+    return device
+
+
+def resolve_dtype(dtype: str | torch.dtype | None = "float32") -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        if dtype not in (torch.float32, torch.bfloat16):
+            raise MiniOmniError(f"dtype {dtype} is not supported; use float32 or bfloat16")
+        return dtype
+    if dtype is None or dtype == "auto":
+        return torch.float32
+    if dtype not in DTYPES:
+        raise MiniOmniError(f"dtype {dtype!r} is not supported; use float32 or bfloat16")
+    return DTYPES[dtype]
+
+
+@dataclass
+class GenerationResult:
+    """Everything one call produced. Token lists follow ``--tokens-out`` (see :meth:`tokens_json`)."""
+
+    task: Task
+    prompt_length: int
+    text_tokens: list[int]
+    audio_tokens: list[list[int]]
+    text: str
+    audio: np.ndarray | None
+    sample_rate: int = 24000
+
+    def tokens_json(self) -> dict[str, Any]:
+        """Every token sampled, in order, from the one sampled from the prompt through the stop token.
+
+        Text ids are absolute; audio ids local (0..4159); ``audio`` is ``[]`` for text-output tasks.
+        """
+        return {
+            "task": self.task.value,
+            "prompt_length": self.prompt_length,
+            "text": list(self.text_tokens),
+            "audio": [list(layer) for layer in self.audio_tokens],
+        }
+
+
+class MiniOmni:
+    """A ready-to-run Mini-Omni. Build it with :func:`load`."""
+
+    def __init__(
+        self,
+        model: OmniModel,
+        encoder: WhisperEncoder,
+        codec: Codec,
+        tokenizer: Tokenizer,
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> None:
+        self.model = model.eval()
+        self.encoder = encoder.eval()
+        self.codec = codec
+        self.tokenizer = tokenizer
+        self.device = device
+        self.dtype = dtype
+
+    @classmethod
+    def from_parts(cls, parts: CheckpointParts, device: torch.device, dtype: torch.dtype) -> MiniOmni:
+        with torch.device("meta"):
+            model = OmniModel(parts.config)
+        check_state_dict(model, parts.model_state, "the Mini-Omni weights")
+        model.load_state_dict(parts.model_state, strict=not parts.config.tie_word_embeddings, assign=True)
+        if parts.config.tie_word_embeddings:
+            model.llm.lm_head.weight = model.llm.embed.weight
+        model.llm.init_rope()
+        model = model.to(device=device, dtype=dtype)
+        model.llm.init_rope(device)  # tables stay float32 whatever the weights' dtype
+        model.requires_grad_(False)
+        encoder = WhisperEncoder.from_state_dict(parts.whisper_dims, parts.whisper_state, device=device)
+        encoder.requires_grad_(False)
+        codec = Codec.from_state_dict(parts.snac_config, parts.snac_state, device)
+        tokenizer = Tokenizer.from_str(parts.tokenizer_json)
+        return cls(model, encoder, codec, tokenizer, device, dtype)
+
+    # ------------------------------------------------------------------ inputs
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.dtype == torch.bfloat16 and self.device.type in ("cpu", "cuda"):
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    @torch.inference_mode()
+    def encode_audio(self, audio_16k: np.ndarray) -> torch.Tensor:
+        """16 kHz mono waveform (<= 30 s) -> (1, T, whisper_dim) Whisper features, T as SPEC section 1."""
+        frames = whisper_frame_count(len(audio_16k))
+        mel = log_mel_spectrogram(audio_16k, device=self.device)
+        with self._autocast():
+            features = self.encoder(mel.unsqueeze(0))
+        return features[:, :frames].float()
+
+    def encode_text(self, text: str) -> list[int]:
+        ids = self.tokenizer.encode(text, add_special_tokens=False).ids
+        if not ids:
+            raise MiniOmniError("the input text is empty; give a question or instruction to answer")
+        return ids
+
+    def prepare(
+        self,
+        task: Task | str | None = None,
+        audio: Any = None,
+        text: str | None = None,
+        sample_rate: int | None = None,
+    ) -> DecodeInput:
+        """Build the prompt rows (and Whisper features) of a task from audio or text input."""
+        if audio is not None and text is not None:
+            raise MiniOmniError("give either audio or text input, not both")
+        if audio is None and text is None:
+            raise MiniOmniError("no input: give audio (a WAV file, bytes or an array) or text")
+        if task is None:
+            task = Task.A1A2_BATCH if audio is not None else Task.T1A2
+        task = Task.parse(task)
+        if task.audio_input and audio is None:
+            raise MiniOmniError(f"task {task.value} takes audio input; pass --audio")
+        if not task.audio_input and text is None:
+            raise MiniOmniError(f"task {task.value} takes text input; pass --text")
+        if task.audio_input:
+            waveform, _ = trim_to_30s(load_audio(audio, sample_rate))
+            features = self.encode_audio(waveform)
+            frames = features.shape[1]
+            if task == Task.A1A2_BATCH:
+                prompts = torch.stack([audio_prompt(frames, Task.A1A2), audio_prompt(frames, Task.A1T2)])
+                return DecodeInput(task, prompts, features.expand(2, -1, -1), [frames, frames])
+            return DecodeInput(task, audio_prompt(frames, task).unsqueeze(0), features, [frames])
+        ids = self.encode_text(text)
+        if len(ids) + 3 >= MAX_POSITIONS:
+            raise MiniOmniError(
+                f"the input text is {len(ids)} tokens long; at most {MAX_POSITIONS - 4} fit in the context"
+            )
+        return DecodeInput(task, text_prompt(ids, task).unsqueeze(0))
+
+    # ----------------------------------------------------------------- outputs
+
+    def steps(
+        self,
+        inputs: DecodeInput,
+        options: SamplingOptions | None = None,
+        max_new_tokens: int | None = None,
+    ) -> Iterator[Step]:
+        """The decode loop of :mod:`miniomni.generate` on this model."""
+        return decode(self.model, inputs, options, max_new_tokens)
+
+    def decode_text(self, text_tokens: list[int]) -> str:
+        """Text up to the first ``_eot``, special and padding ids dropped."""
+        if EOT in text_tokens:
+            text_tokens = text_tokens[: text_tokens.index(EOT)]
+        ids = [t for t in text_tokens if t < TEXT_VOCAB_SIZE]
+        return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+    def decode_audio(self, audio_tokens: list[list[int]], seed: int | None = 0) -> np.ndarray:
+        """Sampled audio streams (7 lists of local ids) -> 24 kHz float32 waveform."""
+        return self.codec.decode(undelay(audio_tokens), seed=seed)
+
+    def generate(
+        self,
+        task: Task | str | None = None,
+        *,
+        audio: Any = None,
+        text: str | None = None,
+        sample_rate: int | None = None,
+        max_new_tokens: int | None = None,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        top_p: float = 1.0,
+        seed: int | None = None,
+    ) -> GenerationResult:
+        """Answer one question. Speech-output tasks also return the 24 kHz waveform.
+
+        The task defaults to ``A1A2-batch`` for audio input and ``T1A2`` for text input.
+        Greedy unless ``temperature > 0``.
+        """
+        options = SamplingOptions(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+        inputs = self.prepare(task, audio=audio, text=text, sample_rate=sample_rate)
+        text_tokens: list[int] = []
+        audio_tokens: list[list[int]] = [[] for _ in range(NUM_AUDIO_LAYERS)] if inputs.task.audio_output else []
+        for step in self.steps(inputs, options, max_new_tokens):
+            text_tokens.append(step.text)
+            if step.audio is not None:
+                for layer, token in enumerate(step.audio):
+                    audio_tokens[layer].append(token)
+        waveform = self.decode_audio(audio_tokens) if inputs.task.audio_output else None
+        return GenerationResult(
+            task=inputs.task,
+            prompt_length=inputs.prompt_length,
+            text_tokens=text_tokens,
+            audio_tokens=audio_tokens,
+            text=self.decode_text(text_tokens),
+            audio=waveform,
+            sample_rate=self.codec.sample_rate,
+        )
+
+
+def load(
+    path_or_repo: str | os.PathLike = "gpt-omni/mini-omni",
+    device: str | torch.device | None = "auto",
+    dtype: str | torch.dtype | None = "float32",
+) -> MiniOmni:
+    """Load a checkpoint directory (published layout), a ``.safetensors`` bundle or a hub repo id."""
+    resolved_device = resolve_device(device)
+    resolved_dtype = resolve_dtype(dtype)
+    source = path_or_repo if isinstance(path_or_repo, str) else Path(path_or_repo)
+    parts = read_checkpoint(source)
+    log.info("loaded %s onto %s as %s", path_or_repo, resolved_device, resolved_dtype)
+    return MiniOmni.from_parts(parts, resolved_device, resolved_dtype)

@@ -1,0 +1,153 @@
+"""Tiny random-weight checkpoints in the real file formats, built at test time."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from miniomni.checkpoints import state_dict_to_litgpt
+from miniomni.config import OmniConfig
+from miniomni.models.omni import OmniModel
+
+TINY_CONFIG = dict(
+    n_layer=2,
+    n_head=4,
+    n_query_groups=2,
+    head_size=16,
+    n_embd=64,
+    intermediate_size=96,
+    whisper_adapter_dim=32,
+    add_qkv_bias=True,
+    rope_base=1_000_000.0,
+    norm_eps=1e-6,
+)
+
+TINY_SNAC = {
+    "sampling_rate": 24000,
+    "encoder_dim": 8,
+    "encoder_rates": [2, 4, 8, 8],
+    "decoder_dim": 32,
+    "decoder_rates": [8, 8, 4, 2],
+    "attn_window_size": None,
+    "codebook_size": 4096,
+    "codebook_dim": 8,
+    "vq_strides": [4, 2, 1],
+    "noise": True,
+    "depthwise": True,
+}
+
+SENTENCES = [
+    "What is your name? My name is Omni and I can hear and talk.",
+    "How are you feeling today? I feel great, thank you for asking.",
+    "The weather is sunny and warm. Let us go for a walk in the park.",
+]
+
+
+def tiny_config(**overrides) -> OmniConfig:
+    return OmniConfig(**{**TINY_CONFIG, **overrides})
+
+
+def random_omni(config: OmniConfig, seed: int = 0) -> OmniModel:
+    """An OmniModel whose every weight is random (norm weights too, so nothing is trivially 1)."""
+    torch.manual_seed(seed)
+    model = OmniModel(config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.uniform_(0.5, 1.5)
+            elif name.endswith(".bias"):
+                param.normal_(0.0, 0.1)
+            else:
+                param.normal_(0.0, 0.3 if "embed" in name else 0.15)
+    return model.eval()
+
+
+def build_tokenizer_json() -> str:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        special_tokens=["<|endoftext|>"],
+    )
+    tokenizer.train_from_iterator(SENTENCES * 4, trainer=trainer)
+    return tokenizer.to_str()
+
+
+def write_tiny_whisper(path: Path, n_state: int = 32, seed: int = 0) -> None:
+    import whisper.model as wm
+
+    dims = wm.ModelDimensions(
+        n_mels=80, n_audio_ctx=1500, n_audio_state=n_state, n_audio_head=2, n_audio_layer=1,
+        n_vocab=64, n_text_ctx=8, n_text_state=n_state, n_text_head=2, n_text_layer=1,
+    )
+    torch.manual_seed(seed)
+    model = wm.Whisper(dims)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            param.normal_(0.0, 0.05)
+            if name.endswith("ln.weight") or name.endswith("ln_post.weight"):
+                param.add_(1.0)
+    torch.save({"dims": asdict(dims), "model_state_dict": model.state_dict()}, path)
+
+
+def write_tiny_snac(directory: Path, seed: int = 0) -> None:
+    from snac import SNAC
+
+    directory.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    model = SNAC(**TINY_SNAC)
+    (directory / "config.json").write_text(json.dumps(TINY_SNAC))
+    torch.save(model.state_dict(), directory / "pytorch_model.bin")
+
+
+def write_checkpoint_dir(directory: Path, config: OmniConfig | None = None, seed: int = 0) -> Path:
+    """The published layout, with tiny random weights in every real format."""
+    config = config or tiny_config()
+    directory.mkdir(parents=True, exist_ok=True)
+    config.to_yaml(directory / "model_config.yaml")
+    model = random_omni(config, seed)
+    torch.save(state_dict_to_litgpt(model.state_dict(), config), directory / "lit_model.pth")
+    (directory / "tokenizer.json").write_text(build_tokenizer_json())
+    write_tiny_whisper(directory / "small.pt", n_state=config.whisper_adapter_dim, seed=seed)
+    write_tiny_snac(directory / "snac", seed=seed)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def checkpoint_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_checkpoint_dir(tmp_path_factory.mktemp("ckpt") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def omni(checkpoint_dir: Path):
+    from miniomni import load
+
+    return load(checkpoint_dir, device="cpu")
+
+
+def speech_like(seconds: float, sample_rate: int = 16000, seed: int = 0) -> np.ndarray:
+    """A deterministic voiced-sounding signal (harmonics with a moving pitch, amplitude-modulated)."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * sample_rate)) / sample_rate
+    pitch = 120 + 30 * np.sin(2 * np.pi * 0.7 * t)
+    phase = 2 * np.pi * np.cumsum(pitch) / sample_rate
+    voice = sum(np.sin(k * phase) / k for k in range(1, 6))
+    envelope = 0.5 + 0.5 * np.sin(2 * np.pi * 3 * t) ** 2
+    return (0.2 * voice * envelope + 0.01 * rng.standard_normal(t.size)).astype(np.float32)
+
+
+@pytest.fixture(scope="session")
+def question_wav(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("audio") / "question.wav"
+    sf.write(path, speech_like(1.5), 16000, subtype="PCM_16")
+    return path
