@@ -148,6 +148,8 @@ def load_audio(source: AudioSource, sample_rate: int | None = None) -> np.ndarra
             raise AudioError(f"{what} does not exist; check the path (relative paths are from {os.getcwd()}).")
         if path.is_dir():
             raise AudioError(f"{what} is a directory; pass the path of an audio file.")
+        if path.stat().st_size == 0:
+            raise AudioError(f"{what} is empty (0 bytes); record or send some audio.")
         if sample_rate is not None:
             logger.debug("load_audio: ignoring sample_rate=%s for %s (the file header is used)", sample_rate, path)
         samples, rate = _read_with_soundfile(str(path), what)

@@ -119,6 +119,12 @@ def litgpt_to_state_dict(litgpt: dict[str, torch.Tensor], config: OmniConfig) ->
             prefix = f"llm.layers.{parts[2]}."
             name = parts[3]
             if name in ("attn.attn.weight", "attn.attn.bias"):
+                if tensor.shape[0] != config.qkv_size:
+                    raise CheckpointError(
+                        f"lit_model.pth: {key} has {tensor.shape[0]} rows but model_config.yaml needs "
+                        f"{config.qkv_size} ((n_head + 2 * n_query_groups) * head_size); the config does not "
+                        f"fit the weights. Re-download both with `miniomni download`."
+                    )
                 state[prefix + "attn.qkv." + name.rsplit(".", 1)[1]] = litgpt_qkv_to_fused(tensor, config)
                 continue
             if name in _LITGPT_LAYER:

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Install everything the test suite needs on a fresh machine, then run the whole suite.
+# `.ci/run` calls this same script. Extra arguments go to pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+# The CPU build of torch 2.13.0 lies on this machine's disk; pinning it avoids a multi-GB CUDA download.
+"$PY" -m pip install -q torch==2.13.0
+"$PY" -m pip install -q -e ".[dev]"
+# openai-whisper is a test-only reference; its declared deps pull a 1 GB triton, so no deps
+# (tiktoken, more-itertools and numba, which its import needs, come with the dev extra).
+"$PY" -m pip install -q --no-deps openai-whisper
+"$PY" -m pytest -q "$@"

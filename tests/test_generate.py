@@ -1,0 +1,201 @@
+"""Decoding rules (SPEC section 3) on a scripted model, and the real tiny model end to end."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from miniomni import tokens as tk
+from miniomni.errors import ConfigError
+from miniomni.generate import DecodeInput, SamplingOptions, decode, max_new_tokens_for, sample
+from miniomni.tokens import Task
+
+
+class ScriptedModel:
+    """Plays back chosen tokens (as one-hot logits) and records every step's fed ids.
+
+    script[i] = (text per row, audio per row) returned after the i-th forward call.
+    """
+
+    def __init__(self, script):
+        self.script = script
+        self.fed: list[torch.Tensor] = []
+        self.llm = SimpleNamespace(embed=SimpleNamespace(weight=torch.empty(0)))
+
+    def new_cache(self, rows, max_length=None):
+        self.max_length = max_length
+        return None
+
+    def __call__(self, streams, positions, cache, audio_features=None, audio_lengths=None, kv_len=None, last_only=False):
+        call = len(self.fed)
+        self.fed.append(streams.clone())
+        texts, audios = self.script[min(call, len(self.script) - 1)]
+        rows = streams.shape[0]
+        text_logits = torch.zeros(rows, 1, tk.PADDED_TEXT_VOCAB_SIZE)
+        audio_logits = torch.zeros(rows, 1, 7, tk.PADDED_AUDIO_VOCAB_SIZE)
+        for row in range(rows):
+            text_logits[row, 0, texts[row]] = 1.0
+            for layer, token in enumerate(audios[row]):
+                audio_logits[row, 0, layer, token] = 1.0
+        return text_logits, audio_logits
+
+
+def batch_input(frames=2):
+    prompts = torch.stack([tk.audio_prompt(frames, Task.A1A2), tk.audio_prompt(frames, Task.A1T2)])
+    return DecodeInput(Task.A1A2_BATCH, prompts, torch.zeros(2, frames, 4), [frames, frames])
+
+
+def test_batch_parallel_takes_audio_from_row0_text_from_row1_and_feeds_both():
+    audio0 = [[10 + s + layer for layer in range(7)] for s in range(4)]
+    audio1 = [[900] * 7] * 4
+    script = [((5, 100 + s), (audio0[s], audio1[s])) for s in range(4)]
+    model = ScriptedModel(script)
+    steps = list(decode(model, batch_input(), max_new_tokens=4))
+    assert [s.text for s in steps] == [100, 101, 102, 103]
+    assert [s.audio for s in steps] == audio0
+    # Call 0 is the prompt; call s+1 feeds the tokens sampled at step s.
+    for s in range(3):
+        fed = model.fed[s + 1]
+        assert fed.shape == (2, 8, 1)
+        assert fed[0, :7, 0].tolist() == [tk.layershift(t, layer) for layer, t in enumerate(audio0[s])]
+        assert fed[1, :7, 0].tolist() == [tk.layershift(tk.PAD_A, layer) for layer in range(7)]
+        assert fed[:, 7, 0].tolist() == [100 + s, 100 + s]
+
+
+def test_speech_output_stops_at_layer6_eoa_and_pads_text_after_eot():
+    normal = [1] * 7
+    eoa_last = [1] * 6 + [tk.EOA]
+    script = [
+        ((tk.EOT,), (eoa_last,)),  # step 0: neither check applies (reference quirk)
+        ((50,), (normal,)),
+        ((tk.EOT,), (normal,)),  # text ends here
+        ((77,), (normal,)),  # sampled but replaced by _pad_t
+        ((78,), (eoa_last,)),  # stop, inclusive
+        ((79,), (normal,)),
+    ]
+    inputs = DecodeInput(Task.T1A2, tk.text_prompt([3, 4], Task.T1A2).unsqueeze(0))
+    model = ScriptedModel(script)
+    steps = list(decode(model, inputs))
+    assert [s.text for s in steps] == [tk.EOT, 50, tk.EOT, tk.PAD_T, tk.PAD_T]
+    assert steps[-1].audio == eoa_last and len(steps) == 5
+    fed_text = [int(f[0, 7, 0]) for f in model.fed[1:]]
+    assert fed_text == [tk.EOT, 50, tk.EOT, tk.PAD_T]  # _eot is fed once, then _pad_t
+    fed_audio = [f[0, :7, 0].tolist() for f in model.fed[1:]]
+    assert fed_audio[1] == [tk.layershift(1, layer) for layer in range(7)]
+
+
+@pytest.mark.parametrize("task", [Task.T1T2, Task.A1T2, Task.ASR])
+def test_text_output_feeds_pad_a_and_stops_at_eot(task):
+    if task.audio_input:
+        inputs = DecodeInput(task, tk.audio_prompt(2, task).unsqueeze(0), torch.zeros(1, 2, 4), [2])
+    else:
+        inputs = DecodeInput(task, tk.text_prompt([3], task).unsqueeze(0))
+    script = [((7,), ([1] * 7,)), ((8,), ([1] * 7,)), ((tk.EOT,), ([1] * 7,)), ((9,), ([1] * 7,))]
+    model = ScriptedModel(script)
+    steps = list(decode(model, inputs))
+    assert [s.text for s in steps] == [7, 8, tk.EOT]
+    assert all(s.audio is None for s in steps)
+    for fed in model.fed[1:]:
+        assert fed[0, :7, 0].tolist() == [tk.layershift(tk.PAD_A, layer) for layer in range(7)]
+
+
+def test_length_cap_and_max_new_tokens():
+    assert max_new_tokens_for(100, None) == 1948
+    assert max_new_tokens_for(100, 5000) == 1948
+    assert max_new_tokens_for(100, 7) == 7
+    with pytest.raises(ConfigError):
+        max_new_tokens_for(100, 0)
+    with pytest.raises(ConfigError):
+        max_new_tokens_for(2048, None)
+    model = ScriptedModel([((7,), ([1] * 7,))])
+    inputs = DecodeInput(Task.T1A2, tk.text_prompt([3], Task.T1A2).unsqueeze(0))
+    assert len(list(decode(model, inputs, max_new_tokens=6))) == 6
+    assert model.max_length == inputs.prompt_length + 6
+
+
+def test_sampler_orders_and_limits():
+    logits = torch.tensor([[0.0, 3.0, 1.0, 2.0]])
+    assert sample(logits, SamplingOptions()).tolist() == [1]
+    assert sample(logits, SamplingOptions(temperature=5.0, top_k=1)).tolist() == [1]
+    opts = SamplingOptions(temperature=10.0, top_k=2, seed=0)
+    gen = opts.generator(torch.device("cpu"))
+    draws = {int(sample(logits, opts, gen)) for _ in range(200)}
+    assert draws == {1, 3}
+    opts = SamplingOptions(temperature=1.0, top_p=0.01, seed=0)
+    gen = opts.generator(torch.device("cpu"))
+    assert {int(sample(logits, opts, gen)) for _ in range(50)} == {1}
+    with pytest.raises(ConfigError):
+        SamplingOptions(top_p=0.0)
+
+
+# ------------------------------------------------------------------------ real tiny model
+
+
+def reference_loop(model, inputs: DecodeInput, steps: int):
+    """The decoding rules recomputed from scratch each step (no KV cache): an independent check."""
+    task = inputs.task
+    sequence = inputs.prompts.clone()
+    rows = sequence.shape[0]
+    text_row = 1 if task == Task.A1A2_BATCH else 0
+    out_text, out_audio, text_ended = [], [], False
+    for index in range(steps):
+        text_logits, audio_logits = model(sequence, audio_features=inputs.audio_features,
+                                          audio_lengths=inputs.audio_lengths or None)
+        text = tk.PAD_T if (task.audio_output and text_ended) else int(text_logits[text_row, -1].argmax())
+        audio = audio_logits[0, -1].argmax(-1).tolist() if task.audio_output else None
+        out_text.append(text)
+        out_audio.append(audio)
+        if index > 0:
+            if task.audio_output and audio[6] == tk.EOA:
+                break
+            if text == tk.EOT:
+                if not task.audio_output:
+                    break
+                text_ended = True
+        column = torch.empty(rows, 8, 1, dtype=torch.long)
+        for row in range(rows):
+            for layer in range(7):
+                local = audio[layer] if (task.audio_output and row == 0) else tk.PAD_A
+                column[row, layer, 0] = tk.layershift(local, layer)
+            column[row, 7, 0] = text
+        sequence = torch.cat([sequence, column], dim=-1)
+    return out_text, out_audio
+
+
+@pytest.mark.parametrize("task", ["A1A2-batch", "A1A2", "asr", "T1A2", "T1T2"])
+def test_cached_decode_equals_uncached_reference(omni, question_wav, task):
+    parsed = Task.parse(task)
+    source = dict(audio=question_wav) if parsed.audio_input else dict(text="What is your name?")
+    inputs = omni.prepare(parsed, **source)
+    steps = list(decode(omni.model, inputs, max_new_tokens=12))
+    with torch.inference_mode():
+        ref_text, ref_audio = reference_loop(omni.model, inputs, 12)
+    assert [s.text for s in steps] == ref_text
+    assert [s.audio for s in steps] == ref_audio
+
+
+def test_greedy_is_bit_identical_across_runs(omni, question_wav):
+    first = omni.generate(audio=question_wav, max_new_tokens=20)
+    second = omni.generate(audio=question_wav, max_new_tokens=20)
+    assert first.task is Task.A1A2_BATCH
+    assert first.tokens_json() == second.tokens_json()
+    assert first.audio is not None and (first.audio == second.audio).all()
+    frames = tk.undelay(first.audio_tokens).shape[1]
+    assert 0 < frames <= 20 - 8 + 1  # frames exist from the 8th sampled step on
+    assert len(first.audio) == frames * 2048
+
+
+def test_seeded_sampling_repeats_and_seeds_differ(omni):
+    kwargs = dict(text="How are you feeling today?", task="T1T2", max_new_tokens=15, temperature=1.0)
+    a = omni.generate(seed=1, **kwargs).text_tokens
+    b = omni.generate(seed=1, **kwargs).text_tokens
+    c = omni.generate(seed=2, **kwargs).text_tokens
+    assert a == b and a != c
+
+
+def test_text_is_cut_at_eot_and_specials_dropped(omni):
+    ids = omni.encode_text("What is your name?")
+    tokens = ids + [tk.PAD_T] + [tk.EOT] + omni.encode_text("garbage after the end")
+    assert omni.decode_text(tokens) == "What is your name?"
