@@ -108,9 +108,8 @@ class MiniOmni:
         model.load_state_dict(parts.model_state, strict=not parts.config.tie_word_embeddings, assign=True)
         if parts.config.tie_word_embeddings:
             model.llm.lm_head.weight = model.llm.embed.weight
-        model.llm.init_rope()
+        model.llm.init_rope()  # the meta-device tables were never filled
         model = model.to(device=device, dtype=dtype)
-        model.llm.init_rope(device)  # tables stay float32 whatever the weights' dtype
         model.requires_grad_(False)
         encoder = WhisperEncoder.from_state_dict(parts.whisper_dims, parts.whisper_state, device=device)
         encoder.requires_grad_(False)

@@ -121,7 +121,7 @@ class Attention(nn.Module):
         # Fold each group's queries into the sequence axis so K/V are never copied per head.
         q = q.reshape(batch, n_kv, cfg.q_per_kv * length, hs)
         y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask)
-        y = y.view(batch, n_head, length, hs).transpose(1, 2).reshape(batch, length, n_head * hs)
+        y = y.reshape(batch, n_head, length, hs).transpose(1, 2).reshape(batch, length, n_head * hs)
         return self.out(y)
 
 
@@ -157,6 +157,13 @@ class Transformer(nn.Module):
         cos, sin = rope_cache(self.config.block_size, self.config.head_size, self.config.rope_base)
         self.register_buffer("rope_cos", cos.to(device), persistent=False)
         self.register_buffer("rope_sin", sin.to(device), persistent=False)
+
+    def _apply(self, fn, recurse=True):  # noqa: ANN001, ANN202 - nn.Module's signature
+        # .to(bfloat16) / .half() would round the RoPE tables; keep them float32.
+        super()._apply(fn, recurse)
+        if self.rope_cos.dtype != torch.float32:
+            self.init_rope(self.rope_cos.device)
+        return self
 
     def new_cache(
         self,
