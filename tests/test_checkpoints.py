@@ -143,3 +143,19 @@ def test_download_skips_files_already_present(checkpoint_dir, tmp_path, monkeypa
     directory = tmp_path / "ckpt"
     shutil.copytree(checkpoint_dir, directory)
     assert checkpoints.download(directory) == directory
+
+
+def test_download_fails_fast_when_the_hub_host_does_not_resolve(tmp_path, monkeypatch):
+    import socket
+
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+
+    def no_dns(*args, **kwargs):
+        raise socket.gaierror(-2, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+    with pytest.raises(CheckpointError, match="looks offline") as info:
+        checkpoints.download(tmp_path / "ckpt")
+    assert "lit_model.pth" in str(info.value)

@@ -248,6 +248,11 @@ def download(directory: str | Path, revision: str | None = None) -> Path:
         if (target / filename).is_file():
             log.info("%s already present", target / filename)
             continue
+        if not _hub_host_resolves():
+            raise CheckpointError(
+                f"cannot reach the Hugging Face Hub to download {filename} from {repo_id}: its host name does "
+                f"not resolve, so this machine looks offline. " + _manual_download_hint(directory, plan)
+            )
         log.info("downloading %s from %s into %s", filename, repo_id, target)
         try:
             hf_hub_download(repo_id=repo_id, filename=filename, local_dir=target,
@@ -256,11 +261,35 @@ def download(directory: str | Path, revision: str | None = None) -> Path:
             raise CheckpointError(
                 f"could not download {filename} from the Hugging Face Hub repo {repo_id} "
                 f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}). "
-                f"This machine may be offline or unable to reach huggingface.co. On a connected machine run "
-                f"`miniomni download {directory}` and copy the folder here, or place the files by hand: "
-                + "; ".join(f"{r}/{f} -> {t / f}" for r, f, t in plan)
+                f"This machine may be offline or unable to reach huggingface.co. " + _manual_download_hint(directory, plan)
             ) from exc
     return directory
+
+
+def _manual_download_hint(directory: Path, plan: list[tuple[str, str, Path]]) -> str:
+    return (
+        f"On a connected machine run `miniomni download {directory}` and copy the folder here, "
+        "or place the files by hand: " + "; ".join(f"{r}/{f} -> {t / f}" for r, f, t in plan)
+    )
+
+
+def _hub_host_resolves() -> bool:
+    """False when the hub's host name does not resolve (offline): fail at once instead of retrying."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return True  # huggingface_hub answers from its cache or fails at once by itself
+    host = urlparse(constants.ENDPOINT).hostname
+    if not host:
+        return True
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError:
+        return False
+    return True
 
 
 def resolve_repo(repo_id: str) -> Path:
