@@ -43,6 +43,7 @@ TINY_SNAC = {
 }
 
 SENTENCES = [
+    "Héllo wörld, naïve café! 你好，世界。 Emoji: 🎉🙂",
     "What is your name? My name is Omni and I can hear and talk.",
     "How are you feeling today? I feel great, thank you for asking.",
     "The weather is sunny and warm. Let us go for a walk in the park.",
@@ -53,8 +54,12 @@ def tiny_config(**overrides) -> OmniConfig:
     return OmniConfig(**{**TINY_CONFIG, **overrides})
 
 
-def random_omni(config: OmniConfig, seed: int = 0) -> OmniModel:
-    """An OmniModel whose every weight is random (norm weights too, so nothing is trivially 1)."""
+def random_omni(config: OmniConfig, seed: int = 0, text_vocab: int | None = None) -> OmniModel:
+    """An OmniModel whose every weight is random (norm weights too, so nothing is trivially 1).
+
+    With ``text_vocab``, the text head rows past the tokenizer's vocabulary are zeroed so that
+    greedy text is made of real tokens (and so decodes to visible text).
+    """
     torch.manual_seed(seed)
     model = OmniModel(config)
     with torch.no_grad():
@@ -65,6 +70,15 @@ def random_omni(config: OmniConfig, seed: int = 0) -> OmniModel:
                 param.normal_(0.0, 0.1)
             else:
                 param.normal_(0.0, 0.3 if "embed" in name else 0.15)
+        # Zero the head rows of the audio special ids (_eoa, _pad_a, ...): their logit is 0 while the
+        # best of 4096 random code logits is positive, so greedy answers stay valid speech until
+        # max_new_tokens, which the streaming tests need. Stop rules are tested on a scripted model.
+        head = model.llm.lm_head.weight
+        for layer in range(7):
+            start = config.text_vocab_size + layer * config.audio_vocab_size
+            head[start + 4096 : start + config.audio_vocab_size] = 0.0
+        if text_vocab is not None:
+            head[text_vocab : config.text_vocab_size] = 0.0
     return model.eval()
 
 
@@ -115,9 +129,13 @@ def write_checkpoint_dir(directory: Path, config: OmniConfig | None = None, seed
     config = config or tiny_config()
     directory.mkdir(parents=True, exist_ok=True)
     config.to_yaml(directory / "model_config.yaml")
-    model = random_omni(config, seed)
+    tokenizer_json = build_tokenizer_json()
+    (directory / "tokenizer.json").write_text(tokenizer_json)
+    from tokenizers import Tokenizer
+
+    text_vocab = Tokenizer.from_str(tokenizer_json).get_vocab_size()
+    model = random_omni(config, seed, text_vocab=text_vocab)
     torch.save(state_dict_to_litgpt(model.state_dict(), config), directory / "lit_model.pth")
-    (directory / "tokenizer.json").write_text(build_tokenizer_json())
     write_tiny_whisper(directory / "small.pt", n_state=config.whisper_adapter_dim, seed=seed)
     write_tiny_snac(directory / "snac", seed=seed)
     return directory

@@ -9,37 +9,54 @@ import torch
 
 from miniomni import tokens as tk
 from miniomni.errors import ConfigError
+from miniomni.models.llm import KVCache
 from miniomni.generate import DecodeInput, SamplingOptions, decode, max_new_tokens_for, sample
 from miniomni.tokens import Task
 
 
 class ScriptedModel:
-    """Plays back chosen tokens (as one-hot logits) and records every step's fed ids.
+    """Plays back chosen tokens (as one-hot logits) and records the ids fed at every decode step.
 
-    script[i] = (text per row, audio per row) returned after the i-th forward call.
+    script[i] = (text per row, audio per row) returned after the prompt (i = 0) and after the
+    i-th decode step. The "hidden state" it returns carries (script index, row) so the head
+    calls can answer for the right step and row.
     """
 
-    def __init__(self, script):
+    def __init__(self, script, prompt_length):
         self.script = script
+        self.prompt_length = prompt_length
         self.fed: list[torch.Tensor] = []
         self.llm = SimpleNamespace(embed=SimpleNamespace(weight=torch.empty(0)))
 
     def new_cache(self, rows, max_length=None):
         self.max_length = max_length
-        return None
+        return KVCache(keys=[], values=[])
 
-    def __call__(self, streams, positions, cache, audio_features=None, audio_lengths=None, kv_len=None, last_only=False):
-        call = len(self.fed)
-        self.fed.append(streams.clone())
-        texts, audios = self.script[min(call, len(self.script) - 1)]
-        rows = streams.shape[0]
-        text_logits = torch.zeros(rows, 1, tk.PADDED_TEXT_VOCAB_SIZE)
-        audio_logits = torch.zeros(rows, 1, 7, tk.PADDED_AUDIO_VOCAB_SIZE)
-        for row in range(rows):
-            text_logits[row, 0, texts[row]] = 1.0
-            for layer, token in enumerate(audios[row]):
-                audio_logits[row, 0, layer, token] = 1.0
-        return text_logits, audio_logits
+    def hidden_states(self, streams, positions, cache, audio_features=None, audio_lengths=None, kv_len=None):
+        if int(positions[0]) >= self.prompt_length:
+            self.fed.append(streams.clone())
+        rows, _, length = streams.shape
+        hidden = torch.zeros(rows, length, 2)
+        hidden[..., 0] = min(len(self.fed), len(self.script) - 1)
+        hidden[..., 1] = torch.arange(rows).view(rows, 1).float()
+        return hidden
+
+    def _entry(self, hidden):
+        step, row = hidden.reshape(-1, 2)[-1].tolist()
+        return self.script[int(step)], int(row)
+
+    def text_logits(self, hidden):
+        (texts, _), row = self._entry(hidden)
+        logits = torch.zeros(1, tk.PADDED_TEXT_VOCAB_SIZE)
+        logits[0, texts[row]] = 1.0
+        return logits
+
+    def audio_logits(self, hidden):
+        (_, audios), row = self._entry(hidden)
+        logits = torch.zeros(7, tk.PADDED_AUDIO_VOCAB_SIZE)
+        for layer, token in enumerate(audios[row]):
+            logits[layer, token] = 1.0
+        return logits
 
 
 def batch_input(frames=2):
@@ -51,13 +68,14 @@ def test_batch_parallel_takes_audio_from_row0_text_from_row1_and_feeds_both():
     audio0 = [[10 + s + layer for layer in range(7)] for s in range(4)]
     audio1 = [[900] * 7] * 4
     script = [((5, 100 + s), (audio0[s], audio1[s])) for s in range(4)]
-    model = ScriptedModel(script)
-    steps = list(decode(model, batch_input(), max_new_tokens=4))
+    inputs = batch_input()
+    model = ScriptedModel(script, inputs.prompt_length)
+    steps = list(decode(model, inputs, max_new_tokens=4))
     assert [s.text for s in steps] == [100, 101, 102, 103]
     assert [s.audio for s in steps] == audio0
-    # Call 0 is the prompt; call s+1 feeds the tokens sampled at step s.
+    # fed[s] holds the tokens sampled at step s, fed back.
     for s in range(3):
-        fed = model.fed[s + 1]
+        fed = model.fed[s]
         assert fed.shape == (2, 8, 1)
         assert fed[0, :7, 0].tolist() == [tk.layershift(t, layer) for layer, t in enumerate(audio0[s])]
         assert fed[1, :7, 0].tolist() == [tk.layershift(tk.PAD_A, layer) for layer in range(7)]
@@ -76,13 +94,13 @@ def test_speech_output_stops_at_layer6_eoa_and_pads_text_after_eot():
         ((79,), (normal,)),
     ]
     inputs = DecodeInput(Task.T1A2, tk.text_prompt([3, 4], Task.T1A2).unsqueeze(0))
-    model = ScriptedModel(script)
+    model = ScriptedModel(script, inputs.prompt_length)
     steps = list(decode(model, inputs))
     assert [s.text for s in steps] == [tk.EOT, 50, tk.EOT, tk.PAD_T, tk.PAD_T]
     assert steps[-1].audio == eoa_last and len(steps) == 5
-    fed_text = [int(f[0, 7, 0]) for f in model.fed[1:]]
+    fed_text = [int(f[0, 7, 0]) for f in model.fed]
     assert fed_text == [tk.EOT, 50, tk.EOT, tk.PAD_T]  # _eot is fed once, then _pad_t
-    fed_audio = [f[0, :7, 0].tolist() for f in model.fed[1:]]
+    fed_audio = [f[0, :7, 0].tolist() for f in model.fed]
     assert fed_audio[1] == [tk.layershift(1, layer) for layer in range(7)]
 
 
@@ -93,11 +111,11 @@ def test_text_output_feeds_pad_a_and_stops_at_eot(task):
     else:
         inputs = DecodeInput(task, tk.text_prompt([3], task).unsqueeze(0))
     script = [((7,), ([1] * 7,)), ((8,), ([1] * 7,)), ((tk.EOT,), ([1] * 7,)), ((9,), ([1] * 7,))]
-    model = ScriptedModel(script)
+    model = ScriptedModel(script, inputs.prompt_length)
     steps = list(decode(model, inputs))
     assert [s.text for s in steps] == [7, 8, tk.EOT]
     assert all(s.audio is None for s in steps)
-    for fed in model.fed[1:]:
+    for fed in model.fed:
         assert fed[0, :7, 0].tolist() == [tk.layershift(tk.PAD_A, layer) for layer in range(7)]
 
 
@@ -109,8 +127,8 @@ def test_length_cap_and_max_new_tokens():
         max_new_tokens_for(100, 0)
     with pytest.raises(ConfigError):
         max_new_tokens_for(2048, None)
-    model = ScriptedModel([((7,), ([1] * 7,))])
     inputs = DecodeInput(Task.T1A2, tk.text_prompt([3], Task.T1A2).unsqueeze(0))
+    model = ScriptedModel([((7,), ([1] * 7,))], inputs.prompt_length)
     assert len(list(decode(model, inputs, max_new_tokens=6))) == 6
     assert model.max_length == inputs.prompt_length + 6
 

@@ -140,34 +140,28 @@ def decode(
     generator = options.generator(device)
 
     cache = model.new_cache(rows, max_length=prompt_length + budget)
-    features = inputs.audio_features.to(device) if inputs.audio_features is not None else None
-    text_logits, audio_logits = model(
-        prompts,
-        torch.arange(prompt_length, device=device),
-        cache,
-        audio_features=features,
-        audio_lengths=inputs.audio_lengths or None,
-        kv_len=prompt_length,
-        last_only=True,
-    )
+    hidden = prefill(model, prompts, inputs, cache)
     layer_offsets = torch.tensor(
         [layershift(0, layer) for layer in range(NUM_AUDIO_LAYERS)], device=device, dtype=torch.long
     )
     pad_audio = layer_offsets + PAD_A
     text_ended = False
     for index in range(budget):
+        # Only the head rows that are used are computed: text from text_row until the text
+        # has ended (its token is replaced by _pad_t after that), audio from row 0.
         if audio_out and text_ended:
             text_token = PAD_T
         else:
-            text_token = int(sample(text_logits[text_row, -1:], options, generator)[0])
+            text_logits = model.text_logits(hidden[text_row])
+            text_token = int(sample(text_logits, options, generator)[0])
         audio_tokens: list[int] | None = None
         if audio_out:
-            audio_ids = sample(audio_logits[0, -1], options, generator)  # (7,) local ids
-            audio_tokens = [int(a) for a in audio_ids.tolist()]
+            audio_ids = sample(model.audio_logits(hidden[0, -1]), options, generator)  # (7,) local ids
+            audio_tokens = audio_ids.tolist()
         yield Step(index, text_token, audio_tokens)
 
         if index > 0:
-            if audio_out and audio_tokens is not None and audio_tokens[-1] == EOA:
+            if audio_out and audio_tokens[-1] == EOA:
                 return
             if text_token == EOT:
                 if not audio_out:
@@ -183,9 +177,50 @@ def decode(
         next_ids[:, :NUM_AUDIO_LAYERS, 0] = step_ids
         next_ids[:, TEXT_STREAM, 0] = text_token
         position = prompt_length + index
-        text_logits, audio_logits = model(
-            next_ids,
-            torch.tensor([position], device=device),
-            cache,
-            kv_len=position + 1,
-        )
+        hidden = model.hidden_states(next_ids, torch.tensor([position], device=device), cache, kv_len=position + 1)
+
+
+def prefill(model: OmniModel, prompts: torch.Tensor, inputs: DecodeInput, cache) -> torch.Tensor:  # noqa: ANN001
+    """Run the prompt through the model, filling ``cache``; returns the last position's hidden state (B, 1, C).
+
+    Rows whose prompts (and Whisper features) agree on a prefix share its computation:
+    the A1A2-batch rows differ only at their last position, so the prefix runs once
+    and its keys and values are copied to the other row.
+    """
+    device = prompts.device
+    rows, _, length = prompts.shape
+    features = inputs.audio_features.to(device) if inputs.audio_features is not None else None
+    lengths = inputs.audio_lengths or None
+    shared = _shared_prefix(prompts, features, lengths)
+    if shared == 0:
+        return model.hidden_states(prompts, torch.arange(length, device=device), cache, features, lengths,
+                                   kv_len=length)[:, -1:]
+    model.hidden_states(prompts[:1, :, :shared], torch.arange(shared, device=device), _row_view(cache, 0),
+                        None if features is None else features[:1], None if lengths is None else lengths[:1],
+                        kv_len=shared)
+    for keys, values in zip(cache.keys, cache.values):
+        keys[1:, :, :shared] = keys[:1, :, :shared]
+        values[1:, :, :shared] = values[:1, :, :shared]
+    # The injected Whisper frames sit at positions 1..T, all inside the shared prefix.
+    return model.hidden_states(prompts[:, :, shared:], torch.arange(shared, length, device=device), cache,
+                               kv_len=length)[:, -1:]
+
+
+def _shared_prefix(prompts: torch.Tensor, features: torch.Tensor | None, lengths) -> int:  # noqa: ANN001
+    rows, _, length = prompts.shape
+    if rows < 2:
+        return 0
+    if features is not None:
+        if len(set(lengths or [])) > 1 or not all(torch.equal(features[0], features[r]) for r in range(1, rows)):
+            return 0
+        if lengths and lengths[0] + 1 >= length - 1:
+            return 0
+    same = (prompts == prompts[:1]).all(dim=1).all(dim=0)  # (T,) positions equal across rows and streams
+    differing = (~same).nonzero()
+    shared = int(differing[0]) if len(differing) else length - 1
+    return min(shared, length - 1)
+
+
+def _row_view(cache, row: int):  # noqa: ANN001, ANN202
+    """The cache restricted to one row (views: writes land in the full cache)."""
+    return type(cache)(keys=[k[row : row + 1] for k in cache.keys], values=[v[row : row + 1] for v in cache.values])

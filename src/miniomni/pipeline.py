@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,12 +17,14 @@ from tokenizers import Tokenizer
 
 from .audio import load_audio, log_mel_spectrogram, trim_to_30s, whisper_frame_count
 from .checkpoints import CheckpointParts, check_state_dict, read_checkpoint
-from .codec import Codec
+from .codec import Codec, StreamingDecoder
 from .errors import MiniOmniError
 from .generate import MAX_POSITIONS, DecodeInput, SamplingOptions, Step, decode
 from .models.omni import OmniModel
 from .models.whisper import WhisperEncoder
-from .tokens import EOT, NUM_AUDIO_LAYERS, TEXT_VOCAB_SIZE, Task, audio_prompt, text_prompt, undelay
+from .quantize import quantize_int8
+from .streaming import AudioChunk, Done, StreamEvent, TextDelta, TextStreamer, Timings
+from .tokens import CODEBOOK_SIZE, EOT, NUM_AUDIO_LAYERS, TEXT_VOCAB_SIZE, Task, audio_prompt, text_prompt, undelay
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +95,7 @@ class MiniOmni:
         tokenizer: Tokenizer,
         device: torch.device,
         dtype: torch.dtype,
+        fast_encoder: bool = False,
     ) -> None:
         self.model = model.eval()
         self.encoder = encoder.eval()
@@ -99,9 +103,23 @@ class MiniOmni:
         self.tokenizer = tokenizer
         self.device = device
         self.dtype = dtype
+        self.fast_encoder = fast_encoder
 
     @classmethod
-    def from_parts(cls, parts: CheckpointParts, device: torch.device, dtype: torch.dtype) -> MiniOmni:
+    def from_parts(
+        cls,
+        parts: CheckpointParts,
+        device: torch.device,
+        dtype: torch.dtype,
+        quantize: str | None = None,
+        fast_encoder: bool = False,
+    ) -> MiniOmni:
+        """Build the pipeline; ``quantize="int8"`` swaps the decoder's linears for int8 ones (bf16 activations)."""
+        if quantize not in (None, "none", "int8"):
+            raise MiniOmniError(f"quantize={quantize!r} is not supported; use int8 or leave it off")
+        if quantize == "int8" and dtype != torch.bfloat16:
+            log.info("int8 weights run with bfloat16 activations; using dtype bfloat16")
+            dtype = torch.bfloat16
         with torch.device("meta"):
             model = OmniModel(parts.config)
         check_state_dict(model, parts.model_state, "the Mini-Omni weights")
@@ -111,11 +129,13 @@ class MiniOmni:
         model.llm.init_rope()  # the meta-device tables were never filled
         model = model.to(device=device, dtype=dtype)
         model.requires_grad_(False)
+        if quantize == "int8":
+            quantize_int8(model.llm)
         encoder = WhisperEncoder.from_state_dict(parts.whisper_dims, parts.whisper_state, device=device)
         encoder.requires_grad_(False)
         codec = Codec.from_state_dict(parts.snac_config, parts.snac_state, device)
         tokenizer = Tokenizer.from_str(parts.tokenizer_json)
-        return cls(model, encoder, codec, tokenizer, device, dtype)
+        return cls(model, encoder, codec, tokenizer, device, dtype, fast_encoder=fast_encoder)
 
     # ------------------------------------------------------------------ inputs
 
@@ -129,8 +149,10 @@ class MiniOmni:
         """16 kHz mono waveform (<= 30 s) -> (1, T, whisper_dim) Whisper features, T as SPEC section 1."""
         frames = whisper_frame_count(len(audio_16k))
         mel = log_mel_spectrogram(audio_16k, device=self.device)
+        if self.fast_encoder:  # opt-in: encode only the frames that are kept, not 30 s
+            mel = mel[:, : 2 * frames]
         with self._autocast():
-            features = self.encoder(mel.unsqueeze(0))
+            features = self.encoder(mel.unsqueeze(0), allow_short=self.fast_encoder)
         return features[:, :frames].float()
 
     def encode_text(self, text: str) -> list[int]:
@@ -195,6 +217,101 @@ class MiniOmni:
         """Sampled audio streams (7 lists of local ids) -> 24 kHz float32 waveform."""
         return self.codec.decode(undelay(audio_tokens), seed=seed)
 
+    def stream(
+        self,
+        task: Task | str | None = None,
+        *,
+        audio: Any = None,
+        text: str | None = None,
+        sample_rate: int | None = None,
+        max_new_tokens: int | None = None,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        first_chunk: int = 1,
+        max_chunk: int = 8,
+    ) -> Iterator[StreamEvent]:
+        """Like :meth:`generate`, but yields events as they happen.
+
+        ``TextDelta`` as text arrives, ``AudioChunk`` (24 kHz float32) as soon as frames can be
+        decoded (the first after ``first_chunk`` frames; later chunks up to ``max_chunk`` frames),
+        and one final ``Done`` with the whole text, every token and the :class:`Timings`.
+        """
+        started = time.perf_counter()
+        options = SamplingOptions(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+        inputs = self.prepare(task, audio=audio, text=text, sample_rate=sample_rate)
+        timings = Timings(prepare_ms=(time.perf_counter() - started) * 1000)
+        audio_out = inputs.task.audio_output
+        streamer = TextStreamer(lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True))
+        decoder = StreamingDecoder(self.codec, first_chunk=first_chunk, max_chunk=max_chunk)
+        text_tokens: list[int] = []
+        audio_tokens: list[list[int]] = [[] for _ in range(NUM_AUDIO_LAYERS)] if audio_out else []
+        audio_done = False
+        samples_out = 0
+        step_times: list[float] = []
+        last = time.perf_counter()
+
+        def chunk_event(chunk: np.ndarray | None) -> AudioChunk | None:
+            nonlocal samples_out
+            if chunk is None or len(chunk) == 0:
+                return None
+            if timings.first_audio_ms is None:
+                timings.first_audio_ms = (time.perf_counter() - started) * 1000
+            event = AudioChunk(chunk, samples_out, self.codec.sample_rate)
+            samples_out += len(chunk)
+            return event
+
+        for step in self.steps(inputs, options, max_new_tokens):
+            now = time.perf_counter()
+            if step.index == 0:
+                timings.first_token_ms = (now - started) * 1000
+            else:
+                step_times.append(now - last)
+            last = now
+            text_tokens.append(step.text)
+            delta = streamer.push(step.text)
+            if delta:
+                yield TextDelta(delta)
+            if step.audio is None:
+                continue
+            for layer, token in enumerate(step.audio):
+                audio_tokens[layer].append(token)
+            frame_index = step.index - NUM_AUDIO_LAYERS  # frame k is complete once layer 6 gave output k + 7
+            if frame_index >= 0 and not audio_done:
+                frame = [audio_tokens[layer][frame_index + layer + 1] for layer in range(NUM_AUDIO_LAYERS)]
+                if any(code >= CODEBOOK_SIZE for code in frame):
+                    audio_done = True
+                else:
+                    decoder.push(frame)
+                    event = chunk_event(decoder.pull())
+                    if event is not None:
+                        yield event
+            last = time.perf_counter()  # codec time is not decode-step time
+        if audio_out:
+            event = chunk_event(decoder.pull(final=True))
+            if event is not None:
+                yield event
+        tail = streamer.flush()
+        if tail:
+            yield TextDelta(tail)
+        timings.total_ms = (time.perf_counter() - started) * 1000
+        timings.steps = len(text_tokens)
+        if step_times:
+            timings.step_ms_median = float(np.median(step_times) * 1000)
+            timings.steps_per_second = len(step_times) / sum(step_times)
+        timings.audio_seconds = samples_out / self.codec.sample_rate
+        if samples_out:
+            timings.real_time_factor = timings.total_ms / 1000 / timings.audio_seconds
+        yield Done(
+            text=self.decode_text(text_tokens),
+            text_tokens=text_tokens,
+            audio_tokens=audio_tokens,
+            task=inputs.task.value,
+            prompt_length=inputs.prompt_length,
+            timings=timings,
+        )
+
     def generate(
         self,
         task: Task | str | None = None,
@@ -238,11 +355,17 @@ def load(
     path_or_repo: str | os.PathLike = "gpt-omni/mini-omni",
     device: str | torch.device | None = "auto",
     dtype: str | torch.dtype | None = "float32",
+    quantize: str | None = None,
+    fast_encoder: bool = False,
 ) -> MiniOmni:
-    """Load a checkpoint directory (published layout), a ``.safetensors`` bundle or a hub repo id."""
+    """Load a checkpoint directory (published layout), a ``.safetensors`` bundle or a hub repo id.
+
+    ``dtype`` float32 (faithful default) or bfloat16; ``quantize="int8"`` for int8 weights;
+    ``fast_encoder`` runs Whisper on the real audio only instead of 30 s (faster, not faithful).
+    """
     resolved_device = resolve_device(device)
     resolved_dtype = resolve_dtype(dtype)
     source = path_or_repo if isinstance(path_or_repo, str) else Path(path_or_repo)
     parts = read_checkpoint(source)
     log.info("loaded %s onto %s as %s", path_or_repo, resolved_device, resolved_dtype)
-    return MiniOmni.from_parts(parts, resolved_device, resolved_dtype)
+    return MiniOmni.from_parts(parts, resolved_device, resolved_dtype, quantize=quantize, fast_encoder=fast_encoder)

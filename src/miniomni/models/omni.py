@@ -9,6 +9,7 @@ from torch import nn
 
 from ..config import OmniConfig
 from ..tokens import NUM_AUDIO_LAYERS, NUM_STREAMS
+from ..quantize import linear_rows
 from .llm import KVCache, SwiGLU, Transformer
 
 
@@ -53,11 +54,30 @@ class OmniModel(nn.Module):
 
     def heads(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Split the full-vocabulary head into text logits and 7 audio-layer logits."""
-        logits = self.llm.lm_head(hidden)
-        text_vocab = self.config.text_vocab_size
-        text_logits = logits[..., :text_vocab]
-        audio_logits = logits[..., text_vocab:].unflatten(-1, (NUM_AUDIO_LAYERS, self.config.audio_vocab_size))
-        return text_logits, audio_logits
+        return self.text_logits(hidden), self.audio_logits(hidden)
+
+    def text_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Text logits only (reads only the text rows of the head)."""
+        return linear_rows(self.llm.lm_head, hidden, 0, self.config.text_vocab_size)
+
+    def audio_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(…, 7, audio_vocab_size) audio logits only (reads only the audio rows of the head)."""
+        start = self.config.text_vocab_size
+        logits = linear_rows(self.llm.lm_head, hidden, start, self.config.padded_vocab_size)
+        return logits.unflatten(-1, (NUM_AUDIO_LAYERS, self.config.audio_vocab_size))
+
+    def hidden_states(
+        self,
+        streams: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        audio_features: torch.Tensor | None = None,
+        audio_lengths: Sequence[int] | None = None,
+        kv_len: int | None = None,
+    ) -> torch.Tensor:
+        """Final-norm hidden states (B, T, C), before the heads."""
+        x = self.embed_streams(streams, audio_features, audio_lengths)
+        return self.llm.forward_hidden(x, positions, cache, kv_len)
 
     def forward(
         self,
@@ -70,8 +90,7 @@ class OmniModel(nn.Module):
         last_only: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits for every position, or only the last one with ``last_only``."""
-        x = self.embed_streams(streams, audio_features, audio_lengths)
-        hidden = self.llm.forward_hidden(x, positions, cache, kv_len)
+        hidden = self.hidden_states(streams, positions, cache, audio_features, audio_lengths, kv_len)
         if last_only:
             hidden = hidden[:, -1:]
         return self.heads(hidden)

@@ -187,8 +187,12 @@ class WhisperEncoder(nn.Module):
         """Width of the output features."""
         return self.dims.n_audio_state
 
-    def forward(self, mel: Tensor) -> Tensor:
-        """Encode a log-mel batch (B, n_mels, 2*n_audio_ctx) into (B, n_audio_ctx, n_audio_state)."""
+    def forward(self, mel: Tensor, allow_short: bool = False) -> Tensor:
+        """Encode a log-mel batch (B, n_mels, 2*n_audio_ctx) into (B, n_audio_ctx, n_audio_state).
+
+        ``allow_short`` accepts fewer frames (the opt-in fast path: attention sees only the
+        real audio instead of 30 s with padding, which changes the features slightly).
+        """
         dims = self.dims
         if mel.ndim != 3:
             raise ValueError(
@@ -200,7 +204,8 @@ class WhisperEncoder(nn.Module):
                 f"WhisperEncoder expects {dims.n_mels} mel bins, got {mel.shape[1]} (shape {tuple(mel.shape)})."
             )
         frames = mel.shape[2]
-        if (frames + 1) // 2 != dims.n_audio_ctx:
+        positions = (frames + 1) // 2
+        if positions != dims.n_audio_ctx and not (allow_short and 0 < positions < dims.n_audio_ctx):
             raise ValueError(
                 f"WhisperEncoder needs {2 * dims.n_audio_ctx} mel frames (30 s padded) to produce {dims.n_audio_ctx} "
                 f"positions, got {frames}; compute the spectrogram with "
@@ -211,7 +216,7 @@ class WhisperEncoder(nn.Module):
         x = F.gelu(self.conv1(mel))
         x = F.gelu(self.conv2(x))
         x = x.transpose(1, 2)
-        x = (x + self.positional_embedding).to(x.dtype)
+        x = (x + self.positional_embedding[:positions]).to(x.dtype)
         for block in self.blocks:
             x = block(x)
         return self.ln_post(x)
