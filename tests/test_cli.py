@@ -121,3 +121,39 @@ def test_bfloat16_runs(capsys, checkpoint_dir, question_wav, tmp_path):
                           "--out", str(tmp_path / "a.wav"))
     assert code == 0, stderr
     assert len(json.loads(tokens_out.read_text())["text"]) <= 10
+
+
+def test_stream_writes_the_same_tokens_and_a_full_wav(capsys, checkpoint_dir, question_wav, tmp_path):
+    outputs = {}
+    for mode in ("offline", "stream"):
+        out, tokens_out = tmp_path / f"{mode}.wav", tmp_path / f"{mode}.json"
+        extra = ["--stream"] if mode == "stream" else []
+        code, stdout, stderr = run(capsys, "generate", "--checkpoint", str(checkpoint_dir), "--audio", str(question_wav),
+                                   "--max-new-tokens", "20", "--out", str(out), "--tokens-out", str(tokens_out), *extra)
+        assert code == 0, stderr
+        outputs[mode] = (json.loads(tokens_out.read_text()), sf.read(out, dtype="int16")[0], stdout.strip())
+    assert outputs["offline"][0] == outputs["stream"][0]
+    assert len(outputs["offline"][1]) == len(outputs["stream"][1]) == (20 - 7) * 2048
+    assert outputs["offline"][2] == outputs["stream"][2] != ""
+
+
+def test_out_dash_writes_raw_pcm_to_stdout(checkpoint_dir, tmp_path):
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "miniomni.cli", "-q", "generate", "--checkpoint", str(checkpoint_dir),
+           "--text", "What is your name?", "--max-new-tokens", "12", "--stream", "--out", "-"]
+    proc = subprocess.run(cmd, capture_output=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert len(proc.stdout) == (12 - 7) * 2048 * 2  # 16-bit mono samples, no header
+    assert not proc.stdout.startswith(b"RIFF")
+    assert proc.stderr.decode().strip() != ""  # the text went to stderr
+
+
+def test_quantized_fast_cli(capsys, checkpoint_dir, question_wav, tmp_path):
+    tokens_out = tmp_path / "t.json"
+    code, stdout, stderr = run(capsys, "generate", "--checkpoint", str(checkpoint_dir), "--audio", str(question_wav),
+                               "--quantize", "int8", "--fast-encoder", "--stream", "--max-new-tokens", "10",
+                               "--out", str(tmp_path / "a.wav"), "--tokens-out", str(tokens_out))
+    assert code == 0, stderr
+    assert len(json.loads(tokens_out.read_text())["text"]) == 10

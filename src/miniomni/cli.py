@@ -9,7 +9,11 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
+from .audio import float_to_pcm16
 from .errors import MiniOmniError
+from .streaming import AudioChunk, TextDelta
 from .tokens import Task
 
 log = logging.getLogger("miniomni")
@@ -24,7 +28,16 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--audio", help="question as an audio file (any common rate, mono or stereo, <= 30 s)")
     source.add_argument("--text", help="question as text")
-    p.add_argument("--out", default="answer.wav", help="24 kHz 16-bit WAV for speech answers (default answer.wav)")
+    p.add_argument("--out", default="answer.wav",
+                   help="24 kHz 16-bit WAV for speech answers (default answer.wav); '-' writes raw 16-bit "
+                        "little-endian mono PCM to stdout (the text then goes to stderr)")
+    p.add_argument("--stream", action="store_true",
+                   help="print text and write (or play) audio as they are generated")
+    p.add_argument("--play", action="store_true", help="play the answer as it arrives (needs sounddevice)")
+    p.add_argument("--quantize", choices=["none", "int8"], default="none",
+                   help="int8 weight-only linears (faster on CPU, bfloat16 activations; not bit-faithful)")
+    p.add_argument("--fast-encoder", action="store_true",
+                   help="run Whisper on the real audio only, not 30 s (faster; changes the features slightly)")
     p.add_argument("--tokens-out", help="write every sampled token as JSON here")
     p.add_argument("--max-new-tokens", type=int, default=None, help="cap on sampled steps (default: up to 2048 positions)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
@@ -36,32 +49,89 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    from .audio import write_wav
     from .pipeline import load
 
     started = time.perf_counter()
-    omni = load(args.checkpoint, device=args.device, dtype=args.dtype)
-    loaded = time.perf_counter()
-    result = omni.generate(
-        args.task,
-        audio=args.audio,
-        text=args.text,
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        seed=args.seed,
+    omni = load(args.checkpoint, device=args.device, dtype=args.dtype,
+                quantize=None if args.quantize == "none" else args.quantize, fast_encoder=args.fast_encoder)
+    log.info("loaded in %.1f s", time.perf_counter() - started)
+    request = dict(
+        audio=args.audio, text=args.text, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+        top_k=args.top_k, top_p=args.top_p, seed=args.seed,
     )
-    done = time.perf_counter()
-    print(result.text)
-    if result.audio is not None:
-        write_wav(args.out, result.audio, result.sample_rate)
-        log.info("wrote %.2f s of speech to %s", len(result.audio) / result.sample_rate, args.out)
+    text_out = sys.stderr if args.out == "-" else sys.stdout
+    with AudioSink(args.out, args.play) as sink:
+        if args.stream:
+            done = None
+            for event in omni.stream(args.task, **request):
+                if isinstance(event, TextDelta):
+                    text_out.write(event.text)
+                    text_out.flush()
+                elif isinstance(event, AudioChunk):
+                    sink.write(event.audio)
+                else:
+                    done = event
+            text_out.write("\n")
+            tokens = {"task": done.task, "prompt_length": done.prompt_length,
+                      "text": done.text_tokens, "audio": done.audio_tokens}
+            t = done.timings
+            log.info("first audio %s ms, %.1f steps/s, real-time factor %s",
+                     "-" if t.first_audio_ms is None else f"{t.first_audio_ms:.0f}", t.steps_per_second,
+                     "-" if t.real_time_factor is None else f"{t.real_time_factor:.2f}")
+        else:
+            result = omni.generate(args.task, **request)
+            print(result.text, file=text_out)
+            if result.audio is not None:
+                sink.write(result.audio)
+            tokens = result.tokens_json()
     if args.tokens_out:
-        Path(args.tokens_out).write_text(json.dumps(result.tokens_json()))
+        Path(args.tokens_out).write_text(json.dumps(tokens))
         log.info("wrote tokens to %s", args.tokens_out)
-    log.info("load %.1f s, generate %.1f s (%d steps)", loaded - started, done - loaded, len(result.text_tokens))
     return 0
+
+
+class AudioSink:
+    """Where answer audio goes: a WAV file written as it arrives, raw PCM on stdout, the speakers."""
+
+    def __init__(self, out: str, play: bool, sample_rate: int = 24000) -> None:
+        self.out, self.play, self.sample_rate = out, play, sample_rate
+        self.samples = 0
+        self._file = None
+        self._player = None
+
+    def __enter__(self) -> AudioSink:
+        if self.play:
+            try:
+                import sounddevice
+            except (ImportError, OSError) as exc:
+                raise MiniOmniError(f"--play needs the sounddevice package and PortAudio ({exc}); "
+                                    "pip install sounddevice, or write a file with --out") from exc
+            self._player = sounddevice.OutputStream(samplerate=self.sample_rate, channels=1, dtype="float32")
+            self._player.start()
+        return self
+
+    def write(self, audio: np.ndarray) -> None:
+        if self._player is not None:
+            self._player.write(np.ascontiguousarray(audio, dtype=np.float32).reshape(-1, 1))
+        if self.out == "-":
+            sys.stdout.buffer.write(float_to_pcm16(audio))
+            sys.stdout.buffer.flush()
+        elif self.out:
+            if self._file is None:
+                import soundfile
+
+                self._file = soundfile.SoundFile(self.out, "w", samplerate=self.sample_rate, channels=1,
+                                                 subtype="PCM_16", format="WAV")
+            self._file.write(np.clip(audio, -1.0, 1.0))
+        self.samples += len(audio)
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._file is not None:
+            self._file.close()
+            log.info("wrote %.2f s of speech to %s", self.samples / self.sample_rate, self.out)
+        if self._player is not None:
+            self._player.stop()
+            self._player.close()
 
 
 def _cmd_download(args: argparse.Namespace) -> int:
