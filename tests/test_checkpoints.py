@@ -159,3 +159,21 @@ def test_download_fails_fast_when_the_hub_host_does_not_resolve(tmp_path, monkey
     with pytest.raises(CheckpointError, match="looks offline") as info:
         checkpoints.download(tmp_path / "ckpt")
     assert "lit_model.pth" in str(info.value)
+
+
+def test_int8_and_bfloat16_bundles(checkpoint_dir, tmp_path, question_wav):
+    parts = checkpoints.read_checkpoint_dir(checkpoint_dir)
+    int8_path = checkpoints.write_bundle(parts, tmp_path / "int8.safetensors", quantize="int8")
+    bf16_path = checkpoints.write_bundle(parts, tmp_path / "bf16.safetensors", dtype=torch.bfloat16)
+    full_size = checkpoints.write_bundle(parts, tmp_path / "full.safetensors").stat().st_size
+    assert bf16_path.stat().st_size < full_size and int8_path.stat().st_size < bf16_path.stat().st_size
+    from_bundle = miniomni.load(int8_path, device="cpu")  # quantized without being asked
+    from_dir = miniomni.load(checkpoint_dir, device="cpu", quantize="int8")
+    assert from_bundle.dtype == torch.bfloat16
+    assert type(from_bundle.model.llm.lm_head).__name__ == "Int8Linear"
+    a = from_bundle.generate(audio=question_wav, max_new_tokens=10)
+    b = from_dir.generate(audio=question_wav, max_new_tokens=10)
+    assert a.tokens_json() == b.tokens_json()
+    assert miniomni.load(bf16_path, device="cpu", dtype="bfloat16").generate(text="Hi", task="T1T2", max_new_tokens=3)
+    with pytest.raises(CheckpointError, match="already quantized"):
+        checkpoints.write_bundle(checkpoints.read_bundle(int8_path), tmp_path / "again.safetensors", dtype=torch.float32)

@@ -57,6 +57,7 @@ class CheckpointParts:
     snac_config: dict[str, Any]
     snac_state: dict[str, torch.Tensor]
     tokenizer_json: str
+    quantize: str | None = None  # "int8": model_state holds Int8Linear weights and scales
 
 
 # ------------------------------------------------------------------- litgpt <-> ours
@@ -165,7 +166,8 @@ def state_dict_to_litgpt(state: dict[str, torch.Tensor], config: OmniConfig) -> 
 def check_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
     """Refuse missing, unexpected or mis-shaped tensors with a message naming them."""
     expected = {k: v.shape for k, v in model.state_dict().items()}
-    if getattr(model, "config", None) is not None and getattr(model.config, "tie_word_embeddings", False):
+    llm = getattr(model, "llm", None)
+    if llm is not None and llm.lm_head.weight is llm.embed.weight:
         expected.pop("llm.lm_head.weight", None)
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -306,13 +308,57 @@ def resolve_repo(repo_id: str) -> Path:
 # ---------------------------------------------------------------------- safetensors bundle
 
 
-def write_bundle(parts: CheckpointParts, path: str | Path) -> Path:
-    """Write everything into one ``.safetensors`` file, atomically (temp file, then rename)."""
+def convert_model_state(
+    state: dict[str, torch.Tensor], config: OmniConfig, dtype: torch.dtype | None = None, quantize: str | None = None
+) -> dict[str, torch.Tensor]:
+    """Cast floating tensors to ``dtype``; with ``quantize="int8"`` store the decoder's linears as int8 + scales."""
+    from .models.omni import OmniModel
+    from .quantize import quantize_weight
+
+    linear_weights: set[str] = set()
+    if quantize == "int8":
+        with torch.device("meta"):
+            model = OmniModel(config)
+        linear_weights = {f"llm.{name}.weight" for name, module in model.llm.named_modules()
+                          if isinstance(module, torch.nn.Linear)}
+    elif quantize not in (None, "none"):
+        raise CheckpointError(f"quantize={quantize!r} is not supported; use int8")
+    out: dict[str, torch.Tensor] = {}
+    for key, tensor in state.items():
+        if key in linear_weights:
+            out[key], out[key[: -len("weight")] + "scales"] = quantize_weight(tensor)
+        elif dtype is not None and tensor.is_floating_point():
+            out[key] = tensor.to(dtype)
+        else:
+            out[key] = tensor
+    if quantize == "int8" and config.tie_word_embeddings:
+        out["llm.lm_head.weight"], out["llm.lm_head.scales"] = quantize_weight(state["llm.embed.weight"])
+    return out
+
+
+def write_bundle(
+    parts: CheckpointParts, path: str | Path, dtype: torch.dtype | None = None, quantize: str | None = None
+) -> Path:
+    """Write everything into one ``.safetensors`` file, atomically (temp file, then rename).
+
+    ``dtype`` casts the model's floating weights (e.g. bfloat16 halves the file); ``quantize="int8"``
+    stores the decoder's linear layers as int8 with per-row scales (a quarter of float32), so loading
+    in that mode never holds float32 weights.
+    """
     from safetensors.torch import save_file
 
     path = Path(path)
+    if quantize in (None, "none"):
+        quantize = parts.quantize
+    model_state = parts.model_state
+    if quantize == "int8" and dtype is None:
+        dtype = torch.bfloat16  # int8 runs with bfloat16 activations: keep no float32 weights
+    if dtype is not None or quantize != parts.quantize:
+        if parts.quantize:
+            raise CheckpointError("this bundle is already quantized; convert from the published checkpoint instead")
+        model_state = convert_model_state(model_state, parts.config, dtype, quantize)
     tensors: dict[str, torch.Tensor] = {}
-    for prefix, state in (("omni.", parts.model_state), ("whisper.", parts.whisper_state), ("snac.", parts.snac_state)):
+    for prefix, state in (("omni.", model_state), ("whisper.", parts.whisper_state), ("snac.", parts.snac_state)):
         for key, tensor in state.items():
             tensors[prefix + key] = tensor.detach().contiguous()
     tensors["tokenizer_json"] = torch.frombuffer(bytearray(parts.tokenizer_json.encode("utf-8")), dtype=torch.uint8)
@@ -322,6 +368,7 @@ def write_bundle(parts: CheckpointParts, path: str | Path) -> Path:
         "model_config": json.dumps(parts.config.to_dict()),
         "whisper_dims": json.dumps(parts.whisper_dims.__dict__),
         "snac_config": json.dumps(parts.snac_config),
+        "quantize": quantize or "none",
     }
     tmp = path.with_name(path.name + ".partial")
     save_file(tensors, str(tmp), metadata=metadata)
@@ -360,6 +407,7 @@ def read_bundle(path: str | Path) -> CheckpointParts:
         snac_config=json.loads(metadata["snac_config"]),
         snac_state=groups["snac."],
         tokenizer_json=tokenizer_json,
+        quantize=None if metadata.get("quantize", "none") == "none" else metadata["quantize"],
     )
 
 

@@ -145,8 +145,11 @@ def _cmd_download(args: argparse.Namespace) -> int:
 def _cmd_convert(args: argparse.Namespace) -> int:
     from .checkpoints import read_checkpoint, write_bundle
 
+    import torch
+
     parts = read_checkpoint(args.checkpoint)
-    path = write_bundle(parts, args.output)
+    dtype = None if args.dtype is None else getattr(torch, args.dtype)
+    path = write_bundle(parts, args.output, dtype=dtype, quantize=None if args.quantize == "none" else args.quantize)
     print(path)
     return 0
 
@@ -163,6 +166,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("convert", help="write a checkpoint as one .safetensors bundle (fast, safe loading)")
     p.add_argument("checkpoint", help="checkpoint directory in the published layout")
     p.add_argument("output", help="bundle path, e.g. mini-omni.safetensors")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
+                   help="cast the model weights (default: keep the checkpoint's)")
+    p.add_argument("--quantize", choices=["none", "int8"], default="none",
+                   help="store the decoder's linears as int8 (loads straight into --quantize int8)")
     return parser
 
 

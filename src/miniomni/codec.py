@@ -94,7 +94,7 @@ class StreamingDecoder:
         left_context: int = 2,
         lookahead: int = 1,
         first_chunk: int = 1,
-        max_chunk: int = 8,
+        max_chunk: int = 16,
         seed: int | None = 0,
     ) -> None:
         if first_chunk < 1 or max_chunk < first_chunk or left_context < 0 or lookahead < 0:

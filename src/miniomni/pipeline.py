@@ -117,20 +117,25 @@ class MiniOmni:
         """Build the pipeline; ``quantize="int8"`` swaps the decoder's linears for int8 ones (bf16 activations)."""
         if quantize not in (None, "none", "int8"):
             raise MiniOmniError(f"quantize={quantize!r} is not supported; use int8 or leave it off")
+        if parts.quantize == "int8":
+            quantize = "int8"  # an int8 bundle holds no float weights to run without it
         if quantize == "int8" and dtype != torch.bfloat16:
             log.info("int8 weights run with bfloat16 activations; using dtype bfloat16")
             dtype = torch.bfloat16
         with torch.device("meta"):
             model = OmniModel(parts.config)
+            if parts.quantize == "int8":
+                quantize_int8(model.llm)
         check_state_dict(model, parts.model_state, "the Mini-Omni weights")
-        model.load_state_dict(parts.model_state, strict=not parts.config.tie_word_embeddings, assign=True)
-        if parts.config.tie_word_embeddings:
+        tied = parts.config.tie_word_embeddings and parts.quantize != "int8"
+        model.load_state_dict(parts.model_state, strict=not tied, assign=True)
+        if tied:
             model.llm.lm_head.weight = model.llm.embed.weight
         model.llm.init_rope()  # the meta-device tables were never filled
+        if quantize == "int8" and parts.quantize != "int8":
+            quantize_int8(model.llm)  # from the stored precision, before the cast
         model = model.to(device=device, dtype=dtype)
         model.requires_grad_(False)
-        if quantize == "int8":
-            quantize_int8(model.llm)
         encoder = WhisperEncoder.from_state_dict(parts.whisper_dims, parts.whisper_state, device=device)
         encoder.requires_grad_(False)
         codec = Codec.from_state_dict(parts.snac_config, parts.snac_state, device)
@@ -230,7 +235,7 @@ class MiniOmni:
         top_p: float = 1.0,
         seed: int | None = None,
         first_chunk: int = 1,
-        max_chunk: int = 8,
+        max_chunk: int = 16,
     ) -> Iterator[StreamEvent]:
         """Like :meth:`generate`, but yields events as they happen.
 

@@ -31,12 +31,10 @@ class Int8Linear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> Int8Linear:
-        weight = linear.weight.detach().float()
-        scales = (weight.abs().amax(dim=1) / 127.0).clamp(min=1e-12)
-        quantized = torch.round(weight / scales[:, None]).clamp(-128, 127).to(torch.int8)
-        module = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device=weight.device)
+        quantized, scales = quantize_weight(linear.weight.detach())
+        module = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device=quantized.device)
         module.weight.copy_(quantized)
-        module.scales.copy_(scales.to(torch.bfloat16))
+        module.scales.copy_(scales)
         if linear.bias is not None:
             module.bias.data = linear.bias.detach().clone()
         return module
@@ -51,6 +49,14 @@ class Int8Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8"
+
+
+def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, in) float weight -> int8 weight and bfloat16 per-row scales (symmetric, round to nearest)."""
+    weight = weight.float()
+    scales = (weight.abs().amax(dim=1) / 127.0).clamp(min=1e-12)
+    quantized = torch.round(weight / scales[:, None]).clamp(-128, 127).to(torch.int8)
+    return quantized, scales.to(torch.bfloat16)
 
 
 def int8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
