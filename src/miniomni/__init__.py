@@ -9,18 +9,23 @@
 from .errors import AudioError, CheckpointError, ConfigError, MiniOmniError
 from .generate import SamplingOptions
 from .pipeline import GenerationResult, MiniOmni, load
+from .streaming import AudioChunk, Done, TextDelta, Timings
 from .tokens import Task
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AudioChunk",
     "AudioError",
     "CheckpointError",
     "ConfigError",
+    "Done",
     "GenerationResult",
     "MiniOmni",
     "MiniOmniError",
     "SamplingOptions",
     "Task",
+    "TextDelta",
+    "Timings",
     "load",
 ]

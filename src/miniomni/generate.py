@@ -110,6 +110,90 @@ def max_new_tokens_for(prompt_length: int, requested: int | None) -> int:
     return min(requested, cap)
 
 
+class AnswerState:
+    """The decoding rules of one answer, apart from the forward passes.
+
+    Whoever runs the model (``decode`` for one answer, a server batching many) asks which
+    head rows to compute, hands over their outputs with :meth:`advance`, and feeds
+    :meth:`next_ids` at :attr:`position`. Rules (SPEC section 3): text-output tasks feed
+    ``_pad_a`` on the audio streams and stop at ``_eot``; speech-output tasks feed the
+    sampled audio back, feed ``_pad_t`` once the text has emitted ``_eot`` (recorded as
+    ``_pad_t``), and stop when audio layer 6 emits ``_eoa``. ``A1A2-batch`` has two rows
+    (A1A2, A1T2): audio is sampled from row 0, text from row 1; row 0 is fed the audio,
+    row 1 ``_pad_a``, both the text. As in the reference, stop conditions are first
+    checked on the second sampled step.
+    """
+
+    def __init__(self, inputs: DecodeInput, options: SamplingOptions | None, max_new_tokens: int | None,
+                 device: torch.device) -> None:
+        self.options = options or SamplingOptions()
+        self.task = inputs.task
+        self.rows, _, self.prompt_length = inputs.prompts.shape
+        if self.task == Task.A1A2_BATCH and self.rows != 2:
+            raise ValueError("A1A2-batch needs a batch of two prompts (A1A2, A1T2)")
+        self.budget = max_new_tokens_for(self.prompt_length, max_new_tokens)
+        self.text_row = 1 if self.task == Task.A1A2_BATCH else 0
+        self.audio_out = self.task.audio_output
+        self.generator = self.options.generator(device)
+        self.layer_offsets = torch.tensor(
+            [layershift(0, layer) for layer in range(NUM_AUDIO_LAYERS)], device=device, dtype=torch.long
+        )
+        self.index = 0  # the step about to be sampled
+        self.text_ended = False
+        self.finished = False
+        self._last: Step | None = None
+        self._audio_ids: torch.Tensor | None = None
+
+    @property
+    def needs_text_head(self) -> bool:
+        """False once a speech answer's text has ended: its text token is then _pad_t, unsampled."""
+        return not (self.audio_out and self.text_ended)
+
+    @property
+    def needs_audio_head(self) -> bool:
+        return self.audio_out
+
+    @property
+    def position(self) -> int:
+        """Where :meth:`next_ids` goes: the last sampled token is fed there."""
+        return self.prompt_length + self.index - 1
+
+    def advance(self, text_logits: torch.Tensor | None, audio_logits: torch.Tensor | None) -> Step:
+        """Sample this step from (1, V) text logits of the text row and (7, 4160) audio logits of row 0."""
+        if self.finished:
+            raise RuntimeError("the answer is already finished")
+        if self.needs_text_head:
+            text_token = int(sample(text_logits, self.options, self.generator)[0])
+        else:
+            text_token = PAD_T
+        audio_tokens: list[int] | None = None
+        if self.audio_out:
+            self._audio_ids = sample(audio_logits, self.options, self.generator)
+            audio_tokens = self._audio_ids.tolist()
+        step = Step(self.index, text_token, audio_tokens)
+        if self.index > 0:
+            if self.audio_out and audio_tokens[-1] == EOA:
+                self.finished = True
+            elif text_token == EOT:
+                if self.audio_out:
+                    self.text_ended = True
+                else:
+                    self.finished = True
+        self.index += 1
+        if self.index >= self.budget:
+            self.finished = True
+        self._last = step
+        return step
+
+    def next_ids(self) -> torch.Tensor:
+        """(rows, 8) ids that feed the last sampled step back."""
+        ids = (self.layer_offsets + PAD_A).repeat(self.rows, 1)
+        if self.audio_out:
+            ids[0] = self.layer_offsets + self._audio_ids
+        text = torch.full((self.rows, 1), self._last.text, dtype=torch.long, device=ids.device)
+        return torch.cat([ids, text], dim=1)
+
+
 @torch.inference_mode()
 def decode(
     model: OmniModel,
@@ -119,65 +203,21 @@ def decode(
 ) -> Iterator[Step]:
     """Yield every sampled step, from the one sampled from the prompt up to and including the stop token.
 
-    Rules (SPEC section 3): text-output tasks feed ``_pad_a`` on the audio streams and stop at
-    ``_eot``; speech-output tasks feed the sampled audio back, feed ``_pad_t`` once the text has
-    emitted ``_eot`` (recorded as ``_pad_t``), and stop when audio layer 6 emits ``_eoa``.
-    ``A1A2-batch`` runs two rows (A1A2, A1T2): audio is sampled from row 0, text from row 1, row 0
-    is fed the audio, row 1 ``_pad_a``, both the text. As in the reference, stop conditions are
-    first checked on the second sampled step.
+    The rules are :class:`AnswerState`'s; only the head rows that are used are computed.
     """
-    options = options or SamplingOptions()
-    task = inputs.task
     device = model.llm.embed.weight.device
-    prompts = inputs.prompts.to(device)
-    rows, _, prompt_length = prompts.shape
-    budget = max_new_tokens_for(prompt_length, max_new_tokens)
-    batch_parallel = task == Task.A1A2_BATCH
-    if batch_parallel and rows != 2:
-        raise ValueError("A1A2-batch needs a batch of two prompts (A1A2, A1T2)")
-    text_row = 1 if batch_parallel else 0
-    audio_out = task.audio_output
-    generator = options.generator(device)
-
-    cache = model.new_cache(rows, max_length=prompt_length + budget)
-    hidden = prefill(model, prompts, inputs, cache)
-    layer_offsets = torch.tensor(
-        [layershift(0, layer) for layer in range(NUM_AUDIO_LAYERS)], device=device, dtype=torch.long
-    )
-    pad_audio = layer_offsets + PAD_A
-    text_ended = False
-    for index in range(budget):
-        # Only the head rows that are used are computed: text from text_row until the text
-        # has ended (its token is replaced by _pad_t after that), audio from row 0.
-        if audio_out and text_ended:
-            text_token = PAD_T
-        else:
-            text_logits = model.text_logits(hidden[text_row])
-            text_token = int(sample(text_logits, options, generator)[0])
-        audio_tokens: list[int] | None = None
-        if audio_out:
-            audio_ids = sample(model.audio_logits(hidden[0, -1]), options, generator)  # (7,) local ids
-            audio_tokens = audio_ids.tolist()
-        yield Step(index, text_token, audio_tokens)
-
-        if index > 0:
-            if audio_out and audio_tokens[-1] == EOA:
-                return
-            if text_token == EOT:
-                if not audio_out:
-                    return
-                text_ended = True
-        if index + 1 >= budget:
+    state = AnswerState(inputs, options, max_new_tokens, device)
+    cache = model.new_cache(state.rows, max_length=state.prompt_length + state.budget)
+    hidden = prefill(model, inputs.prompts.to(device), inputs, cache)
+    while True:
+        text_logits = model.text_logits(hidden[state.text_row]) if state.needs_text_head else None
+        audio_logits = model.audio_logits(hidden[0, -1]) if state.needs_audio_head else None
+        yield state.advance(text_logits, audio_logits)
+        if state.finished:
             return
-
-        step_ids = pad_audio.repeat(rows, 1)  # (rows, 7)
-        if audio_out:
-            step_ids[0] = layer_offsets + audio_ids
-        next_ids = torch.empty(rows, NUM_AUDIO_LAYERS + 1, 1, dtype=torch.long, device=device)
-        next_ids[:, :NUM_AUDIO_LAYERS, 0] = step_ids
-        next_ids[:, TEXT_STREAM, 0] = text_token
-        position = prompt_length + index
-        hidden = model.hidden_states(next_ids, torch.tensor([position], device=device), cache, kv_len=position + 1)
+        position = state.position
+        hidden = model.hidden_states(state.next_ids().unsqueeze(-1), torch.tensor([position], device=device), cache,
+                                     kv_len=position + 1)
 
 
 def prefill(model: OmniModel, prompts: torch.Tensor, inputs: DecodeInput, cache) -> torch.Tensor:  # noqa: ANN001
