@@ -246,76 +246,10 @@ class MiniOmni:
         started = time.perf_counter()
         options = SamplingOptions(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
         inputs = self.prepare(task, audio=audio, text=text, sample_rate=sample_rate)
-        timings = Timings(prepare_ms=(time.perf_counter() - started) * 1000)
-        audio_out = inputs.task.audio_output
-        streamer = TextStreamer(lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True))
-        decoder = StreamingDecoder(self.codec, first_chunk=first_chunk, max_chunk=max_chunk)
-        text_tokens: list[int] = []
-        audio_tokens: list[list[int]] = [[] for _ in range(NUM_AUDIO_LAYERS)] if audio_out else []
-        audio_done = False
-        samples_out = 0
-        step_times: list[float] = []
-        last = time.perf_counter()
-
-        def chunk_event(chunk: np.ndarray | None) -> AudioChunk | None:
-            nonlocal samples_out
-            if chunk is None or len(chunk) == 0:
-                return None
-            if timings.first_audio_ms is None:
-                timings.first_audio_ms = (time.perf_counter() - started) * 1000
-            event = AudioChunk(chunk, samples_out, self.codec.sample_rate)
-            samples_out += len(chunk)
-            return event
-
+        events = AnswerEvents(self, inputs, started, first_chunk=first_chunk, max_chunk=max_chunk)
         for step in self.steps(inputs, options, max_new_tokens):
-            now = time.perf_counter()
-            if step.index == 0:
-                timings.first_token_ms = (now - started) * 1000
-            else:
-                step_times.append(now - last)
-            last = now
-            text_tokens.append(step.text)
-            delta = streamer.push(step.text)
-            if delta:
-                yield TextDelta(delta)
-            if step.audio is None:
-                continue
-            for layer, token in enumerate(step.audio):
-                audio_tokens[layer].append(token)
-            frame_index = step.index - NUM_AUDIO_LAYERS  # frame k is complete once layer 6 gave output k + 7
-            if frame_index >= 0 and not audio_done:
-                frame = [audio_tokens[layer][frame_index + layer + 1] for layer in range(NUM_AUDIO_LAYERS)]
-                if any(code >= CODEBOOK_SIZE for code in frame):
-                    audio_done = True
-                else:
-                    decoder.push(frame)
-                    event = chunk_event(decoder.pull())
-                    if event is not None:
-                        yield event
-            last = time.perf_counter()  # codec time is not decode-step time
-        if audio_out:
-            event = chunk_event(decoder.pull(final=True))
-            if event is not None:
-                yield event
-        tail = streamer.flush()
-        if tail:
-            yield TextDelta(tail)
-        timings.total_ms = (time.perf_counter() - started) * 1000
-        timings.steps = len(text_tokens)
-        if step_times:
-            timings.step_ms_median = float(np.median(step_times) * 1000)
-            timings.steps_per_second = len(step_times) / sum(step_times)
-        timings.audio_seconds = samples_out / self.codec.sample_rate
-        if samples_out:
-            timings.real_time_factor = timings.total_ms / 1000 / timings.audio_seconds
-        yield Done(
-            text=self.decode_text(text_tokens),
-            text_tokens=text_tokens,
-            audio_tokens=audio_tokens,
-            task=inputs.task.value,
-            prompt_length=inputs.prompt_length,
-            timings=timings,
-        )
+            yield from events.on_step(step)
+        yield from events.finish()
 
     def generate(
         self,
@@ -374,3 +308,92 @@ def load(
     parts = read_checkpoint(source)
     log.info("loaded %s onto %s as %s", path_or_repo, resolved_device, resolved_dtype)
     return MiniOmni.from_parts(parts, resolved_device, resolved_dtype, quantize=quantize, fast_encoder=fast_encoder)
+
+
+class AnswerEvents:
+    """Turns the sampled steps of one answer into stream events (text deltas, audio chunks, Done).
+
+    Shared by :meth:`MiniOmni.stream` and the server, which calls it off the decode thread.
+    Times are measured from ``started`` (when the question was in hand).
+    """
+
+    def __init__(self, omni: MiniOmni, inputs: DecodeInput, started: float, first_chunk: int = 1,
+                 max_chunk: int = 16) -> None:
+        self.omni = omni
+        self.inputs = inputs
+        self.started = started
+        self.timings = Timings(prepare_ms=(time.perf_counter() - started) * 1000)
+        self.streamer = TextStreamer(lambda ids: omni.tokenizer.decode(ids, skip_special_tokens=True))
+        self.decoder = StreamingDecoder(omni.codec, first_chunk=first_chunk, max_chunk=max_chunk)
+        self.text_tokens: list[int] = []
+        self.audio_tokens: list[list[int]] = [[] for _ in range(NUM_AUDIO_LAYERS)] if inputs.task.audio_output else []
+        self.audio_done = False
+        self.samples_out = 0
+        self.step_times: list[float] = []
+        self._last_step: float | None = None
+        self._codec_seconds = 0.0
+
+    def on_step(self, step: Step, when: float | None = None) -> list[StreamEvent]:
+        """Events for one sampled step; ``when`` is when it was sampled (default: now)."""
+        when = time.perf_counter() if when is None else when
+        if step.index == 0:
+            self.timings.first_token_ms = (when - self.started) * 1000
+        elif self._last_step is not None:
+            # Codec work done in between, on this thread, is not decode-step time.
+            self.step_times.append(when - self._last_step - self._codec_seconds)
+        self._last_step, self._codec_seconds = when, 0.0
+        events: list[StreamEvent] = []
+        self.text_tokens.append(step.text)
+        delta = self.streamer.push(step.text)
+        if delta:
+            events.append(TextDelta(delta))
+        if step.audio is None:
+            return events
+        for layer, token in enumerate(step.audio):
+            self.audio_tokens[layer].append(token)
+        frame_index = step.index - NUM_AUDIO_LAYERS  # frame k is complete once layer 6 gave output k + 7
+        if frame_index >= 0 and not self.audio_done:
+            frame = [self.audio_tokens[layer][frame_index + layer + 1] for layer in range(NUM_AUDIO_LAYERS)]
+            if any(code >= CODEBOOK_SIZE for code in frame):
+                self.audio_done = True
+            else:
+                self.decoder.push(frame)
+                events += self._chunk(final=False)
+        return events
+
+    def _chunk(self, final: bool) -> list[StreamEvent]:
+        began = time.perf_counter()
+        chunk = self.decoder.pull(final=final)
+        self._codec_seconds += time.perf_counter() - began
+        if chunk is None or len(chunk) == 0:
+            return []
+        if self.timings.first_audio_ms is None:
+            self.timings.first_audio_ms = (time.perf_counter() - self.started) * 1000
+        event = AudioChunk(chunk, self.samples_out, self.omni.codec.sample_rate)
+        self.samples_out += len(chunk)
+        return [event]
+
+    def finish(self) -> list[StreamEvent]:
+        """The last audio and text, then Done."""
+        events: list[StreamEvent] = self._chunk(final=True) if self.inputs.task.audio_output else []
+        tail = self.streamer.flush()
+        if tail:
+            events.append(TextDelta(tail))
+        t = self.timings
+        t.total_ms = (time.perf_counter() - self.started) * 1000
+        t.steps = len(self.text_tokens)
+        if self.step_times:
+            t.step_ms_median = float(np.median(self.step_times) * 1000)
+            t.steps_per_second = len(self.step_times) / max(sum(self.step_times), 1e-9)
+        t.audio_seconds = self.samples_out / self.omni.codec.sample_rate
+        if self.samples_out:
+            t.real_time_factor = t.total_ms / 1000 / t.audio_seconds
+        events.append(Done(
+            text=self.omni.decode_text(self.text_tokens),
+            text_tokens=self.text_tokens,
+            audio_tokens=self.audio_tokens,
+            task=self.inputs.task.value,
+            prompt_length=self.inputs.prompt_length,
+            timings=t,
+        ))
+        return events
