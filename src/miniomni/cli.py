@@ -160,6 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_generate(sub)
+    _add_serve(sub)
     p = sub.add_parser("download", help="fetch the published checkpoint files into a directory")
     p.add_argument("directory", nargs="?", default="checkpoint")
     p.add_argument("--revision", default=None, help="revision of gpt-omni/mini-omni (default: main)")
@@ -173,7 +174,50 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-COMMANDS = {"generate": _cmd_generate, "download": _cmd_download, "convert": _cmd_convert}
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="serve voice chat over HTTP (see docs/server.md)")
+    p.add_argument("--checkpoint", required=True, help="checkpoint directory, .safetensors bundle or hub id")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-sessions", type=int, default=4, help="concurrent answers; more get HTTP 503")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every request")
+    p.add_argument("--cors-origin", action="append", default=[], help="allow this browser origin (repeatable)")
+    p.add_argument("--max-audio-seconds", type=float, default=30.0, help="longest question accepted")
+    p.add_argument("--ssl-certfile", default=None, help="serve HTTPS (browsers need it for the microphone)")
+    p.add_argument("--ssl-keyfile", default=None)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--quantize", choices=["none", "int8"], default="none")
+    p.add_argument("--fast-encoder", action="store_true")
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        import uvicorn
+
+        from .server.app import ServerSettings, create_app
+        from .server.engine import Engine
+    except ImportError as exc:
+        raise MiniOmniError(f"serving needs the server extra ({exc}); pip install 'miniomni[server]'") from exc
+    from .pipeline import load
+
+    if bool(args.ssl_certfile) != bool(args.ssl_keyfile):
+        raise MiniOmniError("give both --ssl-certfile and --ssl-keyfile, or neither")
+    omni = load(args.checkpoint, device=args.device, dtype=args.dtype,
+                quantize=None if args.quantize == "none" else args.quantize, fast_encoder=args.fast_encoder)
+    engine = Engine(omni, max_sessions=args.max_sessions)
+    settings = ServerSettings(api_key=args.api_key, cors_origins=args.cors_origin,
+                              max_audio_seconds=args.max_audio_seconds)
+    app = create_app(engine, settings)
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, ssl_certfile=args.ssl_certfile,
+                    ssl_keyfile=args.ssl_keyfile, log_level="info")
+    finally:
+        engine.close()
+    return 0
+
+
+COMMANDS = {"generate": _cmd_generate, "download": _cmd_download, "convert": _cmd_convert, "serve": _cmd_serve}
 
 
 def main(argv: list[str] | None = None) -> int:
