@@ -177,3 +177,14 @@ def test_int8_and_bfloat16_bundles(checkpoint_dir, tmp_path, question_wav):
     assert miniomni.load(bf16_path, device="cpu", dtype="bfloat16").generate(text="Hi", task="T1T2", max_new_tokens=3)
     with pytest.raises(CheckpointError, match="already quantized"):
         checkpoints.write_bundle(checkpoints.read_bundle(int8_path), tmp_path / "again.safetensors", dtype=torch.float32)
+
+
+@pytest.mark.parametrize("name, content, words", [
+    ("tokenizer.json", '{"version": "1.0", "model": {"type": "BPE", "vo', "tokenizer.json"),
+    ("snac/config.json", '{"sampling_rate": 24000, "no_such_option": 1}', "SNAC"),
+])
+def test_broken_tokenizer_or_codec_config_is_a_checkpoint_error(checkpoint_dir, tmp_path, name, content, words):
+    directory = linked_copy(checkpoint_dir, tmp_path / "ckpt", skip=name)
+    (directory / name).write_text(content)
+    with pytest.raises(CheckpointError, match=words):
+        miniomni.load(directory, device="cpu")

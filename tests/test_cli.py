@@ -157,3 +157,18 @@ def test_quantized_fast_cli(capsys, checkpoint_dir, question_wav, tmp_path):
                                "--out", str(tmp_path / "a.wav"), "--tokens-out", str(tokens_out))
     assert code == 0, stderr
     assert len(json.loads(tokens_out.read_text())["text"]) == 10
+
+
+def test_unwritable_outputs_fail_before_the_work(capsys, checkpoint_dir, question_wav, tmp_path, monkeypatch):
+    import miniomni.pipeline
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model must not be loaded when the outputs cannot be written")
+
+    monkeypatch.setattr(miniomni.pipeline, "load", no_load)
+    code, _, stderr = run(capsys, "generate", "--checkpoint", str(checkpoint_dir), "--audio", str(question_wav),
+                          "--out", str(tmp_path / "missing" / "a.wav"))
+    assert code == 2 and "does not exist" in stderr
+    code, _, stderr = run(capsys, "generate", "--checkpoint", str(checkpoint_dir), "--text", "hi",
+                          "--tokens-out", str(tmp_path))
+    assert code == 2 and "directory" in stderr

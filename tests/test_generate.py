@@ -201,7 +201,7 @@ def test_greedy_is_bit_identical_across_runs(omni, question_wav):
     assert first.tokens_json() == second.tokens_json()
     assert first.audio is not None and (first.audio == second.audio).all()
     frames = tk.undelay(first.audio_tokens).shape[1]
-    assert 0 < frames <= 20 - 8 + 1  # frames exist from the 8th sampled step on
+    assert frames == 20 - 8 + 1  # frames exist from the 8th sampled step on
     assert len(first.audio) == frames * 2048
 
 
@@ -217,3 +217,41 @@ def test_text_is_cut_at_eot_and_specials_dropped(omni):
     ids = omni.encode_text("What is your name?")
     tokens = ids + [tk.PAD_T] + [tk.EOT] + omni.encode_text("garbage after the end")
     assert omni.decode_text(tokens) == "What is your name?"
+
+
+def test_answer_text_follows_the_reference():
+    from miniomni.generate import answer_text_ids
+
+    # Speech: cut at the first _eot, wherever it is; the step that emitted _eoa is dropped.
+    assert answer_text_ids(Task.T1A2, [40, 41, tk.EOT, tk.PAD_T]) == [40, 41]
+    assert answer_text_ids(Task.T1A2, [40, 41, 42], ended_on_eoa=True) == [40, 41]
+    assert answer_text_ids(Task.A1A2_BATCH, [tk.EOT, 50]) == []
+    # Text: an _eot sampled from the prompt is not a stop; later ones are.
+    assert answer_text_ids(Task.T1T2, [tk.EOT, 50, 51, tk.EOT]) == [50, 51]
+    assert answer_text_ids(Task.ASR, [50, tk.EOT, 51]) == [50]
+
+
+def test_eoa_step_text_is_not_part_of_the_answer(omni):
+    script = [((40,), ([1] * 7,)), ((41,), ([1] * 7,)), ((42,), ([1] * 6 + [tk.EOA],))]
+    inputs = DecodeInput(Task.T1A2, tk.text_prompt([3], Task.T1A2).unsqueeze(0))
+    steps = list(decode(ScriptedModel(script, inputs.prompt_length), inputs))
+    assert [s.end for s in steps] == [None, None, "eoa"]
+    assert omni.decode_text([s.text for s in steps], Task.T1A2, ended_on_eoa=True) == omni.tokenizer.decode([40, 41]).strip()
+
+
+def test_embedding_is_the_mean_of_eight_streams_with_whisper_at_1_to_T(omni):
+    model = omni.model
+    frames = 3
+    prompt = tk.audio_prompt(frames, Task.A1A2).unsqueeze(0)
+    features = torch.randn(1, frames, model.config.whisper_adapter_dim)
+    with torch.inference_mode():
+        got = model.embed_streams(prompt, features, [frames])
+        table = model.llm.embed.weight
+        adapted = model.adapter(features)[0]
+        expected = torch.zeros_like(got[0])
+        for position in range(prompt.shape[-1]):
+            vectors = [table[prompt[0, stream, position]] for stream in range(8)]
+            if 1 <= position <= frames:
+                vectors[:7] = [adapted[position - 1]] * 7  # the text stream keeps its own
+            expected[position] = sum(vectors) / 8
+    assert torch.allclose(got[0], expected, atol=1e-6)

@@ -23,7 +23,7 @@ def test_text_streamer_handles_multibyte_pieces(omni):
     ids = omni.encode_text(text)
     assert any("\ufffd" in omni.tokenizer.decode([i]) for i in ids)  # some pieces split characters
     streamer = TextStreamer(lambda x: omni.tokenizer.decode(x, skip_special_tokens=True))
-    deltas = [streamer.push(i) for i in ids] + [streamer.push(tk.EOT), streamer.push(ids[0]), streamer.flush()]
+    deltas = [streamer.update(ids[: n + 1]) for n in range(len(ids))] + [streamer.flush()]
     assert "".join(deltas) == text
     assert not any("\ufffd" in d for d in deltas)
     assert sum(1 for d in deltas if d) > 5  # it really streams

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -51,6 +52,12 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
 def _cmd_generate(args: argparse.Namespace) -> int:
     from .pipeline import load
 
+    default_task = "A1A2-batch" if args.audio is not None else "T1A2"
+    speech_out = Task.parse(args.task or default_task).audio_output
+    # Check where the results go before spending minutes on the answer.
+    _check_writable(args.tokens_out, "--tokens-out")
+    if speech_out and args.out != "-":
+        _check_writable(args.out, "--out")
     started = time.perf_counter()
     omni = load(args.checkpoint, device=args.device, dtype=args.dtype,
                 quantize=None if args.quantize == "none" else args.quantize, fast_encoder=args.fast_encoder)
@@ -60,7 +67,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         top_k=args.top_k, top_p=args.top_p, seed=args.seed,
     )
     text_out = sys.stderr if args.out == "-" else sys.stdout
-    with AudioSink(args.out, args.play) as sink:
+    with AudioSink(args.out if speech_out else None, args.play and speech_out) as sink:
         if args.stream:
             done = None
             for event in omni.stream(args.task, **request):
@@ -85,15 +92,31 @@ def _cmd_generate(args: argparse.Namespace) -> int:
                 sink.write(result.audio)
             tokens = result.tokens_json()
     if args.tokens_out:
-        Path(args.tokens_out).write_text(json.dumps(tokens))
+        try:
+            Path(args.tokens_out).write_text(json.dumps(tokens))
+        except OSError as exc:
+            raise MiniOmniError(f"could not write --tokens-out {args.tokens_out} ({exc})") from exc
         log.info("wrote tokens to %s", args.tokens_out)
     return 0
+
+
+def _check_writable(path: str | None, option: str) -> None:
+    if not path:
+        return
+    target = Path(path)
+    parent = target.parent if str(target.parent) else Path(".")
+    if target.is_dir():
+        raise MiniOmniError(f"{option} {path} is a directory; give a file name")
+    if not parent.is_dir():
+        raise MiniOmniError(f"{option}: the folder {parent} does not exist; create it or choose another path")
+    if not os.access(parent, os.W_OK) or (target.exists() and not os.access(target, os.W_OK)):
+        raise MiniOmniError(f"{option}: {path} is not writable")
 
 
 class AudioSink:
     """Where answer audio goes: a WAV file written as it arrives, raw PCM on stdout, the speakers."""
 
-    def __init__(self, out: str, play: bool, sample_rate: int = 24000) -> None:
+    def __init__(self, out: str | None, play: bool, sample_rate: int = 24000) -> None:
         self.out, self.play, self.sample_rate = out, play, sample_rate
         self.samples = 0
         self._file = None
@@ -106,8 +129,11 @@ class AudioSink:
             except (ImportError, OSError) as exc:
                 raise MiniOmniError(f"--play needs the sounddevice package and PortAudio ({exc}); "
                                     "pip install sounddevice, or write a file with --out") from exc
-            self._player = sounddevice.OutputStream(samplerate=self.sample_rate, channels=1, dtype="float32")
-            self._player.start()
+            try:
+                self._player = sounddevice.OutputStream(samplerate=self.sample_rate, channels=1, dtype="float32")
+                self._player.start()
+            except Exception as exc:  # sounddevice.PortAudioError and friends
+                raise MiniOmniError(f"--play could not open an audio output ({exc}); use --out instead") from exc
         return self
 
     def write(self, audio: np.ndarray) -> None:
@@ -117,12 +143,15 @@ class AudioSink:
             sys.stdout.buffer.write(float_to_pcm16(audio))
             sys.stdout.buffer.flush()
         elif self.out:
-            if self._file is None:
-                import soundfile
+            import soundfile
 
-                self._file = soundfile.SoundFile(self.out, "w", samplerate=self.sample_rate, channels=1,
-                                                 subtype="PCM_16", format="WAV")
-            self._file.write(np.clip(audio, -1.0, 1.0))
+            try:
+                if self._file is None:
+                    self._file = soundfile.SoundFile(self.out, "w", samplerate=self.sample_rate, channels=1,
+                                                     subtype="PCM_16", format="WAV")
+                self._file.write(np.clip(audio, -1.0, 1.0))
+            except (OSError, soundfile.LibsndfileError) as exc:
+                raise MiniOmniError(f"could not write {self.out} ({exc})") from exc
         self.samples += len(audio)
 
     def __exit__(self, *exc_info: object) -> None:

@@ -30,8 +30,16 @@ class Codec:
         """Build SNAC from its ``config.json`` contents and weights."""
         from snac import SNAC
 
-        model = SNAC(**config)
-        model.load_state_dict(state_dict, strict=True)
+        from .errors import CheckpointError
+
+        try:
+            model = SNAC(**config)
+            model.load_state_dict(state_dict, strict=True)
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise CheckpointError(
+                f"the SNAC codec config and weights do not fit ({str(exc).splitlines()[0]}); delete the snac/ "
+                "folder and download it again with `miniomni download DIR`"
+            ) from exc
         return cls(model, device)
 
     @property
@@ -59,7 +67,8 @@ class Codec:
         if int(layers.min()) < 0 or int(layers.max()) >= CODEBOOK_SIZE:
             raise ValueError("audio layers hold ids outside the SNAC codebook (0..4095)")
         codes = [c.to(self.device) for c in layers_to_codes(layers.long())]
-        rng = torch.random.fork_rng(devices=[]) if seed is not None else contextlib.nullcontext()
+        devices = [self.device] if self.device.type == "cuda" else []
+        rng = torch.random.fork_rng(devices=devices) if seed is not None else contextlib.nullcontext()
         with rng:
             if seed is not None:
                 torch.manual_seed(seed)

@@ -16,6 +16,7 @@ from .tokens import (
     PAD_A,
     PAD_T,
     TEXT_STREAM,
+    TEXT_VOCAB_SIZE,
     Task,
     layershift,
 )
@@ -82,6 +83,7 @@ class Step:
     index: int
     text: int
     audio: list[int] | None
+    end: str | None = None  # set on the last step: "eoa", "eot" or "length"
 
 
 @dataclass
@@ -96,6 +98,20 @@ class DecodeInput:
     @property
     def prompt_length(self) -> int:
         return self.prompts.shape[-1]
+
+
+def answer_text_ids(task: Task, steps_text: list[int], ended_on_eoa: bool = False) -> list[int]:
+    """The text ids of an answer, as the reference decodes them, from every sampled text token.
+
+    Speech answers are cut at the first ``_eot``; the step that emitted ``_eoa`` is not part of
+    the answer (the reference stops before keeping it). Text answers stop at an ``_eot`` from
+    the second step on (an ``_eot`` sampled from the prompt is not a stop). Special ids go.
+    """
+    ids = steps_text[:-1] if ended_on_eoa else steps_text
+    start = 0 if task.audio_output else 1
+    if EOT in ids[start:]:
+        ids = ids[: ids.index(EOT, start)]
+    return [t for t in ids if t < TEXT_VOCAB_SIZE]
 
 
 def max_new_tokens_for(prompt_length: int, requested: int | None) -> int:
@@ -173,15 +189,15 @@ class AnswerState:
         step = Step(self.index, text_token, audio_tokens)
         if self.index > 0:
             if self.audio_out and audio_tokens[-1] == EOA:
-                self.finished = True
+                self.finished, step.end = True, "eoa"
             elif text_token == EOT:
                 if self.audio_out:
                     self.text_ended = True
                 else:
-                    self.finished = True
+                    self.finished, step.end = True, "eot"
         self.index += 1
-        if self.index >= self.budget:
-            self.finished = True
+        if self.index >= self.budget and not self.finished:
+            self.finished, step.end = True, "length"
         self._last = step
         return step
 
@@ -253,12 +269,12 @@ def _shared_prefix(prompts: torch.Tensor, features: torch.Tensor | None, lengths
     if features is not None:
         if len(set(lengths or [])) > 1 or not all(torch.equal(features[0], features[r]) for r in range(1, rows)):
             return 0
-        if lengths and lengths[0] + 1 >= length - 1:
-            return 0
     same = (prompts == prompts[:1]).all(dim=1).all(dim=0)  # (T,) positions equal across rows and streams
     differing = (~same).nonzero()
-    shared = int(differing[0]) if len(differing) else length - 1
-    return min(shared, length - 1)
+    shared = min(int(differing[0]) if len(differing) else length - 1, length - 1)
+    if features is not None and lengths and shared <= lengths[0]:
+        return 0  # the injected frames (positions 1..T) must all lie in the shared prefix
+    return shared
 
 
 def _row_view(cache, row: int):  # noqa: ANN001, ANN202

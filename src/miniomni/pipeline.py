@@ -18,13 +18,13 @@ from tokenizers import Tokenizer
 from .audio import load_audio, log_mel_spectrogram, trim_to_30s, whisper_frame_count
 from .checkpoints import CheckpointParts, check_state_dict, read_checkpoint
 from .codec import Codec, StreamingDecoder
-from .errors import MiniOmniError
-from .generate import MAX_POSITIONS, DecodeInput, SamplingOptions, Step, decode
+from .errors import CheckpointError, MiniOmniError
+from .generate import MAX_POSITIONS, DecodeInput, SamplingOptions, Step, answer_text_ids, decode
 from .models.omni import OmniModel
 from .models.whisper import WhisperEncoder
 from .quantize import quantize_int8
 from .streaming import AudioChunk, Done, StreamEvent, TextDelta, TextStreamer, Timings
-from .tokens import CODEBOOK_SIZE, EOT, NUM_AUDIO_LAYERS, TEXT_VOCAB_SIZE, Task, audio_prompt, text_prompt, undelay
+from .tokens import CODEBOOK_SIZE, NUM_AUDIO_LAYERS, Task, audio_prompt, text_prompt, undelay
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +139,13 @@ class MiniOmni:
         encoder = WhisperEncoder.from_state_dict(parts.whisper_dims, parts.whisper_state, device=device)
         encoder.requires_grad_(False)
         codec = Codec.from_state_dict(parts.snac_config, parts.snac_state, device)
-        tokenizer = Tokenizer.from_str(parts.tokenizer_json)
+        try:
+            tokenizer = Tokenizer.from_str(parts.tokenizer_json)
+        except Exception as exc:  # the tokenizers library raises plain Exception
+            raise CheckpointError(
+                f"tokenizer.json could not be read ({exc}); it is probably incomplete. Delete it and "
+                "download it again with `miniomni download DIR`"
+            ) from exc
         return cls(model, encoder, codec, tokenizer, device, dtype, fast_encoder=fast_encoder)
 
     # ------------------------------------------------------------------ inputs
@@ -153,7 +159,8 @@ class MiniOmni:
     def encode_audio(self, audio_16k: np.ndarray) -> torch.Tensor:
         """16 kHz mono waveform (<= 30 s) -> (1, T, whisper_dim) Whisper features, T as SPEC section 1."""
         frames = whisper_frame_count(len(audio_16k))
-        mel = log_mel_spectrogram(audio_16k, device=self.device)
+        # On the CPU, as the reference does: a GPU FFT differs in the low bits.
+        mel = log_mel_spectrogram(audio_16k).to(self.device)
         if self.fast_encoder:  # opt-in: encode only the frames that are kept, not 30 s
             mel = mel[:, : 2 * frames]
         with self._autocast():
@@ -211,11 +218,9 @@ class MiniOmni:
         """The decode loop of :mod:`miniomni.generate` on this model."""
         return decode(self.model, inputs, options, max_new_tokens)
 
-    def decode_text(self, text_tokens: list[int]) -> str:
-        """Text up to the first ``_eot``, special and padding ids dropped."""
-        if EOT in text_tokens:
-            text_tokens = text_tokens[: text_tokens.index(EOT)]
-        ids = [t for t in text_tokens if t < TEXT_VOCAB_SIZE]
+    def decode_text(self, text_tokens: list[int], task: Task | str = Task.A1A2, ended_on_eoa: bool = False) -> str:
+        """The answer text from every sampled text token (see :func:`generate.answer_text_ids`)."""
+        ids = answer_text_ids(Task.parse(task), text_tokens, ended_on_eoa)
         return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
 
     def decode_audio(self, audio_tokens: list[list[int]], seed: int | None = 0) -> np.ndarray:
@@ -273,7 +278,9 @@ class MiniOmni:
         inputs = self.prepare(task, audio=audio, text=text, sample_rate=sample_rate)
         text_tokens: list[int] = []
         audio_tokens: list[list[int]] = [[] for _ in range(NUM_AUDIO_LAYERS)] if inputs.task.audio_output else []
+        ended_on_eoa = False
         for step in self.steps(inputs, options, max_new_tokens):
+            ended_on_eoa = step.end == "eoa"
             text_tokens.append(step.text)
             if step.audio is not None:
                 for layer, token in enumerate(step.audio):
@@ -284,7 +291,7 @@ class MiniOmni:
             prompt_length=inputs.prompt_length,
             text_tokens=text_tokens,
             audio_tokens=audio_tokens,
-            text=self.decode_text(text_tokens),
+            text=self.decode_text(text_tokens, inputs.task, ended_on_eoa),
             audio=waveform,
             sample_rate=self.codec.sample_rate,
         )
@@ -324,6 +331,7 @@ class AnswerEvents:
         self.started = started
         self.timings = Timings(prepare_ms=(time.perf_counter() - started) * 1000)
         self.streamer = TextStreamer(lambda ids: omni.tokenizer.decode(ids, skip_special_tokens=True))
+        self.ended_on_eoa = False
         self.decoder = StreamingDecoder(omni.codec, first_chunk=first_chunk, max_chunk=max_chunk)
         self.text_tokens: list[int] = []
         self.audio_tokens: list[list[int]] = [[] for _ in range(NUM_AUDIO_LAYERS)] if inputs.task.audio_output else []
@@ -344,7 +352,8 @@ class AnswerEvents:
         self._last_step, self._codec_seconds = when, 0.0
         events: list[StreamEvent] = []
         self.text_tokens.append(step.text)
-        delta = self.streamer.push(step.text)
+        self.ended_on_eoa = step.end == "eoa"
+        delta = self.streamer.update(answer_text_ids(self.inputs.task, self.text_tokens, self.ended_on_eoa))
         if delta:
             events.append(TextDelta(delta))
         if step.audio is None:
@@ -389,7 +398,7 @@ class AnswerEvents:
         if self.samples_out:
             t.real_time_factor = t.total_ms / 1000 / t.audio_seconds
         events.append(Done(
-            text=self.omni.decode_text(self.text_tokens),
+            text=self.omni.decode_text(self.text_tokens, self.inputs.task, self.ended_on_eoa),
             text_tokens=self.text_tokens,
             audio_tokens=self.audio_tokens,
             task=self.inputs.task.value,

@@ -7,7 +7,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .tokens import EOT, TEXT_VOCAB_SIZE
 
 
 @dataclass
@@ -60,7 +59,7 @@ StreamEvent = TextDelta | AudioChunk | Done
 
 
 class TextStreamer:
-    """Turns text ids into deltas that concatenate to the final stripped text.
+    """Turns the growing list of answer text ids into deltas that add up to the final stripped text.
 
     Byte-level BPE pieces can end inside a multi-byte character; such a tail decodes to
     U+FFFD and is held back until the next piece completes it. Leading and trailing
@@ -71,17 +70,10 @@ class TextStreamer:
         self._decode = decode
         self.ids: list[int] = []
         self.sent = ""
-        self.ended = False
 
-    def push(self, token: int) -> str:
-        if self.ended:
-            return ""
-        if token == EOT:
-            self.ended = True
-            return ""
-        if token >= TEXT_VOCAB_SIZE:
-            return ""
-        self.ids.append(token)
+    def update(self, ids: list[int]) -> str:
+        """The new text since the last call, given all answer ids so far."""
+        self.ids = list(ids)
         text = self._decode(self.ids).strip()
         while text.endswith("\ufffd"):
             text = text[:-1]
@@ -93,6 +85,7 @@ class TextStreamer:
     def flush(self) -> str:
         """Whatever is still held back once the text is complete."""
         text = self._decode(self.ids).strip()
-        delta = text[len(self.sent):] if text.startswith(self.sent) else ""
-        self.sent = text if text.startswith(self.sent) else self.sent
+        if not text.startswith(self.sent):
+            return ""
+        delta, self.sent = text[len(self.sent):], text
         return delta
