@@ -58,6 +58,7 @@ class CheckpointParts:
     snac_state: dict[str, torch.Tensor]
     tokenizer_json: str
     quantize: str | None = None  # "int8": model_state holds Int8Linear weights and scales
+    weights_file: Path | None = None  # the file model_state is memory-mapped from, if any
 
 
 # ------------------------------------------------------------------- litgpt <-> ours
@@ -226,7 +227,8 @@ def read_checkpoint_dir(directory: str | Path) -> CheckpointParts:
     if not isinstance(litgpt, dict):
         raise CheckpointError(f"{directory / 'lit_model.pth'} does not hold a state dict; {fix}")
     model_state = litgpt_to_state_dict(litgpt, config)
-    return CheckpointParts(config, model_state, whisper_dims, whisper_state, snac_config, snac_state, tokenizer_json)
+    return CheckpointParts(config, model_state, whisper_dims, whisper_state, snac_config, snac_state, tokenizer_json,
+                           weights_file=directory / "lit_model.pth")
 
 
 def read_whisper_file(path: Path, fix: str) -> tuple[WhisperDims, dict[str, torch.Tensor]]:
@@ -309,9 +311,20 @@ def resolve_repo(repo_id: str) -> Path:
 
 
 def convert_model_state(
-    state: dict[str, torch.Tensor], config: OmniConfig, dtype: torch.dtype | None = None, quantize: str | None = None
+    state: dict[str, torch.Tensor],
+    config: OmniConfig,
+    dtype: torch.dtype | None = None,
+    quantize: str | None = None,
+    mapped_from: Path | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Cast floating tensors to ``dtype``; with ``quantize="int8"`` store the decoder's linears as int8 + scales."""
+    """Cast floating tensors to ``dtype``; with ``quantize="int8"`` store the decoder's linears as int8 + scales.
+
+    With ``mapped_from`` (the file the tensors are memory-mapped from), each source tensor's pages
+    are released once converted, so peak memory stays near the converted size.
+    """
+    from .safeload import mapped_ranges, release_pages
+
+    ranges = mapped_ranges(mapped_from) if mapped_from is not None else []
     from .models.omni import OmniModel
     from .quantize import quantize_weight
 
@@ -324,15 +337,17 @@ def convert_model_state(
     elif quantize not in (None, "none"):
         raise CheckpointError(f"quantize={quantize!r} is not supported; use int8")
     out: dict[str, torch.Tensor] = {}
+    if quantize == "int8" and config.tie_word_embeddings:
+        out["llm.lm_head.weight"], out["llm.lm_head.scales"] = quantize_weight(state["llm.embed.weight"])
     for key, tensor in state.items():
         if key in linear_weights:
             out[key], out[key[: -len("weight")] + "scales"] = quantize_weight(tensor)
-        elif dtype is not None and tensor.is_floating_point():
+        elif dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype:
             out[key] = tensor.to(dtype)
         else:
             out[key] = tensor
-    if quantize == "int8" and config.tie_word_embeddings:
-        out["llm.lm_head.weight"], out["llm.lm_head.scales"] = quantize_weight(state["llm.embed.weight"])
+            continue
+        release_pages(tensor, ranges)
     return out
 
 

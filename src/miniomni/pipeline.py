@@ -16,7 +16,7 @@ import torch
 from tokenizers import Tokenizer
 
 from .audio import load_audio, log_mel_spectrogram, trim_to_30s, whisper_frame_count
-from .checkpoints import CheckpointParts, check_state_dict, read_checkpoint
+from .checkpoints import CheckpointParts, check_state_dict, convert_model_state, read_checkpoint
 from .codec import Codec, StreamingDecoder
 from .errors import CheckpointError, MiniOmniError
 from .generate import MAX_POSITIONS, DecodeInput, SamplingOptions, Step, answer_text_ids, decode
@@ -122,18 +122,23 @@ class MiniOmni:
         if quantize == "int8" and dtype != torch.bfloat16:
             log.info("int8 weights run with bfloat16 activations; using dtype bfloat16")
             dtype = torch.bfloat16
+        state = parts.model_state
+        if parts.quantize is None and (quantize == "int8" or any(
+                t.is_floating_point() and t.dtype != dtype for t in state.values())):
+            # Convert tensor by tensor (quantizing from the stored precision), releasing the
+            # memory-mapped source as we go: float32 weights are never all resident at once.
+            state = convert_model_state(state, parts.config, dtype, quantize, mapped_from=parts.weights_file)
+        int8 = quantize == "int8"
         with torch.device("meta"):
             model = OmniModel(parts.config)
-            if parts.quantize == "int8":
+            if int8:
                 quantize_int8(model.llm)
-        check_state_dict(model, parts.model_state, "the Mini-Omni weights")
-        tied = parts.config.tie_word_embeddings and parts.quantize != "int8"
-        model.load_state_dict(parts.model_state, strict=not tied, assign=True)
+        check_state_dict(model, state, "the Mini-Omni weights")
+        tied = parts.config.tie_word_embeddings and not int8
+        model.load_state_dict(state, strict=not tied, assign=True)
         if tied:
             model.llm.lm_head.weight = model.llm.embed.weight
         model.llm.init_rope()  # the meta-device tables were never filled
-        if quantize == "int8" and parts.quantize != "int8":
-            quantize_int8(model.llm)  # from the stored precision, before the cast
         model = model.to(device=device, dtype=dtype)
         model.requires_grad_(False)
         encoder = WhisperEncoder.from_state_dict(parts.whisper_dims, parts.whisper_state, device=device)

@@ -53,9 +53,13 @@ class Int8Linear(nn.Module):
 
 def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, in) float weight -> int8 weight and bfloat16 per-row scales (symmetric, round to nearest)."""
-    weight = weight.float()
-    scales = (weight.abs().amax(dim=1) / 127.0).clamp(min=1e-12)
-    quantized = torch.round(weight / scales[:, None]).clamp(-128, 127).to(torch.int8)
+    quantized = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
+    scales = torch.empty(weight.shape[0], dtype=torch.float32, device=weight.device)
+    for start in range(0, weight.shape[0], 8192):  # in row blocks: the 181k-row head needs no 650 MB temporaries
+        block = weight[start : start + 8192].float()
+        block_scales = (block.abs().amax(dim=1) / 127.0).clamp(min=1e-12)
+        quantized[start : start + 8192] = (block / block_scales[:, None]).round_().clamp_(-128, 127)
+        scales[start : start + 8192] = block_scales
     return quantized, scales.to(torch.bfloat16)
 
 

@@ -55,3 +55,40 @@ def load_torch_file(path: str | os.PathLike, what: str, fix: str = "download aga
     except (RuntimeError, EOFError, OSError, KeyError, ValueError, zipfile.BadZipFile) as exc:
         detail = str(exc).splitlines()[0] if str(exc) else "no detail"
         raise _half_written(what, path, f"{type(exc).__name__}: {detail}", fix) from exc
+
+
+def mapped_ranges(path: str | os.PathLike) -> list[tuple[int, int]]:
+    """Address ranges where this process maps ``path`` (Linux; empty elsewhere)."""
+    target = str(Path(path).resolve())
+    ranges = []
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                fields = line.split(maxsplit=5)
+                if len(fields) == 6 and fields[5].strip() == target:
+                    low, high = fields[0].split("-")
+                    ranges.append((int(low, 16), int(high, 16)))
+    except OSError:
+        pass
+    return ranges
+
+
+def release_pages(tensor: torch.Tensor, ranges: list[tuple[int, int]]) -> None:
+    """Let the kernel drop the resident pages of a tensor memory-mapped from a file (``ranges``).
+
+    Used once a weight has been converted, so that loading a float32 checkpoint into bfloat16
+    or int8 never holds the whole float32 file in memory. Pages read again come back from the
+    file unchanged; tensors outside ``ranges`` are left alone.
+    """
+    start = tensor.data_ptr()
+    end = start + tensor.numel() * tensor.element_size()
+    if not any(low <= start and end <= high for low, high in ranges):
+        return
+    import ctypes
+    import mmap
+
+    page = mmap.PAGESIZE
+    first, last = -(-start // page) * page, end // page * page
+    if last > first:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), 4)  # MADV_DONTNEED

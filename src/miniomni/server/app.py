@@ -25,6 +25,7 @@ from ..errors import AudioError, MiniOmniError
 from ..generate import SamplingOptions
 from ..streaming import AudioChunk, Done
 from .engine import AnswerRequest, Engine, EngineBusy, ErrorEvent
+from .realtime import add_realtime_routes
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +68,7 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"],
                            allow_headers=["*"])
 
+    # This middleware sees HTTP only: /v1/realtime checks the key (header or subprotocol) itself.
     @app.middleware("http")
     async def require_api_key(request: Request, call_next):  # noqa: ANN001, ANN202
         if settings.api_key and request.method != "OPTIONS":
@@ -152,6 +154,8 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
         return StreamingResponse(body_stream(), media_type=media_type,
                                  headers={"X-Sample-Rate": "24000", "X-Sample-Format": "s16le",
                                           "X-Channels": "1"})
+
+    add_realtime_routes(app, engine, settings)  # WS /v1/realtime, with its own API-key and origin check
 
     @app.exception_handler(MiniOmniError)
     async def miniomni_error(request: Request, exc: MiniOmniError) -> JSONResponse:
