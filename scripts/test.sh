@@ -10,4 +10,15 @@ PY=${PYTHON:-python3}
 # openai-whisper is a test-only reference; its declared deps pull a 1 GB triton, so no deps
 # (tiktoken, more-itertools and numba, which its import needs, come with the dev extra).
 "$PY" -m pip install -q --no-deps openai-whisper
+# Debian tools the tests use: espeak-ng speaks test questions, Chromium runs the web page.
+need=()
+command -v espeak-ng >/dev/null || need+=(espeak-ng)
+command -v chromium >/dev/null || need+=(chromium)
+if [ ${#need[@]} -gt 0 ]; then
+  if [ "$(id -u)" = 0 ]; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+  else
+    sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+  fi
+fi
 "$PY" -m pytest -q "$@"

@@ -173,6 +173,10 @@ def test_api_key_is_required_everywhere(engine):
             assert client.get(path, headers={"Authorization": "Bearer sekret"}).status_code == 200
         assert client.post("/chat", json=chat_body()).status_code == 401
         assert client.get("/healthz", headers={"Authorization": "Bearer wrong"}).status_code == 401
+        # The page holds no data and a browser cannot send the header when loading it;
+        # it sends the key the user types with its WebSocket.
+        assert client.get("/").status_code == 200 and "voice chat" in client.get("/").text
+        assert client.get("/static/app.js").status_code == 200
 
 
 def test_cors_is_closed_by_default_and_configurable(engine):

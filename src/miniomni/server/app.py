@@ -26,6 +26,7 @@ from ..generate import SamplingOptions
 from ..streaming import AudioChunk, Done
 from .engine import AnswerRequest, Engine, EngineBusy, ErrorEvent
 from .realtime import add_realtime_routes
+from .web import add_web_routes, is_public
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +72,7 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
     # This middleware sees HTTP only: /v1/realtime checks the key (header or subprotocol) itself.
     @app.middleware("http")
     async def require_api_key(request: Request, call_next):  # noqa: ANN001, ANN202
-        if settings.api_key and request.method != "OPTIONS":
+        if settings.api_key and request.method != "OPTIONS" and not is_public(request.url.path):
             if request.headers.get("authorization", "") != f"Bearer {settings.api_key}":
                 return error_response(401, "missing or wrong API key: send 'Authorization: Bearer KEY'",
                                       "authentication_error")
@@ -156,6 +157,7 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
                                           "X-Channels": "1"})
 
     add_realtime_routes(app, engine, settings)  # WS /v1/realtime, with its own API-key and origin check
+    add_web_routes(app)  # the page at /
 
     @app.exception_handler(MiniOmniError)
     async def miniomni_error(request: Request, exc: MiniOmniError) -> JSONResponse:

@@ -10,6 +10,7 @@ Speech starts when a window's probability reaches ``threshold`` and stops after
 from __future__ import annotations
 
 import threading
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -44,10 +45,9 @@ def load_silero() -> torch.jit.ScriptModule:
         finally:
             if torch.get_num_threads() != threads:
                 torch.set_num_threads(threads)
-    model = load_silero_vad()
-    if torch.get_num_threads() != threads:
-        torch.set_num_threads(threads)
-    return model
+    with warnings.catch_warnings():  # its loader uses APIs that importlib and torch now deprecate
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return load_silero_vad()
 
 
 def vad_available() -> bool:
