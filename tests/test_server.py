@@ -186,3 +186,64 @@ def test_cors_is_closed_by_default_and_configurable(engine):
     with TestClient(create_app(engine, ServerSettings(cors_origins=["https://example.org"]))) as client:
         response = client.get("/healthz", headers={"Origin": "https://example.org"})
         assert response.headers["access-control-allow-origin"] == "https://example.org"
+
+
+def self_signed(directory):
+    """A certificate for 127.0.0.1/localhost, made with the cryptography package."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+        .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"),
+                                                    x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+        .sign(key, hashes.SHA256())
+    )
+    certfile, keyfile = directory / "cert.pem", directory / "key.pem"
+    certfile.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    keyfile.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
+                                          serialization.NoEncryption()))
+    return certfile, keyfile
+
+
+def test_https_with_the_ssl_options(engine, tmp_path):
+    certfile, keyfile = self_signed(tmp_path)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    config = uvicorn.Config(create_app(engine), host="127.0.0.1", port=port, log_level="warning",
+                            ssl_certfile=str(certfile), ssl_keyfile=str(keyfile))
+    uv = uvicorn.Server(config)
+    thread = threading.Thread(target=uv.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 20
+    while not uv.started and time.time() < deadline:
+        time.sleep(0.05)
+    try:
+        import ssl
+
+        context = ssl.create_default_context(cafile=str(certfile))
+        assert httpx.get(f"https://127.0.0.1:{port}/healthz", verify=context).json()["status"] == "ok"
+        assert "voice chat" in httpx.get(f"https://localhost:{port}/", verify=context).text
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"https://127.0.0.1:{port}/healthz")  # untrusted by default, as a browser would say
+    finally:
+        uv.should_exit = True
+        thread.join(timeout=10)
+
+
+def test_serve_cli_refuses_half_ssl_options(capsys, checkpoint_dir):
+    from miniomni.cli import main
+
+    assert main(["serve", "--checkpoint", str(checkpoint_dir), "--ssl-certfile", "cert.pem"]) == 2
+    assert "both --ssl-certfile and --ssl-keyfile" in capsys.readouterr().err
