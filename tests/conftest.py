@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import asdict
 from pathlib import Path
@@ -169,3 +170,39 @@ def question_wav(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("audio") / "question.wav"
     sf.write(path, speech_like(1.5), 16000, subtype="PCM_16")
     return path
+
+
+@contextlib.contextmanager
+def serving(app, **options):
+    """Run an ASGI app with uvicorn on a free 127.0.0.1 port; yields the port."""
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", **options))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 20
+    while not server.started and time.time() < deadline:
+        time.sleep(0.05)
+    assert server.started, "the test server did not start"
+    try:
+        yield port
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+def wait_idle(engine, timeout: float = 10.0) -> bool:
+    """Wait until the engine has no open session; True if it got there."""
+    import time
+
+    deadline = time.time() + timeout
+    while engine.active_sessions and time.time() < deadline:
+        time.sleep(0.02)
+    return engine.active_sessions == 0

@@ -8,7 +8,6 @@ import json
 import shutil
 import socket
 import subprocess
-import threading
 import time
 
 import numpy as np
@@ -16,7 +15,6 @@ import pytest
 import soundfile as sf
 import soxr
 import torch
-import uvicorn
 import websockets
 from openai import AsyncOpenAI
 
@@ -26,7 +24,7 @@ from miniomni.server.app import ServerSettings, create_app
 from miniomni.server.engine import AnswerRequest, Engine
 from miniomni.streaming import AudioChunk
 
-from conftest import speech_like
+from conftest import serving, speech_like, wait_idle
 
 MAX_SESSIONS = 2
 RATE = 24000
@@ -39,42 +37,16 @@ def engine(omni):
     engine.close()
 
 
-def start_server(engine, settings):
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    config = uvicorn.Config(create_app(engine, settings), host="127.0.0.1", port=port, log_level="warning")
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 20
-    while not server.started and time.time() < deadline:
-        time.sleep(0.05)
-    assert server.started
-    return server, thread, port
-
-
 @pytest.fixture(scope="module")
 def port(engine):
-    server, thread, port = start_server(engine, ServerSettings(max_audio_seconds=30))
-    yield port
-    server.should_exit = True
-    thread.join(timeout=10)
+    with serving(create_app(engine, ServerSettings(max_audio_seconds=30))) as port:
+        yield port
 
 
 @pytest.fixture(scope="module")
 def keyed_port(engine):
-    server, thread, port = start_server(engine, ServerSettings(api_key="sekret"))
-    yield port
-    server.should_exit = True
-    thread.join(timeout=10)
-
-
-def wait_idle(engine, timeout=10.0):
-    deadline = time.time() + timeout
-    while engine.active_sessions and time.time() < deadline:
-        time.sleep(0.02)
-    return engine.active_sessions == 0
+    with serving(create_app(engine, ServerSettings(api_key="sekret"))) as port:
+        yield port
 
 
 def pcm16(audio: np.ndarray) -> bytes:
@@ -343,8 +315,7 @@ def test_server_vad_commits_answers_and_lets_speech_interrupt(port, engine, voic
 
 def test_vad_buffer_stays_bounded_in_silence_and_in_a_monologue(engine):
     threads = torch.get_num_threads()
-    server, thread, port = start_server(engine, ServerSettings(max_audio_seconds=1))
-    try:
+    with serving(create_app(engine, ServerSettings(max_audio_seconds=1))) as port:
         async def run():
             async with raw_connect(port) as ws:
                 conn = Raw(ws)
@@ -376,9 +347,6 @@ def test_vad_buffer_stays_bounded_in_silence_and_in_a_monologue(engine):
 
         asyncio.run(run())
         assert torch.get_num_threads() == threads  # loading Silero left the engine's threads alone
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
 
 
 # ---------------------------------------------------------------------- bad input, busy
@@ -463,8 +431,7 @@ def test_beta_session_shape_is_accepted(port):
 
 
 def test_audio_buffer_is_capped_at_max_audio_seconds(engine):
-    server, thread, port = start_server(engine, ServerSettings(max_audio_seconds=1))
-    try:
+    with serving(create_app(engine, ServerSettings(max_audio_seconds=1))) as port:
         async def run():
             async with raw_connect(port) as ws:
                 conn = Raw(ws)
@@ -480,9 +447,6 @@ def test_audio_buffer_is_capped_at_max_audio_seconds(engine):
                 assert (await conn.recv())["type"] == "input_audio_buffer.committed"
 
         asyncio.run(run())
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
 
 
 def test_busy_engine_gives_server_busy_and_the_connection_goes_on(port, engine):
@@ -546,7 +510,7 @@ def test_client_that_stops_reading_is_cut_off_and_others_are_served(port, engine
             started = engine.stats.answers_started
             await conn.send({"type": "response.create"})  # up to 2048 steps, never read
             began = time.monotonic()
-            while time.monotonic() - began < 5 and (engine.stats.answers_started == started
+            while time.monotonic() - began < 30 and (engine.stats.answers_started == started
                                                      or engine.active_sessions):
                 await asyncio.sleep(0.02)
             assert engine.stats.answers_started == started + 1

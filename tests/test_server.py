@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import base64
 import io
-import socket
 import threading
-import time
 
 import httpx
 import numpy as np
 import pytest
 import soundfile as sf
-import uvicorn
 from fastapi.testclient import TestClient
 
 from miniomni.audio import float_to_pcm16
@@ -20,7 +17,7 @@ from miniomni.server.app import PCM_MEDIA_TYPE, ServerSettings, create_app
 from miniomni.server.engine import AnswerRequest, Engine
 from miniomni.streaming import AudioChunk
 
-from conftest import speech_like
+from conftest import serving, speech_like, wait_idle
 
 MAX_SESSIONS = 3
 
@@ -44,28 +41,8 @@ def engine(omni):
 
 @pytest.fixture(scope="module")
 def server(engine):
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    app = create_app(engine, ServerSettings(max_audio_seconds=30))
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
-    uv = uvicorn.Server(config)
-    thread = threading.Thread(target=uv.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 20
-    while not uv.started and time.time() < deadline:
-        time.sleep(0.05)
-    assert uv.started
-    yield f"http://127.0.0.1:{port}"
-    uv.should_exit = True
-    thread.join(timeout=10)
-
-
-def wait_idle(engine, timeout=10.0):
-    deadline = time.time() + timeout
-    while engine.active_sessions and time.time() < deadline:
-        time.sleep(0.02)
-    return engine.active_sessions == 0
+    with serving(create_app(engine, ServerSettings(max_audio_seconds=30))) as port:
+        yield f"http://127.0.0.1:{port}"
 
 
 def expected_pcm(omni, seconds=1.5, max_tokens=20, stride=4) -> bytes:
@@ -218,28 +195,14 @@ def self_signed(directory):
 
 def test_https_with_the_ssl_options(engine, tmp_path):
     certfile, keyfile = self_signed(tmp_path)
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    config = uvicorn.Config(create_app(engine), host="127.0.0.1", port=port, log_level="warning",
-                            ssl_certfile=str(certfile), ssl_keyfile=str(keyfile))
-    uv = uvicorn.Server(config)
-    thread = threading.Thread(target=uv.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 20
-    while not uv.started and time.time() < deadline:
-        time.sleep(0.05)
-    try:
-        import ssl
+    import ssl
 
-        context = ssl.create_default_context(cafile=str(certfile))
+    context = ssl.create_default_context(cafile=str(certfile))
+    with serving(create_app(engine), ssl_certfile=str(certfile), ssl_keyfile=str(keyfile)) as port:
         assert httpx.get(f"https://127.0.0.1:{port}/healthz", verify=context).json()["status"] == "ok"
         assert "voice chat" in httpx.get(f"https://localhost:{port}/", verify=context).text
         with pytest.raises(httpx.ConnectError):
             httpx.get(f"https://127.0.0.1:{port}/healthz")  # untrusted by default, as a browser would say
-    finally:
-        uv.should_exit = True
-        thread.join(timeout=10)
 
 
 def test_serve_cli_refuses_half_ssl_options(capsys, checkpoint_dir):

@@ -8,7 +8,6 @@ import torch
 from torch import nn
 
 import miniomni
-from miniomni import tokens as tk
 from miniomni.codec import StreamingDecoder
 from miniomni.quantize import Int8Linear, linear_rows, quantize_int8
 from miniomni.streaming import AudioChunk, Done, TextDelta, TextStreamer

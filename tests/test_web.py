@@ -3,19 +3,17 @@
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
-import threading
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import soundfile as sf
-import uvicorn
 
 from miniomni.server.app import ServerSettings, create_app
 from miniomni.server.engine import Engine
+
+from conftest import serving
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 OUTPUT = Path(__file__).resolve().parent.parent / "test-output"
@@ -36,19 +34,8 @@ def spoken_question(path: Path) -> None:
 @pytest.fixture(scope="module")
 def page_server(omni):
     engine = Engine(omni, max_sessions=2)
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    app = create_app(engine, ServerSettings())
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 20
-    while not server.started and time.time() < deadline:
-        time.sleep(0.05)
-    yield f"http://localhost:{port}", engine
-    server.should_exit = True
-    thread.join(timeout=10)
+    with serving(create_app(engine, ServerSettings())) as port:
+        yield f"http://localhost:{port}", engine
     engine.close()
 
 

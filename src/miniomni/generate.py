@@ -15,7 +15,6 @@ from .tokens import (
     NUM_AUDIO_LAYERS,
     PAD_A,
     PAD_T,
-    TEXT_STREAM,
     TEXT_VOCAB_SIZE,
     Task,
     layershift,
