@@ -191,6 +191,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate(sub)
     _add_serve(sub)
     _add_data(sub)
+    from .eval.cli import add_eval_command
+    from .train.cli import add_train_command
+    from .train.init import add_init_command
+
+    add_train_command(sub)
+    add_init_command(sub)
+    add_eval_command(sub)
     p = sub.add_parser("download", help="fetch the published checkpoint files into a directory")
     p.add_argument("directory", nargs="?", default="checkpoint")
     p.add_argument("--revision", default=None, help="revision of gpt-omni/mini-omni (default: main)")
@@ -317,8 +324,26 @@ def _cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .train.cli import run_train
+
+    return run_train(args)
+
+
+def _cmd_init(args: argparse.Namespace) -> int:
+    from .train.init import run_init
+
+    return run_init(args)
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from .eval.cli import run_eval
+
+    return run_eval(args)
+
+
 COMMANDS = {"generate": _cmd_generate, "download": _cmd_download, "convert": _cmd_convert, "serve": _cmd_serve,
-            "data": _cmd_data}
+            "data": _cmd_data, "train": _cmd_train, "init-model": _cmd_init, "eval": _cmd_eval}
 
 
 def main(argv: list[str] | None = None) -> int:

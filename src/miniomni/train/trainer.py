@@ -1,0 +1,557 @@
+"""The training loop of issue 5 ("Any Model Can Talk"): one process or many under ``torchrun`` (DDP).
+
+* AdamW over the parameters the recipe's glob patterns select (everything else frozen, the
+  Whisper encoder always), linear warmup then cosine to ``schedule.min_lr`` (LambdaLR);
+* gradient accumulation, clipping, optional bf16 autocast and activation checkpointing
+  (``torch.utils.checkpoint`` around each decoder block);
+* data: every source is read and collated once (Whisper features through
+  :class:`readers.FeatureCache`), grouped into micro-batches by :func:`collate.bucket_by_length`;
+  an epoch is a seeded permutation of the micro-batches; optimizer step s of an epoch uses
+  micro-batches ``s*W*A .. (s+1)*W*A - 1`` of it (W ranks, A accumulation steps), rank r the
+  ones ``r, r+W, ...`` — disjoint slices, and W ranks x A steps see the same micro-batches as one
+  process with W*A accumulation steps (the gradients agree up to float rounding);
+* checkpoints (atomic: temp dir, then rename) with the model, optimizer, scheduler, RNG states
+  and data position, so a killed run resumes exactly;
+* logs: JSONL, TensorBoard, a tqdm bar (rank 0) and a loss-curve PNG; at the end an export in
+  the published layout plus a safetensors bundle.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from ..checkpoints import (
+    CheckpointParts,
+    read_checkpoint,
+    state_dict_to_litgpt,
+    write_bundle,
+)
+from ..errors import MiniOmniError
+from ..models.omni import OmniModel
+from . import readers
+from .collate import TrainingExample, bucket_by_length, collate_batch, collate_record
+from .collate import loss as batch_loss
+from .recipe import Recipe, select_trainable
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "train_state.pt"
+STREAMS = ["text"] + [f"audio{i}" for i in range(7)]
+
+
+# ----------------------------------------------------------------------------- distributed
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: torch.device) -> DistInfo:
+    """From torchrun's env vars (RANK, WORLD_SIZE, LOCAL_RANK): gloo on CPU, nccl on CUDA."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistInfo()
+    info = DistInfo(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return info
+
+
+# ----------------------------------------------------------------------------- schedule
+
+
+def lr_lambda(warmup: int, total: int, min_ratio: float) -> Callable[[int], float]:
+    """Linear warmup over ``warmup`` steps, then cosine from 1 to ``min_ratio`` at step ``total``."""
+
+    def factor(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        span = max(1, total - warmup)
+        progress = min(1.0, (step - warmup) / span)
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+# ----------------------------------------------------------------------------- activation checkpointing
+
+
+def enable_activation_checkpointing(model: OmniModel) -> None:
+    """Recompute each decoder block in the backward pass (names and state dict unchanged)."""
+    from torch.utils.checkpoint import checkpoint
+
+    for block in model.llm.layers:
+        if getattr(block, "_checkpointed", False):
+            continue
+        original = block.forward
+
+        def forward(*args, _original=original):
+            if torch.is_grad_enabled():
+                return checkpoint(_original, *args, use_reentrant=False)
+            return _original(*args)
+
+        block.forward = forward
+        block._checkpointed = True
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def load_examples(recipe: Recipe, parts: CheckpointParts, encode: Callable | None) -> list[TrainingExample]:
+    """Read every source, collate every record (Whisper features via a FeatureCache)."""
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_str(parts.tokenizer_json)
+    features = None
+    if encode is not None:
+        features = readers.FeatureCache(encode, recipe.data.feature_cache, namespace=f"whisper:{recipe.model}")
+    examples: list[TrainingExample] = []
+    for source in recipe.data.sources:
+        if source.kind == "voiceassistant":
+            records = readers.read_voiceassistant(source.path, task=source.task or "A1A2")
+        elif source.kind == "librispeech":
+            records = readers.read_librispeech(source.path)
+        else:
+            records = readers.read_jsonl(source.path)
+        for count, record in enumerate(records):
+            if source.limit is not None and count >= source.limit:
+                break
+            if source.task and source.kind != "voiceassistant":
+                record.task = readers.Task.parse(source.task)
+            examples.append(collate_record(record, tokenizer, features, recipe.data.mask_audio_padding))
+    if not examples:
+        raise MiniOmniError("the recipe's data sources yielded no examples")
+    return examples
+
+
+class DataPlan:
+    """Deterministic micro-batch order: epoch e is a permutation seeded by (seed, e)."""
+
+    def __init__(self, batches: list[list[TrainingExample]], seed: int, world: int, accum: int, shuffle: bool) -> None:
+        self.batches = batches
+        self.seed = seed
+        self.world = world
+        self.accum = accum
+        self.shuffle = shuffle
+        self.per_step = world * accum
+        self.steps_per_epoch = len(batches) // self.per_step
+        if self.steps_per_epoch < 1:
+            raise MiniOmniError(
+                f"{len(batches)} micro-batches cannot fill one step of {world} rank(s) x {accum} accumulation "
+                "step(s); add data, lower data.batch_tokens or data.grad_accum"
+            )
+        self._order: tuple[int, list[int]] | None = None
+
+    def order(self, epoch: int) -> list[int]:
+        if self._order is None or self._order[0] != epoch:
+            if self.shuffle:
+                generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+                order = torch.randperm(len(self.batches), generator=generator).tolist()
+            else:
+                order = list(range(len(self.batches)))
+            self._order = (epoch, order)
+        return self._order[1]
+
+    def position(self, step: int) -> tuple[int, int]:
+        """(epoch, step index within the epoch) of optimizer step ``step``."""
+        return divmod(step, self.steps_per_epoch)
+
+    def micro_batches(self, step: int, rank: int) -> list[list[TrainingExample]]:
+        epoch, index = self.position(step)
+        group = self.order(epoch)[index * self.per_step : (index + 1) * self.per_step]
+        return [self.batches[i] for i in group[rank :: self.world]]
+
+
+# ----------------------------------------------------------------------------- trainer
+
+
+class _Wrapped:
+    """A DDP module that still exposes ``.llm`` (collate.loss reads the device from it)."""
+
+    def __init__(self, ddp: torch.nn.Module, model: OmniModel) -> None:
+        self.ddp = ddp
+        self.llm = model.llm
+
+    def __call__(self, *args, **kwargs):
+        return self.ddp(*args, **kwargs)
+
+    def no_sync(self):
+        return self.ddp.no_sync()
+
+
+@dataclass
+class StepRecord:
+    step: int
+    loss: float
+    parts: dict[str, float]
+    lr: float
+    tokens: int
+    tokens_per_s: float
+    epoch: int = 0
+    batch_index: int = 0
+
+    def as_json(self) -> dict[str, Any]:
+        return {"step": self.step, "loss": self.loss, **{f"loss_{k}": v for k, v in self.parts.items()},
+                "lr": self.lr, "tokens": self.tokens, "tokens_per_s": self.tokens_per_s,
+                "epoch": self.epoch, "batch_index": self.batch_index}
+
+
+@dataclass
+class Trainer:
+    """Build with a :class:`Recipe`; :meth:`fit` trains (resuming from ``output_dir`` if it holds a checkpoint)."""
+
+    recipe: Recipe
+    resume: bool | None = None  # None: resume when output_dir has a checkpoint; False: refuse to overwrite one
+    on_step: Callable[[StepRecord], None] | None = None  # called after every optimizer step (may raise)
+    progress: bool = True
+    history: list[StepRecord] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        recipe = self.recipe
+        from ..pipeline import MiniOmni, resolve_device
+
+        self.device = resolve_device(recipe.device)
+        self.dist = init_distributed(self.device)
+        if self.device.type == "cuda" and self.dist.enabled:
+            self.device = torch.device("cuda", self.dist.local_rank)
+            torch.cuda.set_device(self.device)
+        self.output_dir = Path(recipe.output_dir)
+        self.parts = read_checkpoint(recipe.model)
+        omni = MiniOmni.from_parts(self.parts, self.device, torch.float32)
+        self.omni = omni
+        model = omni.model
+        for param in model.parameters():  # own storage (the loaded tensors may be memory-mapped)
+            param.data = param.data.clone()
+        names = [n for n, _ in model.named_parameters()]
+        self.trainable = select_trainable(names, recipe.train)
+        for name, param in model.named_parameters():
+            param.requires_grad_(name in self.trainable)
+        omni.encoder.requires_grad_(False)
+        self.frozen = [n for n in names if n not in self.trainable]
+        count = sum(p.numel() for n, p in model.named_parameters() if n in self.trainable)
+        total = sum(p.numel() for p in model.parameters())
+        self.trainable_count = count
+        if self.dist.main:
+            log.info("training %d of %d parameters (%d tensors): %s", count, total, len(self.trainable),
+                     ", ".join(self.trainable))
+        if recipe.activation_checkpointing:
+            enable_activation_checkpointing(model)
+        model.train()
+        self.model = model
+        self.ddp_model: Any = model
+        if self.dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.ddp_model = _Wrapped(DistributedDataParallel(
+                model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=True), model)
+        params = [p for n, p in model.named_parameters() if n in self.trainable]
+        decay = [p for p in params if p.dim() >= 2]
+        no_decay = [p for p in params if p.dim() < 2]
+        o = recipe.optim
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=o.lr, betas=o.betas, eps=o.eps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_lambda(recipe.schedule.warmup_steps, recipe.steps, recipe.schedule.min_lr / o.lr))
+        needs_audio = any(s.kind == "librispeech" or readers.Task.parse(
+            s.task or ("A1A2" if s.kind == "voiceassistant" else "T1T2")).audio_input for s in recipe.data.sources)
+        examples = load_examples(recipe, self.parts, omni.encode_audio if needs_audio else None)
+        batches = bucket_by_length(examples, recipe.data.batch_tokens, recipe.data.max_batch_size)
+        self.plan = DataPlan(batches, recipe.seed, self.dist.world_size, recipe.data.grad_accum, recipe.data.shuffle)
+        self.step = 0
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def checkpoint_dirs(self) -> list[Path]:
+        root = self.output_dir / "checkpoints"
+        if not root.is_dir():
+            return []
+        dirs = [d for d in root.iterdir() if d.is_dir() and d.name.startswith("step-") and (d / STATE_FILE).is_file()]
+        return sorted(dirs, key=lambda d: int(d.name.split("-")[1]))
+
+    def save_checkpoint(self) -> Path | None:
+        """Rank 0 writes ``checkpoints/step-N`` atomically; every rank waits for it."""
+        target = self.output_dir / "checkpoints" / f"step-{self.step:08d}"
+        if self.dist.main:
+            epoch, index = self.plan.position(self.step)
+            state = {
+                "step": self.step,
+                "epoch": epoch,
+                "batch_index": index,
+                "model": self.model.state_dict(),
+                "trainable_names": self.trainable,
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "rng": {
+                    "python": random.getstate(),
+                    "numpy": np.random.get_state(),
+                    "torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                },
+                "world_size": self.dist.world_size,
+                "recipe": self.recipe.to_dict(),
+            }
+            tmp = target.with_name(target.name + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            torch.save(state, tmp / STATE_FILE)
+            (tmp / "recipe.yaml").write_text(self.recipe.to_yaml())
+            if target.exists():
+                shutil.rmtree(target)
+            os.replace(tmp, target)
+            for old in self.checkpoint_dirs()[: -self.recipe.keep_checkpoints]:
+                shutil.rmtree(old, ignore_errors=True)
+        self._barrier()
+        return target
+
+    def load_checkpoint(self, path: Path) -> None:
+        state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
+        if state.get("world_size", 1) != self.dist.world_size:
+            log.warning("resuming a %d-rank run on %d ranks: the data order per rank changes",
+                        state.get("world_size", 1), self.dist.world_size)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        rng = state["rng"]
+        random.setstate(rng["python"])
+        np.random.set_state(rng["numpy"])
+        torch.set_rng_state(rng["torch"])
+        if rng.get("cuda") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        self.step = int(state["step"])
+        if self.plan.position(self.step) != (state["epoch"], state["batch_index"]):
+            raise MiniOmniError(f"checkpoint {path} was written with a different data plan (batching or ranks); "
+                                "resume with the recipe it was written with")
+        if self.dist.main:
+            log.info("resumed from %s at step %d (epoch %d, batch %d)", path, self.step, state["epoch"],
+                     state["batch_index"])
+
+    # ------------------------------------------------------------------ loop
+
+    def _barrier(self) -> None:
+        if self.dist.enabled:
+            dist.barrier()
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.recipe.bf16:
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def train_step(self) -> StepRecord:
+        began = time.perf_counter()
+        micro = self.plan.micro_batches(self.step, self.dist.rank)
+        accum = len(micro)
+        self.optimizer.zero_grad(set_to_none=True)
+        total = 0.0
+        parts_sum = {k: 0.0 for k in STREAMS}
+        tokens = 0
+        for i, examples in enumerate(micro):
+            batch = collate_batch(examples)
+            tokens += int(batch.input_ids.shape[0] * batch.input_ids.shape[2])
+            sync = not self.dist.enabled or i == accum - 1
+            context = contextlib.nullcontext() if sync else self.ddp_model.no_sync()
+            with context:
+                with self._autocast():
+                    value, parts = batch_loss(self.ddp_model, batch, return_parts=True)
+                (value / accum).backward()
+            total += float(value.detach()) / accum
+            for k, v in parts.items():
+                parts_sum[k] += float(v.detach()) / accum
+        if self.recipe.clip_grad:
+            torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad],
+                                           self.recipe.clip_grad)
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.step()
+        self.scheduler.step()
+        if self.dist.enabled:  # report the global mean loss and token count
+            values = torch.tensor([total, *parts_sum.values(), float(tokens)], dtype=torch.float64)
+            dist.all_reduce(values)
+            total = float(values[0]) / self.dist.world_size
+            parts_sum = {k: float(v) / self.dist.world_size for k, v in zip(STREAMS, values[1:-1].tolist())}
+            tokens = int(values[-1])
+        epoch, index = self.plan.position(self.step)
+        self.step += 1
+        elapsed = time.perf_counter() - began
+        return StepRecord(self.step, total, parts_sum, lr, tokens, tokens / max(elapsed, 1e-9), epoch, index)
+
+    def fit(self, stop_at: int | None = None) -> list[StepRecord]:
+        """Train to ``recipe.steps`` (or stop after step ``stop_at``, e.g. to simulate a kill)."""
+        recipe = self.recipe
+        existing = self.checkpoint_dirs()
+        if existing and self.resume is False:
+            raise MiniOmniError(f"{self.output_dir} already holds checkpoints; resume or choose another output_dir")
+        if existing:
+            self.load_checkpoint(existing[-1])
+        else:
+            random.seed(recipe.seed)
+            np.random.seed(recipe.seed % 2**32)
+            torch.manual_seed(recipe.seed)
+        main = self.dist.main
+        writer = None
+        log_path = self.output_dir / "log.jsonl"
+        if main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            (self.output_dir / "recipe.yaml").write_text(recipe.to_yaml())
+            (self.output_dir / "trainable.txt").write_text("\n".join(self.trainable) + "\n")
+            _truncate_log(log_path, self.step)
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                writer = SummaryWriter(str(self.output_dir / "tensorboard"), purge_step=self.step or None)
+            except ImportError:  # pragma: no cover - tensorboard is optional
+                log.warning("tensorboard is not installed; no TensorBoard logs")
+        bar = None
+        if main and self.progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=recipe.steps, initial=self.step, desc="train", dynamic_ncols=True)
+        end = recipe.steps if stop_at is None else min(stop_at, recipe.steps)
+        try:
+            while self.step < end:
+                record = self.train_step()
+                self.history.append(record)
+                if main:
+                    if record.step % recipe.log_every == 0 or record.step == recipe.steps:
+                        with log_path.open("a", encoding="utf-8") as handle:
+                            handle.write(json.dumps(record.as_json()) + "\n")
+                    if writer is not None:
+                        writer.add_scalar("loss/total", record.loss, record.step)
+                        for k, v in record.parts.items():
+                            writer.add_scalar(f"loss/{k}", v, record.step)
+                        writer.add_scalar("lr", record.lr, record.step)
+                        writer.add_scalar("tokens_per_s", record.tokens_per_s, record.step)
+                    if bar is not None:
+                        bar.update(1)
+                        bar.set_postfix(loss=f"{record.loss:.4f}", lr=f"{record.lr:.2e}")
+                if self.step % recipe.checkpoint_every == 0 or self.step == recipe.steps:
+                    self.save_checkpoint()
+                if self.on_step is not None:
+                    self.on_step(record)
+        finally:
+            if bar is not None:
+                bar.close()
+            if writer is not None:
+                writer.close()
+        if self.step >= recipe.steps and main:
+            plot_losses(log_path, self.output_dir / "loss.png")
+            if recipe.export:
+                self.export(self.output_dir / "export")
+                self.write_bundle(self.output_dir / "model.safetensors")
+        self._barrier()
+        return self.history
+
+    # ------------------------------------------------------------------ export
+
+    def model_state(self) -> dict[str, torch.Tensor]:
+        state = {k: v.detach().cpu().float().clone() for k, v in self.model.state_dict().items()}
+        if self.parts.config.tie_word_embeddings:
+            state.pop("llm.lm_head.weight", None)
+        return state
+
+    def export(self, directory: Path) -> Path:
+        """The published layout (``miniomni generate --checkpoint DIR`` loads it), written atomically."""
+        directory = Path(directory)
+        tmp = directory.with_name(directory.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        (tmp / "snac").mkdir(parents=True)
+        config = self.parts.config
+        config.to_yaml(tmp / "model_config.yaml")
+        torch.save(state_dict_to_litgpt(self.model_state(), config), tmp / "lit_model.pth")
+        (tmp / "tokenizer.json").write_text(self.parts.tokenizer_json, encoding="utf-8")
+        source = Path(self.recipe.model)
+        if source.is_dir() and (source / "small.pt").is_file():
+            shutil.copy2(source / "small.pt", tmp / "small.pt")
+        else:
+            whisper = {"encoder." + k: v for k, v in self.parts.whisper_state.items()}
+            torch.save({"dims": dict(self.parts.whisper_dims.__dict__), "model_state_dict": whisper}, tmp / "small.pt")
+        if source.is_dir() and (source / "snac").is_dir():
+            for name in ("config.json", "pytorch_model.bin"):
+                shutil.copy2(source / "snac" / name, tmp / "snac" / name)
+        else:
+            (tmp / "snac" / "config.json").write_text(json.dumps(self.parts.snac_config))
+            torch.save(self.parts.snac_state, tmp / "snac" / "pytorch_model.bin")
+        if directory.exists():
+            shutil.rmtree(directory)
+        os.replace(tmp, directory)
+        return directory
+
+    def write_bundle(self, path: Path) -> Path:
+        p = self.parts
+        parts = CheckpointParts(p.config, self.model_state(), p.whisper_dims, p.whisper_state, p.snac_config,
+                                p.snac_state, p.tokenizer_json)
+        return write_bundle(parts, path)
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """On resume, drop log lines past the checkpoint's step (they are trained again)."""
+    if not path.is_file():
+        return
+    if step == 0:
+        path.unlink()
+        return
+    kept = [line for line in path.read_text(encoding="utf-8").splitlines()
+            if line.strip() and json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+
+
+def plot_losses(log_path: Path, png: Path) -> Path | None:
+    """The loss curve (total and per stream) from the JSONL log, with the Agg backend."""
+    if not log_path.is_file():
+        return None
+    rows = [json.loads(line) for line in log_path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    steps = [r["step"] for r in rows]
+    ax.plot(steps, [r["loss"] for r in rows], label="total", linewidth=2)
+    for k in STREAMS:
+        values = [r.get(f"loss_{k}", 0.0) for r in rows]
+        if any(values):
+            ax.plot(steps, values, label=k, linewidth=0.8)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_yscale("log" if all(r["loss"] > 0 for r in rows) else "linear")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+    return png
+
+
+def train(recipe: Recipe, resume: bool | None = None, progress: bool = True) -> Trainer:
+    """Build a :class:`Trainer` and run it to the end."""
+    trainer = Trainer(recipe, resume=resume, progress=progress)
+    trainer.fit()
+    return trainer

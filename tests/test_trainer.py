@@ -1,0 +1,263 @@
+"""The trainer (issue 5): freezing per stage, exact resume, DDP = one process, a toy spoken QA run, export."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import speech_like
+
+from miniomni.errors import ConfigError
+from miniomni.train.recipe import Recipe, select_trainable
+from miniomni.train.trainer import STATE_FILE, Trainer
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = ROOT / "recipes"
+
+QA = [
+    ("What is your name?", "My name is Omni."),
+    ("How are you feeling today?", "I feel great."),
+    ("How is the weather?", "Sunny and warm."),
+    ("Shall we walk?", "Let us go for a walk in the park."),
+]
+
+
+@pytest.fixture(scope="module")
+def qa_jsonl(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "qa.jsonl"
+    path.write_text("".join(json.dumps({"question": q, "answer": a}) + "\n" for q, a in QA))
+    return path
+
+
+def _wav_bytes(audio: np.ndarray) -> bytes:
+    import soundfile as sf
+
+    buffer = io.BytesIO()
+    sf.write(buffer, audio, 16000, format="WAV", subtype="PCM_16")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def voice_parquet(tmp_path_factory, checkpoint_dir) -> tuple[Path, list[dict]]:
+    """Two VoiceAssistant-400K-style rows: speech_like questions, answers spoken by the tiny SNAC (a sine each)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from miniomni import load
+    from miniomni.tokens import layers_to_answer_snac
+
+    omni = load(checkpoint_dir, device="cpu")
+    rows = []
+    for index, (answer, freq) in enumerate([("My name is Omni.", 440.0), ("I feel great.", 660.0)]):
+        t = np.arange(int(0.25 * 24000)) / 24000
+        layers = omni.codec.encode((0.3 * np.sin(2 * np.pi * freq * t)).astype(np.float32))
+        rows.append({"split_name": "toy", "index": index, "round": 0, "question": QA[index][0],
+                         "question_audio": {"bytes": _wav_bytes(speech_like(0.5 + 0.4 * index, seed=index)), "path": None},
+                         "answer": answer, "answer_snac": layers_to_answer_snac(layers)})
+    path = tmp_path_factory.mktemp("voice") / "voice.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    return path, rows
+
+
+def _recipe(checkpoint_dir, out, sources, **extra) -> Recipe:
+    data = {"sources": sources, "batch_tokens": extra.pop("batch_tokens", 60), "max_batch_size": extra.pop("max_batch_size", 1),
+                "grad_accum": extra.pop("grad_accum", 1)}
+    base = {"model": str(checkpoint_dir), "output_dir": str(out), "train": ["llm.*"], "steps": 4, "checkpoint_every": 100,
+                "data": data, "optim": {"lr": 1e-3, "weight_decay": 0.01}, "schedule": {"warmup_steps": 1, "min_lr": 1e-5},
+                "device": "cpu", "export": False, "seed": 7}
+    base.update(extra)
+    return Recipe.from_dict(base)
+
+
+def _initial_state(checkpoint_dir) -> dict[str, torch.Tensor]:
+    from miniomni.checkpoints import read_checkpoint
+
+    return read_checkpoint(checkpoint_dir).model_state
+
+
+# ----------------------------------------------------------------------------- recipes
+
+
+def test_stage_recipes_parse_and_overrides_apply():
+    stage1 = Recipe.from_yaml(RECIPES / "stage1_alignment.yaml", ["optim.lr=1e-3", "data.batch_tokens=4096",
+                                                                   "data.sources.0.path=elsewhere", "bf16=false"])
+    assert stage1.train == ["adapter.*"] and stage1.optim.lr == 1e-3 and stage1.data.batch_tokens == 4096
+    assert stage1.data.sources[0].path == "elsewhere" and stage1.bf16 is False
+    assert stage1.schedule.min_lr == 4e-6 and stage1.optim.lr > stage1.schedule.min_lr
+    assert Recipe.from_yaml(RECIPES / "stage2_adaption.yaml").train == ["llm.*"]
+    assert Recipe.from_yaml(RECIPES / "stage3_multimodal.yaml").train == ["llm.*", "adapter.*"]
+    assert Recipe.from_yaml(RECIPES / "toy_cpu.yaml").device == "cpu"
+    with pytest.raises(ConfigError, match="unknown keys"):
+        Recipe.from_yaml(RECIPES / "toy_cpu.yaml", ["optim.learning_rate=1"])
+    with pytest.raises(ConfigError, match="not key=value"):
+        Recipe.from_yaml(RECIPES / "toy_cpu.yaml", ["steps"])
+
+
+@pytest.mark.parametrize("pattern", ["*", "whisper.*", "encoder.*", "*.conv1.weight"])
+def test_recipe_refuses_training_whisper(pattern):
+    with pytest.raises(ConfigError, match="Whisper"):
+        Recipe.from_yaml(RECIPES / "toy_cpu.yaml", [f"train=['{pattern}']"])
+
+
+def test_patterns_matching_nothing_are_refused():
+    names = ["adapter.gate.weight", "llm.embed.weight"]
+    assert select_trainable(names, ["llm.*"]) == ["llm.embed.weight"]
+    with pytest.raises(ConfigError, match="matches no model parameter"):
+        select_trainable(names, ["llm.*", "adaptor.*"])
+
+
+# ----------------------------------------------------------------------------- freezing per stage
+
+
+@pytest.mark.parametrize("stage", ["stage1_alignment", "stage2_adaption", "stage3_multimodal"])
+def test_stage_trains_only_its_parameters(stage, checkpoint_dir, voice_parquet, qa_jsonl, tmp_path):
+    patterns = Recipe.from_yaml(RECIPES / f"{stage}.yaml").train
+    sources = [{"kind": "voiceassistant", "path": str(voice_parquet[0]), "task": "A1A2"},
+               {"kind": "jsonl", "path": str(qa_jsonl), "limit": 2}]
+    recipe = _recipe(checkpoint_dir, tmp_path / stage, sources, train=patterns, steps=1, batch_tokens=10_000,
+                     max_batch_size=None)
+    trainer = Trainer(recipe, progress=False)
+    expected = {n for n, _ in trainer.model.named_parameters() if any(n.startswith(p[:-1]) for p in patterns)}
+    assert set(trainer.trainable) == expected and trainer.trainable_count > 0
+    before = _initial_state(checkpoint_dir)
+    trainer.fit()
+    after = trainer.model.state_dict()
+    for name in before:
+        if name in trainer.trainable:
+            assert not torch.equal(before[name], after[name]), f"{name} should have trained"
+        else:
+            assert torch.equal(before[name], after[name]), f"{name} should be frozen"
+    # The Whisper encoder is never trained.
+    assert not any(p.requires_grad for p in trainer.omni.encoder.parameters())
+    assert (tmp_path / stage / "trainable.txt").read_text().split() == trainer.trainable
+
+
+# ----------------------------------------------------------------------------- resume
+
+
+class Killed(RuntimeError):
+    pass
+
+
+def test_kill_and_resume_reproduces_the_uninterrupted_run(checkpoint_dir, qa_jsonl, tmp_path):
+    sources = [{"kind": "jsonl", "path": str(qa_jsonl)}]
+    steps = 6  # 4 micro-batches per epoch: the run crosses into a second, reshuffled epoch
+    full = Trainer(_recipe(checkpoint_dir, tmp_path / "full", sources, steps=steps, checkpoint_every=3), progress=False)
+    uninterrupted = [r.loss for r in full.fit()]
+
+    def kill(record):
+        if record.step == 4:  # after the checkpoint at step 3 and one more step: that one is lost
+            raise Killed
+
+    out = tmp_path / "killed"
+    first = Trainer(_recipe(checkpoint_dir, out, sources, steps=steps, checkpoint_every=3), on_step=kill, progress=False)
+    with pytest.raises(Killed):
+        first.fit()
+    assert [r.loss for r in first.history] == uninterrupted[:4]
+    state = torch.load(out / "checkpoints" / "step-00000003" / STATE_FILE, weights_only=False)
+    assert (state["step"], state["epoch"], state["batch_index"]) == (3, 0, 3)
+    assert {"python", "numpy", "torch"} <= set(state["rng"]) and "optimizer" in state and "scheduler" in state
+
+    resumed = Trainer(_recipe(checkpoint_dir, out, sources, steps=steps, checkpoint_every=3), progress=False)
+    later = resumed.fit()
+    assert [r.step for r in later] == [4, 5, 6]
+    assert [r.loss for r in later] == uninterrupted[3:]
+    for name, tensor in full.model.state_dict().items():
+        assert torch.equal(tensor, resumed.model.state_dict()[name]), name
+    logged = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in logged] == list(range(1, steps + 1))
+    assert {"loss", "loss_text", "loss_audio0", "lr", "tokens_per_s"} <= set(logged[0])
+    with pytest.raises(Exception, match="already holds checkpoints"):
+        Trainer(_recipe(checkpoint_dir, out, sources, steps=steps), resume=False, progress=False).fit()
+
+
+def test_activation_checkpointing_and_bf16(checkpoint_dir, qa_jsonl, tmp_path):
+    sources = [{"kind": "jsonl", "path": str(qa_jsonl)}]
+    plain = Trainer(_recipe(checkpoint_dir, tmp_path / "a", sources, steps=2), progress=False).fit()
+    checkpointed = Trainer(_recipe(checkpoint_dir, tmp_path / "b", sources, steps=2, activation_checkpointing=True),
+                           progress=False).fit()
+    assert [r.loss for r in checkpointed] == pytest.approx([r.loss for r in plain], rel=1e-6)
+    bf16 = Trainer(_recipe(checkpoint_dir, tmp_path / "c", sources, steps=2, bf16=True), progress=False).fit()
+    assert all(np.isfinite(r.loss) for r in bf16)
+    assert bf16[0].loss == pytest.approx(plain[0].loss, rel=0.05)
+
+
+# ----------------------------------------------------------------------------- DDP
+
+
+def test_two_ddp_processes_match_one_process(checkpoint_dir, qa_jsonl, tmp_path):
+    recipe_path = tmp_path / "ddp.yaml"
+    recipe = _recipe(checkpoint_dir, tmp_path / "unused", [{"kind": "jsonl", "path": str(qa_jsonl)}], steps=2)
+    recipe_path.write_text(recipe.to_yaml())
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "miniomni.train.cli", "--recipe", str(recipe_path), "--no-progress",
+               f"output_dir={tmp_path / 'ddp'}", "data.grad_accum=1"]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    single = Trainer(_recipe(checkpoint_dir, tmp_path / "one", [{"kind": "jsonl", "path": str(qa_jsonl)}], steps=2,
+                             grad_accum=2), progress=False)
+    history = single.fit()
+    ddp_log = [json.loads(line) for line in (tmp_path / "ddp" / "log.jsonl").read_text().splitlines()]
+    assert [row["loss"] for row in ddp_log] == pytest.approx([r.loss for r in history], rel=1e-5)
+    ddp_state = torch.load(tmp_path / "ddp" / "checkpoints" / "step-00000002" / STATE_FILE, weights_only=False)
+    assert ddp_state["world_size"] == 2
+    for name, tensor in single.model.state_dict().items():
+        torch.testing.assert_close(ddp_state["model"][name], tensor, rtol=0, atol=1e-5, msg=name)
+
+
+# ----------------------------------------------------------------------------- toy spoken QA + export
+
+
+def test_toy_spoken_qa_run_exports_a_model_that_answers(checkpoint_dir, voice_parquet, tmp_path):
+    """Train the tiny random model on two spoken questions with spoken answers, then answer them greedily."""
+    from miniomni import load
+    from miniomni.checkpoints import read_bundle
+    from miniomni.tokens import answer_snac_to_layers, delay
+
+    path, rows = voice_parquet
+    out = tmp_path / "spoken"
+    recipe = _recipe(checkpoint_dir, out, [{"kind": "voiceassistant", "path": str(path), "task": "A1A2"}],
+                     train=["llm.*", "adapter.*"], steps=50, batch_tokens=10_000, max_batch_size=None,
+                     optim={"lr": 1e-2, "weight_decay": 0.0}, schedule={"warmup_steps": 5, "min_lr": 1e-4},
+                     export=True)
+    recipe.data.mask_audio_padding = False  # from scratch: also learn the delay pads and the pads after _eoa
+    history = Trainer(recipe, progress=False).fit()
+    assert history[-1].loss < 0.02 * history[0].loss
+    for name in ("log.jsonl", "loss.png", "model.safetensors", "export/lit_model.pth", "export/small.pt",
+                 "export/snac/config.json", "export/tokenizer.json", "export/model_config.yaml"):
+        assert (out / name).is_file(), name
+    assert any((out / "tensorboard").iterdir())
+    model = load(out / "export", device="cpu")
+    for row in rows:
+        result = model.generate("A1A2", audio=row["question_audio"]["bytes"], max_new_tokens=60)
+        assert result.text == row["answer"]
+        expected = delay(answer_snac_to_layers(row["answer_snac"]))  # codes and _eoa per layer, delayed
+        assert torch.equal(torch.tensor(result.audio_tokens), expected[:, : len(result.audio_tokens[0])])
+        assert result.audio_tokens[6][-1] == expected[6, -1]  # stopped on layer 6's _eoa
+    bundle = read_bundle(out / "model.safetensors")
+    exported = load(out / "export", device="cpu").model.state_dict()
+    for name, tensor in bundle.model_state.items():
+        assert torch.equal(tensor, exported[name]), name
+    assert load(out / "model.safetensors", device="cpu") is not None
+
+
+def test_cli_registers_train_and_prints_the_recipe(capsys):
+    import argparse
+
+    from miniomni.train.cli import add_train_command
+
+    parser = argparse.ArgumentParser()
+    add_train_command(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["train", "--recipe", str(RECIPES / "toy_cpu.yaml"), "--print-recipe", "steps=7"])
+    assert args.func(args) == 0
+    assert "steps: 7" in capsys.readouterr().out
+    args = parser.parse_args(["train", "--recipe", str(RECIPES / "toy_cpu.yaml"), "train=['*']"])
+    assert args.func(args) == 2
