@@ -9,6 +9,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 import soundfile as sf
 from conftest import write_tiny_snac
 
@@ -84,6 +85,15 @@ def test_round_trip_schema_audio_and_codes(tmp_path, snac_dir):
         assert (rate, info.channels, info.subtype, info.format) == (16000, 1, "PCM_16", "WAV")
         assert 0.3 < audio.size / rate < 10 and abs(audio).max() > 0.01
         assert row["question_audio"]["path"] == f"question_{row['index']:08d}.wav"
+    # The training readers take the synthesized rows as they are, and collate them.
+    from miniomni.tokens import Task
+    from miniomni.train.readers import read_voiceassistant
+
+    records = list(read_voiceassistant(tmp_path / "out" / "data", task=Task.A1A2))
+    assert [r.answer_text for r in records] == [a for _, a in PAIRS[:3]]
+    for record, row in zip(records, rows):
+        assert record.question_audio is not None and record.question_audio.size > 16000 * 0.3
+        assert torch.equal(record.answer_layers, answer_snac_to_layers(row["answer_snac"]))
 
 
 def test_resume_after_crash_makes_every_row_once(tmp_path, snac_dir):
@@ -171,3 +181,31 @@ def test_cli_synth_and_inspect(tmp_path, snac_dir, capsys):
     assert "no SNAC codec" in capsys.readouterr().err
     assert main(["data", "synth", "--input", str(csv_path), "--out", str(out), "--snac", str(snac_dir),
                  "--shard", "2/2"]) == 2
+
+
+def test_killed_process_then_rerun_makes_every_row_once(tmp_path, snac_dir):
+    """A real crash: the synth process is killed (SIGKILL) once its first shard is on disk."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    qa = write_jsonl(tmp_path / "qa.jsonl", PAIRS * 4)  # 20 rows, one per shard
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "miniomni.cli", "-q", "data", "synth", "--input", str(qa), "--out", str(out),
+           "--snac", str(snac_dir), "--rows-per-shard", "1", "--workers", "1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list((out / "data").glob("*.parquet")) and proc.poll() is None:
+        time.sleep(0.05)
+    assert proc.poll() is None, "synthesis finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    done_before = len(list((out / "data").glob("*.parquet")))
+    assert 1 <= done_before < 20
+    rerun = subprocess.run(cmd, capture_output=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr.decode()
+    rows = read_rows(out)
+    assert sorted(r["index"] for r in rows) == list(range(20))
+    assert [r["question"] for r in sorted(rows, key=lambda r: r["index"])] == [q for q, _ in PAIRS * 4]
+    assert json.loads((out / "manifest.json").read_text())["written"] == 20
