@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import speech_like
 
 from miniomni.errors import ConfigError
 from miniomni.train.recipe import Recipe, select_trainable
@@ -46,20 +45,30 @@ def _wav_bytes(audio: np.ndarray) -> bytes:
 
 @pytest.fixture(scope="module")
 def voice_parquet(tmp_path_factory, checkpoint_dir) -> tuple[Path, list[dict]]:
-    """Two VoiceAssistant-400K-style rows: speech_like questions, answers spoken by the tiny SNAC (a sine each)."""
+    """Two VoiceAssistant-400K-style rows: questions spoken by espeak-ng, answers encoded by the tiny SNAC (a sine each)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     from miniomni import load
     from miniomni.tokens import layers_to_answer_snac
 
+    import soxr
+
+    from miniomni.data.tts import EspeakBackend
+
     omni = load(checkpoint_dir, device="cpu")
+    espeak = EspeakBackend()
+
+    def spoken(text: str) -> np.ndarray:
+        audio, rate = espeak.synthesize(text, "en-us:230")
+        return soxr.resample(audio, rate, 16000).astype(np.float32)
+
     rows = []
     for index, (answer, freq) in enumerate([("My name is Omni.", 440.0), ("I feel great.", 660.0)]):
         t = np.arange(int(0.25 * 24000)) / 24000
         layers = omni.codec.encode((0.3 * np.sin(2 * np.pi * freq * t)).astype(np.float32))
         rows.append({"split_name": "toy", "index": index, "round": 0, "question": QA[index][0],
-                         "question_audio": {"bytes": _wav_bytes(speech_like(0.5 + 0.4 * index, seed=index)), "path": None},
+                         "question_audio": {"bytes": _wav_bytes(spoken(QA[index][0])), "path": None},
                          "answer": answer, "answer_snac": layers_to_answer_snac(layers)})
     path = tmp_path_factory.mktemp("voice") / "voice.parquet"
     pq.write_table(pa.Table.from_pylist(rows), path)
