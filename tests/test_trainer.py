@@ -270,3 +270,16 @@ def test_cli_registers_train_and_prints_the_recipe(capsys):
     assert "steps: 7" in capsys.readouterr().out
     args = parser.parse_args(["train", "--recipe", str(RECIPES / "toy_cpu.yaml"), "train=['*']"])
     assert args.func(args) == 2
+
+
+def test_micro_batch_that_touches_no_trained_weight_is_skipped(checkpoint_dir, qa_jsonl, tmp_path):
+    """Stage 1 trains only the adapter; a text-only micro-batch gives it no gradient and must not crash."""
+    recipe = _recipe(checkpoint_dir, tmp_path / "s1", [{"kind": "jsonl", "path": str(qa_jsonl), "limit": 2}],
+                     train=["adapter.*"], steps=2)
+    trainer = Trainer(recipe, progress=False)
+    before = _initial_state(checkpoint_dir)
+    trainer.fit()
+    log = [json.loads(line) for line in (tmp_path / "s1" / "log.jsonl").read_text().splitlines()]
+    assert len(log) == 2 and all(np.isfinite(row["loss"]) for row in log)
+    after = trainer.model.state_dict()
+    assert all(torch.equal(before[name], after[name]) for name in before if name.startswith("adapter."))

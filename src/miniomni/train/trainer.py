@@ -380,7 +380,8 @@ class Trainer:
             with context:
                 with self._autocast():
                     value, parts = batch_loss(self.ddp_model, batch, return_parts=True)
-                (value / accum).backward()
+                if value.requires_grad:  # a micro-batch may touch no trained weight (text rows in stage 1)
+                    (value / accum).backward()
             total += float(value.detach()) / accum
             for k, v in parts.items():
                 parts_sum[k] += float(v.detach()) / accum
