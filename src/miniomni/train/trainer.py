@@ -43,6 +43,7 @@ from ..checkpoints import (
 )
 from ..errors import MiniOmniError
 from ..models.omni import OmniModel
+from ..safeload import load_torch_file
 from . import readers
 from .collate import TrainingExample, bucket_by_length, collate_batch, collate_record
 from .collate import loss as batch_loss
@@ -311,7 +312,7 @@ class Trainer:
                 "scheduler": self.scheduler.state_dict(),
                 "rng": {
                     "python": random.getstate(),
-                    "numpy": np.random.get_state(),
+                    "numpy": _numpy_rng_to_plain(np.random.get_state()),
                     "torch": torch.get_rng_state(),
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
                 },
@@ -332,7 +333,8 @@ class Trainer:
         return target
 
     def load_checkpoint(self, path: Path) -> None:
-        state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
+        state = load_torch_file(path / STATE_FILE, "training checkpoint",
+                                "delete that checkpoint folder to resume from the one before it")
         if state.get("world_size", 1) != self.dist.world_size:
             log.warning("resuming a %d-rank run on %d ranks: the data order per rank changes",
                         state.get("world_size", 1), self.dist.world_size)
@@ -341,7 +343,7 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         rng = state["rng"]
         random.setstate(rng["python"])
-        np.random.set_state(rng["numpy"])
+        np.random.set_state(_numpy_rng_from_plain(rng["numpy"]))
         torch.set_rng_state(rng["torch"])
         if rng.get("cuda") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
@@ -508,6 +510,17 @@ class Trainer:
         parts = CheckpointParts(p.config, self.model_state(), p.whisper_dims, p.whisper_state, p.snac_config,
                                 p.snac_state, p.tokenizer_json)
         return write_bundle(parts, path)
+
+
+def _numpy_rng_to_plain(state: tuple) -> tuple:
+    """NumPy's RNG state with its key array as a tensor, so the checkpoint loads with weights_only=True."""
+    name, keys, position, has_gauss, cached = state
+    return name, torch.from_numpy(keys.astype(np.int64)), int(position), int(has_gauss), float(cached)
+
+
+def _numpy_rng_from_plain(state: tuple) -> tuple:
+    name, keys, position, has_gauss, cached = state
+    return name, np.asarray(keys.numpy(), dtype=np.uint32), position, has_gauss, cached
 
 
 def _truncate_log(path: Path, step: int) -> None:
