@@ -107,6 +107,9 @@ def test_stage_recipes_parse_and_overrides_apply():
         Recipe.from_yaml(RECIPES / "toy_cpu.yaml", ["optim.learning_rate=1"])
     with pytest.raises(ConfigError, match="not key=value"):
         Recipe.from_yaml(RECIPES / "toy_cpu.yaml", ["steps"])
+    assert Recipe.from_yaml(RECIPES / "stage3_multimodal.yaml", ["distributed=fsdp"]).distributed == "fsdp"
+    with pytest.raises(ConfigError, match="distributed must be one of ddp, fsdp"):
+        Recipe.from_yaml(RECIPES / "toy_cpu.yaml", ["distributed=zero3"])
 
 
 @pytest.mark.parametrize("pattern", ["*", "whisper.*", "encoder.*", "*.conv1.weight"])
@@ -220,6 +223,80 @@ def test_two_ddp_processes_match_one_process(checkpoint_dir, qa_jsonl, tmp_path)
     assert ddp_state["world_size"] == 2
     for name, tensor in single.model.state_dict().items():
         torch.testing.assert_close(ddp_state["model"][name], tensor, rtol=0, atol=1e-5, msg=name)
+
+
+# ----------------------------------------------------------------------------- FSDP
+
+FSDP_DRIVER = """
+import sys
+from miniomni.train.recipe import Recipe
+from miniomni.train.trainer import Trainer
+recipe = Recipe.from_yaml(sys.argv[1], sys.argv[3:])
+trainer = Trainer(recipe, progress=False)
+trainer.fit(stop_at=int(sys.argv[2]) or None)
+local = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in trainer.model.parameters())
+with open(f"{recipe.output_dir}/parameters-{trainer.dist.rank}.txt", "w") as handle:
+    handle.write(f"{local} {trainer.trainable_count}")
+"""
+
+
+def _torchrun(tmp_path, recipe_path, stop_at, *overrides) -> None:
+    driver = tmp_path / "driver.py"
+    driver.write_text(FSDP_DRIVER)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(driver), str(recipe_path), str(stop_at), *overrides]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def _losses(out: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+def test_fsdp_matches_one_process_and_resumes_exactly(checkpoint_dir, qa_jsonl, tmp_path):
+    """2 FSDP ranks = 1 process with the same global batch; killed and resumed FSDP = uninterrupted FSDP;
+    an FSDP checkpoint resumes on one process."""
+    import shutil
+
+    from miniomni.checkpoints import read_bundle
+
+    sources = [{"kind": "jsonl", "path": str(qa_jsonl)}]
+    recipe = _recipe(checkpoint_dir, tmp_path / "unused", sources, steps=4, checkpoint_every=2, export=True,
+                     distributed="fsdp", activation_checkpointing=True)
+    recipe_path = tmp_path / "fsdp.yaml"
+    recipe_path.write_text(recipe.to_yaml())
+    _torchrun(tmp_path, recipe_path, 0, f"output_dir={tmp_path / 'full'}")
+    counts = [(tmp_path / "full" / f"parameters-{rank}.txt").read_text().split() for rank in (0, 1)]
+    # each rank holds half of every parameter (plus dim-0 padding and the small frozen adapter), not a copy
+    assert all(int(local) < 0.55 * int(total) for local, total in counts), counts
+    _torchrun(tmp_path, recipe_path, 3, f"output_dir={tmp_path / 'killed'}")  # step 3 is lost: checkpoint at 2
+    assert len(_losses(tmp_path / "killed")) == 3
+    shutil.copytree(tmp_path / "killed", tmp_path / "to_one")
+    _torchrun(tmp_path, recipe_path, 0, f"output_dir={tmp_path / 'killed'}")
+    fsdp = _losses(tmp_path / "full")
+    assert _losses(tmp_path / "killed") == fsdp
+
+    single = Trainer(_recipe(checkpoint_dir, tmp_path / "one", sources, steps=4, checkpoint_every=2, grad_accum=2,
+                             export=True), progress=False)
+    assert fsdp == pytest.approx([r.loss for r in single.fit()], rel=1e-5)
+    state = torch.load(tmp_path / "full" / "checkpoints" / "step-00000004" / STATE_FILE, weights_only=True)
+    assert state["world_size"] == 2 and isinstance(next(iter(state["optimizer"]["state"])), str)
+    exported = read_bundle(tmp_path / "full" / "model.safetensors").model_state
+    config = single.parts.config
+    # The key bias has a zero gradient in exact arithmetic (softmax ignores a constant per query), so
+    # AdamW turns rounding noise into steps there that differ between runs; compare q and v only.
+    keys = torch.zeros(config.n_query_groups * config.head_size * 2 + config.n_head * config.head_size, dtype=torch.bool)
+    keys[config.n_head * config.head_size : (config.n_head + config.n_query_groups) * config.head_size] = True
+    for name, tensor in single.model.state_dict().items():
+        rows = ~keys if name.endswith("qkv.bias") else slice(None)
+        torch.testing.assert_close(state["model"][name][rows], tensor[rows], rtol=0, atol=1e-5, msg=name)
+        if name in exported:
+            torch.testing.assert_close(exported[name][rows], tensor[rows], rtol=0, atol=1e-5, msg=name)
+
+    one = Trainer(_recipe(checkpoint_dir, tmp_path / "to_one", sources, steps=4, checkpoint_every=2, grad_accum=2,
+                          distributed="fsdp"), progress=False)
+    assert [r.loss for r in one.fit()] == pytest.approx(fsdp[2:], rel=1e-5)
 
 
 # ----------------------------------------------------------------------------- toy spoken QA + export

@@ -19,6 +19,7 @@ from ..errors import ConfigError
 from ..tokens import Task
 
 READER_KINDS = ("voiceassistant", "librispeech", "jsonl")
+DISTRIBUTED_MODES = ("ddp", "fsdp")
 
 
 @dataclass
@@ -79,6 +80,7 @@ class Recipe:
     log_every: int = 1
     seed: int = 1234
     device: str = "auto"
+    distributed: str = "ddp"  # under torchrun: ddp (a full copy per rank) or fsdp (sharded over ranks)
     export: bool = True
 
     # ------------------------------------------------------------------ building
@@ -144,6 +146,7 @@ class Recipe:
             (self.checkpoint_every >= 1, "checkpoint_every must be >= 1"),
             (self.clip_grad is None or self.clip_grad > 0, "clip_grad must be > 0 or null"),
             (len(self.optim.betas) == 2, "optim.betas needs two numbers"),
+            (self.distributed in DISTRIBUTED_MODES, f"distributed must be one of {', '.join(DISTRIBUTED_MODES)}"),
         ]
         for ok, message in checks:
             if not ok:

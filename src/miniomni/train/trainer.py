@@ -1,4 +1,4 @@
-"""The training loop of issue 5 ("Any Model Can Talk"): one process or many under ``torchrun`` (DDP).
+"""The training loop of issue 5 ("Any Model Can Talk"): one process or many under ``torchrun`` (DDP or FSDP).
 
 * AdamW over the parameters the recipe's glob patterns select (everything else frozen, the
   Whisper encoder always), linear warmup then cosine to ``schedule.min_lr`` (LambdaLR);
@@ -10,8 +10,12 @@
   micro-batches ``s*W*A .. (s+1)*W*A - 1`` of it (W ranks, A accumulation steps), rank r the
   ones ``r, r+W, ...`` — disjoint slices, and W ranks x A steps see the same micro-batches as one
   process with W*A accumulation steps (the gradients agree up to float rounding);
+* ``distributed: fsdp`` shards parameters, gradients and optimizer state over the ranks
+  (``fully_shard`` on each decoder block, then on the whole model), for backbones whose training
+  state does not fit one device;
 * checkpoints (atomic: temp dir, then rename) with the model, optimizer, scheduler, RNG states
-  and data position, so a killed run resumes exactly;
+  and data position, so a killed run resumes exactly; model and optimizer are stored as full,
+  name-keyed state dicts whatever the mode, so a checkpoint resumes under DDP, FSDP or one process;
 * logs: JSONL, TensorBoard, a tqdm bar (rank 0) and a loss-curve PNG; at the end an export in
   the published layout plus a safetensors bundle.
 """
@@ -26,6 +30,7 @@ import os
 import random
 import shutil
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,6 +87,33 @@ def init_distributed(device: torch.device) -> DistInfo:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return info
+
+
+def shard_model(model: OmniModel, device: torch.device, world_size: int) -> None:
+    """FSDP2 in place: each decoder block is its own unit, the root holds the rest (embeddings, head, norm, adapter).
+
+    Parameters become DTensors sharded on dim 0 over a 1-D mesh of all ranks, moved to ``device``
+    unit by unit (a unit is unsharded only while it runs).
+    """
+    try:
+        from torch.distributed.fsdp import fully_shard
+    except ImportError:  # torch < 2.6
+        from torch.distributed._composable.fsdp import fully_shard
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh(device.type, (world_size,))
+    for block in model.llm.layers:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    # The audio logits are a view (unflatten); collate.loss never changes them in place, so the
+    # warning FSDP gives for every view output does not apply.
+    warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
+
+
+def _state_options(**kwargs: Any):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, **kwargs)
 
 
 # ----------------------------------------------------------------------------- schedule
@@ -206,6 +238,25 @@ class _Wrapped:
         return self.ddp.no_sync()
 
 
+class _FSDPWrapped:
+    """An FSDP2 module with DDP's ``no_sync`` (gradients accumulate unreduced until the last micro-batch)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+        self.llm = model.llm
+
+    def __call__(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def no_sync(self):
+        self.model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            self.model.set_requires_gradient_sync(True)
+
+
 @dataclass
 class StepRecord:
     step: int
@@ -242,13 +293,21 @@ class Trainer:
         if self.device.type == "cuda" and self.dist.enabled:
             self.device = torch.device("cuda", self.dist.local_rank)
             torch.cuda.set_device(self.device)
+        self.fsdp = recipe.distributed == "fsdp" and self.dist.enabled
+        if recipe.distributed == "fsdp" and not self.dist.enabled:
+            log.info("distributed: fsdp shards over torchrun ranks; one process trains unsharded")
         self.output_dir = Path(recipe.output_dir)
         self.parts = read_checkpoint(recipe.model)
-        omni = MiniOmni.from_parts(self.parts, self.device, torch.float32)
+        # Under FSDP the decoder is built on the CPU; fully_shard moves each rank's shards to the device.
+        omni = MiniOmni.from_parts(self.parts, torch.device("cpu") if self.fsdp else self.device, torch.float32)
+        if self.fsdp and self.device.type != "cpu":
+            omni.encoder.to(self.device)
+            omni.device = self.device
         self.omni = omni
         model = omni.model
-        for param in model.parameters():  # own storage (the loaded tensors may be memory-mapped)
-            param.data = param.data.clone()
+        if not self.fsdp:  # own storage (the loaded tensors may be memory-mapped); FSDP copies each shard anyway
+            for param in model.parameters():
+                param.data = param.data.clone()
         names = [n for n, _ in model.named_parameters()]
         self.trainable = select_trainable(names, recipe.train)
         for name, param in model.named_parameters():
@@ -266,12 +325,16 @@ class Trainer:
         model.train()
         self.model = model
         self.ddp_model: Any = model
-        if self.dist.enabled:
+        if self.fsdp:
+            shard_model(model, self.device, self.dist.world_size)
+            self.ddp_model = _FSDPWrapped(model)
+        elif self.dist.enabled:
             from torch.nn.parallel import DistributedDataParallel
 
             self.ddp_model = _Wrapped(DistributedDataParallel(
                 model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 find_unused_parameters=True), model)
+        self._release_source_weights()
         params = [p for n, p in model.named_parameters() if n in self.trainable]
         decay = [p for p in params if p.dim() >= 2]
         no_decay = [p for p in params if p.dim() < 2]
@@ -288,6 +351,16 @@ class Trainer:
         self.plan = DataPlan(batches, recipe.seed, self.dist.world_size, recipe.data.grad_accum, recipe.data.shuffle)
         self.step = 0
 
+    def _release_source_weights(self) -> None:
+        """The model owns its weights now: drop the loaded ones (and their memory-mapped pages)."""
+        from ..safeload import mapped_ranges, release_pages
+
+        ranges = mapped_ranges(self.parts.weights_file) if self.parts.weights_file is not None else []
+        if ranges:
+            for tensor in self.parts.model_state.values():
+                release_pages(tensor, ranges)
+        self.parts.model_state = {}
+
     # ------------------------------------------------------------------ checkpoints
 
     def checkpoint_dirs(self) -> list[Path]:
@@ -300,15 +373,21 @@ class Trainer:
     def save_checkpoint(self) -> Path | None:
         """Rank 0 writes ``checkpoints/step-N`` atomically; every rank waits for it."""
         target = self.output_dir / "checkpoints" / f"step-{self.step:08d}"
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        # Collective under FSDP (every rank takes part; rank 0 receives the full tensors).
+        model_state = self.full_model_state()
+        optimizer_state = get_optimizer_state_dict(self.model, self.optimizer,
+                                                   options=_state_options(cpu_offload=True))
         if self.dist.main:
             epoch, index = self.plan.position(self.step)
             state = {
                 "step": self.step,
                 "epoch": epoch,
                 "batch_index": index,
-                "model": self.model.state_dict(),
+                "model": model_state,
                 "trainable_names": self.trainable,
-                "optimizer": self.optimizer.state_dict(),
+                "optimizer": optimizer_state,
                 "scheduler": self.scheduler.state_dict(),
                 "rng": {
                     "python": random.getstate(),
@@ -338,8 +417,14 @@ class Trainer:
         if state.get("world_size", 1) != self.dist.world_size:
             log.warning("resuming a %d-rank run on %d ranks: the data order per rank changes",
                         state.get("world_size", 1), self.dist.world_size)
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+        optimizer_state = state["optimizer"]
+        if any(isinstance(key, int) for key in optimizer_state.get("state", {})):
+            raise MiniOmniError(f"checkpoint {path} stores its optimizer state by parameter index (an older "
+                                "miniomni); resume it with that version, or start a new output_dir")
+        set_model_state_dict(self.model, state["model"], options=_state_options())
+        set_optimizer_state_dict(self.model, self.optimizer, optimizer_state, options=_state_options())
         self.scheduler.load_state_dict(state["scheduler"])
         rng = state["rng"]
         random.setstate(rng["python"])
@@ -360,6 +445,20 @@ class Trainer:
     def _barrier(self) -> None:
         if self.dist.enabled:
             dist.barrier()
+
+    def _needs_backward(self, value: torch.Tensor) -> bool:
+        """Whether the loss reaches a trained weight; every rank must agree, or the gradient reduction would hang."""
+        wants = bool(value.requires_grad)
+        if not self.dist.enabled:
+            return wants
+        votes = torch.tensor([int(wants)], dtype=torch.int64)
+        dist.all_reduce(votes)
+        if 0 < int(votes) < self.dist.world_size:
+            raise MiniOmniError(
+                "in this step some ranks' micro-batches reach no trained weight (e.g. text-only rows while only "
+                "the adapter trains) and others do; give every source speech input for such a stage, or train "
+                "on one process")
+        return wants
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.recipe.bf16:
@@ -382,7 +481,7 @@ class Trainer:
             with context:
                 with self._autocast():
                     value, parts = batch_loss(self.ddp_model, batch, return_parts=True)
-                if value.requires_grad:  # a micro-batch may touch no trained weight (text rows in stage 1)
+                if self._needs_backward(value):  # a micro-batch may touch no trained weight (text rows in stage 1)
                     (value / accum).backward()
             total += float(value.detach()) / accum
             for k, v in parts.items():
@@ -462,23 +561,38 @@ class Trainer:
                 bar.close()
             if writer is not None:
                 writer.close()
-        if self.step >= recipe.steps and main:
-            plot_losses(log_path, self.output_dir / "loss.png")
-            if recipe.export:
-                self.export(self.output_dir / "export")
-                self.write_bundle(self.output_dir / "model.safetensors")
+        if self.step >= recipe.steps:
+            state = self.full_model_state() if recipe.export else None  # collective under FSDP
+            if main:
+                plot_losses(log_path, self.output_dir / "loss.png")
+                if state is not None:
+                    self.export(self.output_dir / "export", state)
+                    self.write_bundle(self.output_dir / "model.safetensors", state)
         self._barrier()
         return self.history
 
     # ------------------------------------------------------------------ export
 
-    def model_state(self) -> dict[str, torch.Tensor]:
-        state = {k: v.detach().cpu().float().clone() for k, v in self.model.state_dict().items()}
+    def full_model_state(self) -> dict[str, torch.Tensor]:
+        """The whole model state dict on the CPU: a collective under FSDP, whose result only rank 0 holds."""
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        if not self.fsdp:
+            return {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+        state = get_model_state_dict(self.model, options=_state_options(cpu_offload=True))
+        if self.parts.config.tie_word_embeddings and "llm.lm_head.weight" in state:
+            state["llm.lm_head.weight"] = state["llm.embed.weight"]  # gathered twice; stored once
+        return state
+
+    def model_state(self, state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """Float32 weights for export (the tied head dropped); ``state`` from :meth:`full_model_state`."""
+        state = self.full_model_state() if state is None else state
+        state = {k: v.detach().cpu().float() for k, v in state.items()}
         if self.parts.config.tie_word_embeddings:
             state.pop("llm.lm_head.weight", None)
         return state
 
-    def export(self, directory: Path) -> Path:
+    def export(self, directory: Path, state: dict[str, torch.Tensor] | None = None) -> Path:
         """The published layout (``miniomni generate --checkpoint DIR`` loads it), written atomically."""
         directory = Path(directory)
         tmp = directory.with_name(directory.name + ".tmp")
@@ -486,7 +600,7 @@ class Trainer:
         (tmp / "snac").mkdir(parents=True)
         config = self.parts.config
         config.to_yaml(tmp / "model_config.yaml")
-        torch.save(state_dict_to_litgpt(self.model_state(), config), tmp / "lit_model.pth")
+        torch.save(state_dict_to_litgpt(self.model_state(state), config), tmp / "lit_model.pth")
         (tmp / "tokenizer.json").write_text(self.parts.tokenizer_json, encoding="utf-8")
         source = Path(self.recipe.model)
         if source.is_dir() and (source / "small.pt").is_file():
@@ -505,9 +619,9 @@ class Trainer:
         os.replace(tmp, directory)
         return directory
 
-    def write_bundle(self, path: Path) -> Path:
+    def write_bundle(self, path: Path, state: dict[str, torch.Tensor] | None = None) -> Path:
         p = self.parts
-        parts = CheckpointParts(p.config, self.model_state(), p.whisper_dims, p.whisper_state, p.snac_config,
+        parts = CheckpointParts(p.config, self.model_state(state), p.whisper_dims, p.whisper_state, p.snac_config,
                                 p.snac_state, p.tokenizer_json)
         return write_bundle(parts, path)
 
