@@ -13,10 +13,12 @@ import torch
 from conftest import random_omni, speech_like, tiny_config
 
 from miniomni import tokens as tk
+from miniomni.errors import MiniOmniError
 from miniomni.generate import AnswerState, DecodeInput
 from miniomni.tokens import Task
 from miniomni.train import (
     IGNORE,
+    CachedFeatures,
     FeatureCache,
     Record,
     TrainingExample,
@@ -304,6 +306,18 @@ def test_voiceassistant_parquet_records_collate_and_cache(tmp_path, omni):
     assert (cache.hits, cache.misses) == (2, 2)
     for a, b in zip(first, second):
         assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.audio_features, b.audio_features)
+    lazy = FeatureCache(omni.encode_audio, tmp_path / "features", namespace="tiny", lazy=True)
+    held = [collate_record(r, omni.tokenizer, lazy) for r in records]
+    assert (lazy.hits, lazy.misses) == (2, 0) and all(isinstance(e.audio_features, CachedFeatures) for e in held)
+    eager_batch, lazy_batch = collate_batch(first), collate_batch(held)
+    assert torch.equal(eager_batch.audio_features, lazy_batch.audio_features)
+    assert torch.equal(eager_batch.input_ids, lazy_batch.input_ids) and eager_batch.audio_lengths == lazy_batch.audio_lengths
+    damaged = held[0].audio_features.path
+    damaged.write_bytes(damaged.read_bytes()[:100])  # e.g. a full disk: the entry is computed again
+    with pytest.raises(MiniOmniError, match="delete that file"):
+        held[0].audio_features.load()
+    again = collate_record(records[0], omni.tokenizer, lazy)
+    assert lazy.misses == 1 and torch.equal(collate_batch([again]).audio_features[0], eager_batch.audio_features[0, :26])
     ex = first[0]
     assert ex.audio_length == 26 and ex.audio_features.shape == (26, 32)  # int(500 ms / 20) + 1
     answer_ids = omni.encode_text("My name is Omni.")

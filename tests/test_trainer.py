@@ -151,6 +151,24 @@ def test_stage_trains_only_its_parameters(stage, checkpoint_dir, voice_parquet, 
     assert (tmp_path / stage / "trainable.txt").read_text().split() == trainer.trainable
 
 
+def test_cached_features_are_read_per_batch(checkpoint_dir, voice_parquet, tmp_path):
+    """With data.feature_cache the examples hold file references, and a second run (all hits) trains the same."""
+    from miniomni.train import CachedFeatures
+
+    sources = [{"kind": "voiceassistant", "path": str(voice_parquet[0]), "task": "A1A2"}]
+    runs = []
+    for name in ("first", "second"):
+        recipe = _recipe(checkpoint_dir, tmp_path / name, sources, steps=2, batch_tokens=10_000,
+                         train=["llm.*", "adapter.*"])
+        recipe.data.feature_cache = str(tmp_path / "features")
+        trainer = Trainer(recipe, progress=False)
+        held = [e.audio_features for batch in trainer.plan.batches for e in batch]
+        assert len(held) == 2 and all(isinstance(f, CachedFeatures) for f in held)
+        runs.append([r.loss for r in trainer.fit()])
+    assert len(list((tmp_path / "features").glob("*.npy"))) == 2
+    assert runs[0] == runs[1]
+
+
 # ----------------------------------------------------------------------------- resume
 
 

@@ -13,6 +13,7 @@ from .collate import (
     padding_fraction,
 )
 from .readers import (
+    CachedFeatures,
     FeatureCache,
     Record,
     read_jsonl,
@@ -25,6 +26,7 @@ from .readers import (
 __all__ = [
     "IGNORE",
     "Batch",
+    "CachedFeatures",
     "FeatureCache",
     "Record",
     "TrainingExample",

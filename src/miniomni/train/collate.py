@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from ..models.omni import OmniModel
+from .readers import CachedFeatures
 from ..tokens import (
     EOT,
     NUM_AUDIO_LAYERS,
@@ -52,12 +53,12 @@ IGNORE = -100
 
 @dataclass
 class TrainingExample:
-    """One sequence: (8, T) input ids, (8, T) targets (-100 ignored), Whisper features of audio-input tasks."""
+    """One sequence: (8, T) int32 input ids, (8, T) int32 targets (-100 ignored), Whisper features of audio-input tasks."""
 
     task: Task
     input_ids: torch.Tensor
     targets: torch.Tensor
-    audio_features: torch.Tensor | None = None
+    audio_features: torch.Tensor | CachedFeatures | None = None  # CachedFeatures: read when batched
     audio_length: int = 0
     prompt_length: int = 0
 
@@ -163,7 +164,9 @@ def build_example(
     targets = torch.full_like(input_ids, IGNORE)
     # Position P-1+j predicts step j, the token at P+j.
     targets[:, prompt_length - 1 : prompt_length - 1 + length] = torch.where(trained, answer, IGNORE)
-    return TrainingExample(task, input_ids, targets, audio_features, frames, prompt_length)
+    # int32 halves what a large dataset holds in memory; collate_batch widens to int64.
+    return TrainingExample(task, input_ids.to(torch.int32), targets.to(torch.int32), audio_features, frames,
+                           prompt_length)
 
 
 def _encode(tokenizer, text: str) -> list[int]:
@@ -222,10 +225,13 @@ def collate_batch(examples: Sequence[TrainingExample], pad_to: int | None = None
     if with_audio:
         frames = max(e.audio_features.shape[0] for e in with_audio)
         dim = with_audio[0].audio_features.shape[-1]
-        audio_features = torch.zeros(rows, frames, dim, dtype=with_audio[0].audio_features.dtype)
+        audio_features = torch.zeros(rows, frames, dim)
         for row, example in enumerate(examples):
-            if example.audio_features is not None:
-                audio_features[row, : example.audio_features.shape[0]] = example.audio_features
+            features = example.audio_features
+            if isinstance(features, CachedFeatures):
+                features = features.load()
+            if features is not None:
+                audio_features[row, : features.shape[0]] = features
     lengths = [e.audio_length if e.audio_features is not None else 0 for e in examples]
     return Batch(input_ids, targets, audio_features, lengths, [e.task for e in examples])
 

@@ -163,7 +163,9 @@ def load_examples(recipe: Recipe, parts: CheckpointParts, encode: Callable | Non
     tokenizer = Tokenizer.from_str(parts.tokenizer_json)
     features = None
     if encode is not None:
-        features = readers.FeatureCache(encode, recipe.data.feature_cache, namespace=f"whisper:{recipe.model}")
+        # With a cache folder the examples hold CachedFeatures: features are read per batch, not kept in memory.
+        features = readers.FeatureCache(encode, recipe.data.feature_cache, namespace=f"whisper:{recipe.model}",
+                                        lazy=True)
     examples: list[TrainingExample] = []
     for source in recipe.data.sources:
         if source.kind == "voiceassistant":
