@@ -169,6 +169,33 @@ def test_cached_features_are_read_per_batch(checkpoint_dir, voice_parquet, tmp_p
     assert runs[0] == runs[1]
 
 
+def test_validation_loss_on_held_out_examples(checkpoint_dir, qa_jsonl, tmp_path):
+    from miniomni.train.collate import collate_batch, loss
+
+    extra = tmp_path / "val.jsonl"
+    extra.write_text(json.dumps({"question": "Where is the station?", "answer": "Two streets down."}) + "\n")
+    recipe = _recipe(checkpoint_dir, tmp_path / "val", [{"kind": "jsonl", "path": str(qa_jsonl)}], steps=4,
+                     eval_every=2)
+    recipe.data.validation_split = 0.25
+    recipe.data.validation = Recipe.from_dict({**recipe.to_dict(), "data": {
+        "sources": [{"kind": "jsonl", "path": str(extra)}]}}).data.sources
+    trainer = Trainer(recipe, progress=False)
+    held = [e for batch in trainer.val_batches for e in batch]
+    trained = [e for batch in trainer.plan.batches for e in batch]
+    assert len(held) == 2 and len(trained) == 3  # one of the 4 held out, plus the validation source
+    assert not any(h is t for h in held for t in trained)
+    trainer.fit()
+    rows = [json.loads(line) for line in (tmp_path / "val" / "log.jsonl").read_text().splitlines()]
+    assert ["val_loss" in row for row in rows] == [False, True, False, True]
+    assert {"val_loss_text", "val_loss_audio0"} <= set(rows[1])
+    with torch.no_grad():
+        direct = [float(loss(trainer.model, collate_batch(batch))) for batch in trainer.val_batches]
+    assert rows[3]["val_loss"] == pytest.approx(sum(direct) / len(direct), rel=1e-6)
+    assert (tmp_path / "val" / "loss.png").is_file()
+    with pytest.raises(ConfigError, match="validation_split"):
+        Recipe.from_yaml(RECIPES / "toy_cpu.yaml", ["data.validation_split=1.5"])
+
+
 # ----------------------------------------------------------------------------- resume
 
 
@@ -280,8 +307,12 @@ def test_fsdp_matches_one_process_and_resumes_exactly(checkpoint_dir, qa_jsonl, 
     from miniomni.checkpoints import read_bundle
 
     sources = [{"kind": "jsonl", "path": str(qa_jsonl)}]
+    extra = tmp_path / "val.jsonl"  # one validation batch for two ranks: rank 1 runs a stand-in forward
+    extra.write_text(json.dumps({"question": "Where is the station?", "answer": "Two streets down."}) + "\n")
+    validation = [{"kind": "jsonl", "path": str(extra)}]
     recipe = _recipe(checkpoint_dir, tmp_path / "unused", sources, steps=4, checkpoint_every=2, export=True,
                      distributed="fsdp", activation_checkpointing=True)
+    recipe.data.validation = _recipe(checkpoint_dir, tmp_path, validation).data.sources
     recipe_path = tmp_path / "fsdp.yaml"
     recipe_path.write_text(recipe.to_yaml())
     _torchrun(tmp_path, recipe_path, 0, f"output_dir={tmp_path / 'full'}")
@@ -295,9 +326,15 @@ def test_fsdp_matches_one_process_and_resumes_exactly(checkpoint_dir, qa_jsonl, 
     fsdp = _losses(tmp_path / "full")
     assert _losses(tmp_path / "killed") == fsdp
 
-    single = Trainer(_recipe(checkpoint_dir, tmp_path / "one", sources, steps=4, checkpoint_every=2, grad_accum=2,
-                             export=True), progress=False)
-    assert fsdp == pytest.approx([r.loss for r in single.fit()], rel=1e-5)
+    single_recipe = _recipe(checkpoint_dir, tmp_path / "one", sources, steps=4, checkpoint_every=2, grad_accum=2,
+                            export=True)
+    single_recipe.data.validation = recipe.data.validation
+    single = Trainer(single_recipe, progress=False)
+    history = single.fit()
+    assert fsdp == pytest.approx([r.loss for r in history], rel=1e-5)
+    validated = [json.loads(line).get("val_loss") for line in (tmp_path / "full" / "log.jsonl").read_text().splitlines()]
+    assert validated[0] is None and validated[2] is None
+    assert validated[1::2] == pytest.approx([history[1].val_loss, history[3].val_loss], rel=1e-5)
     state = torch.load(tmp_path / "full" / "checkpoints" / "step-00000004" / STATE_FILE, weights_only=True)
     assert state["world_size"] == 2 and isinstance(next(iter(state["optimizer"]["state"])), str)
     exported = read_bundle(tmp_path / "full" / "model.safetensors").model_state

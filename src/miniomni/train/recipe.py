@@ -47,6 +47,8 @@ class DataConfig:
     shuffle: bool = True  # shuffle the order of the micro-batches every epoch (seeded)
     mask_audio_padding: bool = True
     feature_cache: str | None = None  # a folder for cached Whisper features
+    validation: list[DataSource] = field(default_factory=list)  # held-out sources for the validation loss
+    validation_split: float = 0.0  # also hold out this seeded fraction of the training examples
 
 
 @dataclass
@@ -76,6 +78,7 @@ class Recipe:
     bf16: bool = False  # torch.autocast(device, bfloat16)
     activation_checkpointing: bool = False
     checkpoint_every: int = 500
+    eval_every: int | None = None  # validation loss every N steps and at the end (default: checkpoint_every)
     keep_checkpoints: int = 2
     log_every: int = 1
     seed: int = 1234
@@ -97,6 +100,8 @@ class Recipe:
         data["data"] = _section(DataConfig, data.get("data") or {}, "data")
         data["data"].sources = [s if isinstance(s, DataSource) else _section(DataSource, s, "data.sources[]")
                                 for s in data["data"].sources]
+        data["data"].validation = [s if isinstance(s, DataSource) else _section(DataSource, s, "data.validation[]")
+                                   for s in data["data"].validation or []]
         data["optim"] = _section(OptimConfig, data.get("optim") or {}, "optim")
         data["optim"].betas = tuple(float(b) for b in data["optim"].betas)
         data["schedule"] = _section(ScheduleConfig, data.get("schedule") or {}, "schedule")
@@ -134,7 +139,7 @@ class Recipe:
                 raise ConfigError(f"train pattern {pattern!r} would train the Whisper encoder, which is never trained")
         if not self.data.sources:
             raise ConfigError("recipe has no data.sources")
-        for source in self.data.sources:
+        for source in [*self.data.sources, *self.data.validation]:
             source.validate()
         checks = [
             (self.steps >= 1, "steps must be >= 1"),
@@ -144,6 +149,8 @@ class Recipe:
             (0 <= self.schedule.min_lr <= self.optim.lr, "schedule.min_lr must lie in [0, optim.lr]"),
             (self.schedule.warmup_steps >= 0, "schedule.warmup_steps must be >= 0"),
             (self.checkpoint_every >= 1, "checkpoint_every must be >= 1"),
+            (self.eval_every is None or self.eval_every >= 1, "eval_every must be >= 1 or null"),
+            (0 <= self.data.validation_split < 1, "data.validation_split must lie in [0, 1)"),
             (self.clip_grad is None or self.clip_grad > 0, "clip_grad must be > 0 or null"),
             (len(self.optim.betas) == 2, "optim.betas needs two numbers"),
             (self.distributed in DISTRIBUTED_MODES, f"distributed must be one of {', '.join(DISTRIBUTED_MODES)}"),

@@ -16,6 +16,8 @@
 * checkpoints (atomic: temp dir, then rename) with the model, optimizer, scheduler, RNG states
   and data position, so a killed run resumes exactly; model and optimizer are stored as full,
   name-keyed state dicts whatever the mode, so a checkpoint resumes under DDP, FSDP or one process;
+* a validation loss over held-out examples (``data.validation`` sources and/or a seeded
+  ``data.validation_split``) every ``eval_every`` steps;
 * logs: JSONL, TensorBoard, a tqdm bar (rank 0) and a loss-curve PNG; at the end an export in
   the published layout plus a safetensors bundle.
 """
@@ -156,8 +158,9 @@ def enable_activation_checkpointing(model: OmniModel) -> None:
 # ----------------------------------------------------------------------------- data
 
 
-def load_examples(recipe: Recipe, parts: CheckpointParts, encode: Callable | None) -> list[TrainingExample]:
-    """Read every source, collate every record (Whisper features via a FeatureCache)."""
+def load_examples(recipe: Recipe, parts: CheckpointParts, encode: Callable | None,
+                  sources: list | None = None) -> list[TrainingExample]:
+    """Read every source (the recipe's training sources by default), collate every record (Whisper features via a FeatureCache)."""
     from tokenizers import Tokenizer
 
     tokenizer = Tokenizer.from_str(parts.tokenizer_json)
@@ -167,7 +170,7 @@ def load_examples(recipe: Recipe, parts: CheckpointParts, encode: Callable | Non
         features = readers.FeatureCache(encode, recipe.data.feature_cache, namespace=f"whisper:{recipe.model}",
                                         lazy=True)
     examples: list[TrainingExample] = []
-    for source in recipe.data.sources:
+    for source in recipe.data.sources if sources is None else sources:
         if source.kind == "voiceassistant":
             records = readers.read_voiceassistant(source.path, task=source.task or "A1A2")
         elif source.kind == "librispeech":
@@ -183,6 +186,20 @@ def load_examples(recipe: Recipe, parts: CheckpointParts, encode: Callable | Non
     if not examples:
         raise MiniOmniError("the recipe's data sources yielded no examples")
     return examples
+
+
+def split_validation(examples: list[TrainingExample], fraction: float, seed: int
+                     ) -> tuple[list[TrainingExample], list[TrainingExample]]:
+    """(training, held out): a seeded ``fraction`` of the examples (at least one when fraction > 0) held out."""
+    if fraction <= 0:
+        return examples, []
+    count = max(1, round(fraction * len(examples)))
+    if count >= len(examples):
+        raise MiniOmniError(f"data.validation_split={fraction} would hold out all {len(examples)} examples; "
+                            "lower it or add data")
+    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed)).tolist()
+    held = set(order[:count])
+    return ([e for i, e in enumerate(examples) if i not in held], [e for i, e in enumerate(examples) if i in held])
 
 
 class DataPlan:
@@ -269,11 +286,17 @@ class StepRecord:
     tokens_per_s: float
     epoch: int = 0
     batch_index: int = 0
+    val_loss: float | None = None  # set on evaluation steps
+    val_parts: dict[str, float] | None = None
 
     def as_json(self) -> dict[str, Any]:
-        return {"step": self.step, "loss": self.loss, **{f"loss_{k}": v for k, v in self.parts.items()},
-                "lr": self.lr, "tokens": self.tokens, "tokens_per_s": self.tokens_per_s,
-                "epoch": self.epoch, "batch_index": self.batch_index}
+        row = {"step": self.step, "loss": self.loss, **{f"loss_{k}": v for k, v in self.parts.items()},
+               "lr": self.lr, "tokens": self.tokens, "tokens_per_s": self.tokens_per_s,
+               "epoch": self.epoch, "batch_index": self.batch_index}
+        if self.val_loss is not None:
+            row["val_loss"] = self.val_loss
+            row.update({f"val_loss_{k}": v for k, v in (self.val_parts or {}).items()})
+        return row
 
 
 @dataclass
@@ -346,9 +369,15 @@ class Trainer:
             lr=o.lr, betas=o.betas, eps=o.eps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(recipe.schedule.warmup_steps, recipe.steps, recipe.schedule.min_lr / o.lr))
+        all_sources = [*recipe.data.sources, *recipe.data.validation]
         needs_audio = any(s.kind == "librispeech" or readers.Task.parse(
-            s.task or ("A1A2" if s.kind == "voiceassistant" else "T1T2")).audio_input for s in recipe.data.sources)
-        examples = load_examples(recipe, self.parts, omni.encode_audio if needs_audio else None)
+            s.task or ("A1A2" if s.kind == "voiceassistant" else "T1T2")).audio_input for s in all_sources)
+        encode = omni.encode_audio if needs_audio else None
+        examples, held_out = split_validation(load_examples(recipe, self.parts, encode), recipe.data.validation_split,
+                                              recipe.seed)
+        if recipe.data.validation:
+            held_out += load_examples(recipe, self.parts, encode, recipe.data.validation)
+        self.val_batches = bucket_by_length(held_out, recipe.data.batch_tokens, recipe.data.max_batch_size)
         batches = bucket_by_length(examples, recipe.data.batch_tokens, recipe.data.max_batch_size)
         self.plan = DataPlan(batches, recipe.seed, self.dist.world_size, recipe.data.grad_accum, recipe.data.shuffle)
         self.step = 0
@@ -462,6 +491,27 @@ class Trainer:
                 "on one process")
         return wants
 
+    @torch.no_grad()
+    def evaluate(self) -> tuple[float, dict[str, float]] | None:
+        """The validation loss (mean over the held-out micro-batches, as the training loss) and its parts."""
+        if not self.val_batches:
+            return None
+        world, rank = self.dist.world_size, self.dist.rank
+        sums = torch.zeros(len(STREAMS) + 2, dtype=torch.float64)  # total, the streams, the batch count
+        for start in range(0, len(self.val_batches), world):
+            index = start + rank
+            real = index < len(self.val_batches)
+            # A rank without a batch in this round still runs one (FSDP needs every rank in each forward).
+            batch = collate_batch(self.val_batches[index if real else 0])
+            with self._autocast():
+                value, parts = batch_loss(self.ddp_model, batch, return_parts=True)
+            if real:
+                sums += torch.tensor([float(value), *(float(parts[k]) for k in STREAMS), 1.0], dtype=torch.float64)
+        if self.dist.enabled:
+            dist.all_reduce(sums)
+        count = float(sums[-1])
+        return float(sums[0]) / count, {k: float(v) / count for k, v in zip(STREAMS, sums[1:-1].tolist())}
+
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.recipe.bf16:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
@@ -537,9 +587,14 @@ class Trainer:
 
             bar = tqdm(total=recipe.steps, initial=self.step, desc="train", dynamic_ncols=True)
         end = recipe.steps if stop_at is None else min(stop_at, recipe.steps)
+        eval_every = recipe.eval_every or recipe.checkpoint_every
         try:
             while self.step < end:
                 record = self.train_step()
+                if self.step % eval_every == 0 or self.step == recipe.steps:
+                    result = self.evaluate()
+                    if result is not None:
+                        record.val_loss, record.val_parts = result
                 self.history.append(record)
                 if main:
                     if record.step % recipe.log_every == 0 or record.step == recipe.steps:
@@ -551,9 +606,16 @@ class Trainer:
                             writer.add_scalar(f"loss/{k}", v, record.step)
                         writer.add_scalar("lr", record.lr, record.step)
                         writer.add_scalar("tokens_per_s", record.tokens_per_s, record.step)
+                        if record.val_loss is not None:
+                            writer.add_scalar("val/loss", record.val_loss, record.step)
+                            for k, v in (record.val_parts or {}).items():
+                                writer.add_scalar(f"val/loss_{k}", v, record.step)
                     if bar is not None:
                         bar.update(1)
-                        bar.set_postfix(loss=f"{record.loss:.4f}", lr=f"{record.lr:.2e}")
+                        postfix = {"loss": f"{record.loss:.4f}", "lr": f"{record.lr:.2e}"}
+                        if record.val_loss is not None:
+                            postfix["val"] = f"{record.val_loss:.4f}"
+                        bar.set_postfix(postfix)
                 if self.step % recipe.checkpoint_every == 0 or self.step == recipe.steps:
                     self.save_checkpoint()
                 if self.on_step is not None:
@@ -670,9 +732,13 @@ def plot_losses(log_path: Path, png: Path) -> Path | None:
         values = [r.get(f"loss_{k}", 0.0) for r in rows]
         if any(values):
             ax.plot(steps, values, label=k, linewidth=0.8)
+    validated = [r for r in rows if "val_loss" in r]
+    if validated:
+        ax.plot([r["step"] for r in validated], [r["val_loss"] for r in validated], "o--", label="validation",
+                color="black", linewidth=1.2, markersize=4)
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
-    ax.set_yscale("log" if all(r["loss"] > 0 for r in rows) else "linear")
+    ax.set_yscale("log" if all(r["loss"] > 0 and r.get("val_loss", 1) > 0 for r in rows) else "linear")
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(png, dpi=100)
