@@ -427,6 +427,7 @@ class Trainer:
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
                 },
                 "world_size": self.dist.world_size,
+                "micro_batches_per_step": self.plan.per_step,
                 "recipe": self.recipe.to_dict(),
             }
             tmp = target.with_name(target.name + ".tmp")
@@ -445,9 +446,14 @@ class Trainer:
     def load_checkpoint(self, path: Path) -> None:
         state = load_torch_file(path / STATE_FILE, "training checkpoint",
                                 "delete that checkpoint folder to resume from the one before it")
-        if state.get("world_size", 1) != self.dist.world_size:
-            log.warning("resuming a %d-rank run on %d ranks: the data order per rank changes",
-                        state.get("world_size", 1), self.dist.world_size)
+        before = state.get("micro_batches_per_step")
+        if before is not None and before != self.plan.per_step:
+            log.warning("resuming a run of %d micro-batches per step (ranks x grad_accum) with %d: the global "
+                        "batch and the data order change from here on", before, self.plan.per_step)
+        elif state.get("world_size", 1) != self.dist.world_size:
+            log.info("resuming a %d-rank run on %d ranks with the same %d micro-batches per step: every step "
+                     "sees the micro-batches it would have", state.get("world_size", 1), self.dist.world_size,
+                     self.plan.per_step)
         from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
         optimizer_state = state["optimizer"]
@@ -477,13 +483,20 @@ class Trainer:
         if self.dist.enabled:
             dist.barrier()
 
+    def _sum_over_ranks(self, values: torch.Tensor) -> torch.Tensor:
+        """All-reduce (sum) a small CPU tensor; nccl needs it on the rank's GPU, gloo on the CPU."""
+        if not self.dist.enabled:
+            return values
+        on_device = values.to(self.device) if self.device.type == "cuda" else values
+        dist.all_reduce(on_device)
+        return on_device.cpu()
+
     def _needs_backward(self, value: torch.Tensor) -> bool:
         """Whether the loss reaches a trained weight; every rank must agree, or the gradient reduction would hang."""
         wants = bool(value.requires_grad)
         if not self.dist.enabled:
             return wants
-        votes = torch.tensor([int(wants)], dtype=torch.int64)
-        dist.all_reduce(votes)
+        votes = self._sum_over_ranks(torch.tensor([int(wants)], dtype=torch.int64))
         if 0 < int(votes) < self.dist.world_size:
             raise MiniOmniError(
                 "in this step some ranks' micro-batches reach no trained weight (e.g. text-only rows while only "
@@ -507,8 +520,7 @@ class Trainer:
                 value, parts = batch_loss(self.ddp_model, batch, return_parts=True)
             if real:
                 sums += torch.tensor([float(value), *(float(parts[k]) for k in STREAMS), 1.0], dtype=torch.float64)
-        if self.dist.enabled:
-            dist.all_reduce(sums)
+        sums = self._sum_over_ranks(sums)
         count = float(sums[-1])
         return float(sums[0]) / count, {k: float(v) / count for k, v in zip(STREAMS, sums[1:-1].tolist())}
 
@@ -546,7 +558,7 @@ class Trainer:
         self.scheduler.step()
         if self.dist.enabled:  # report the global mean loss and token count
             values = torch.tensor([total, *parts_sum.values(), float(tokens)], dtype=torch.float64)
-            dist.all_reduce(values)
+            values = self._sum_over_ranks(values)
             total = float(values[0]) / self.dist.world_size
             parts_sum = {k: float(v) / self.dist.world_size for k, v in zip(STREAMS, values[1:-1].tolist())}
             tokens = int(values[-1])
