@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -214,7 +215,8 @@ class FeatureCache:
             features = features[0]
         features = features.detach().float().cpu()
         if path is not None:
-            partial = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npy")  # ranks may write the same entry
+            # Ranks (on one machine or several sharing the folder) may write the same entry at once.
+            partial = path.with_name(f"{path.stem}.{socket.gethostname()}.{os.getpid()}.tmp.npy")
             np.save(partial, features.numpy().astype(np.float16))
             partial.replace(path)
             if self.lazy:

@@ -33,7 +33,7 @@ import random
 import shutil
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -158,19 +158,9 @@ def enable_activation_checkpointing(model: OmniModel) -> None:
 # ----------------------------------------------------------------------------- data
 
 
-def load_examples(recipe: Recipe, parts: CheckpointParts, encode: Callable | None,
-                  sources: list | None = None) -> list[TrainingExample]:
-    """Read every source (the recipe's training sources by default), collate every record (Whisper features via a FeatureCache)."""
-    from tokenizers import Tokenizer
-
-    tokenizer = Tokenizer.from_str(parts.tokenizer_json)
-    features = None
-    if encode is not None:
-        # With a cache folder the examples hold CachedFeatures: features are read per batch, not kept in memory.
-        features = readers.FeatureCache(encode, recipe.data.feature_cache, namespace=f"whisper:{recipe.model}",
-                                        lazy=True)
-    examples: list[TrainingExample] = []
-    for source in recipe.data.sources if sources is None else sources:
+def _source_records(sources: list) -> Iterator:
+    """The records of each source in order (at most ``limit`` each), with the source's task applied."""
+    for source in sources:
         if source.kind == "voiceassistant":
             records = readers.read_voiceassistant(source.path, task=source.task or "A1A2")
         elif source.kind == "librispeech":
@@ -182,7 +172,32 @@ def load_examples(recipe: Recipe, parts: CheckpointParts, encode: Callable | Non
                 break
             if source.task and source.kind != "voiceassistant":
                 record.task = readers.Task.parse(source.task)
-            examples.append(collate_record(record, tokenizer, features, recipe.data.mask_audio_padding))
+            yield record
+
+
+def load_examples(recipe: Recipe, parts: CheckpointParts, encode: Callable | None,
+                  sources: list | None = None, dist_info: DistInfo | None = None) -> list[TrainingExample]:
+    """Read every source (the recipe's training sources by default), collate every record (Whisper features via a FeatureCache).
+
+    With several ranks and a feature cache folder, each rank first fills the cache for every W-th
+    record, so the Whisper work is split over the ranks rather than repeated on each.
+    """
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_str(parts.tokenizer_json)
+    sources = recipe.data.sources if sources is None else sources
+    features = None
+    if encode is not None:
+        # With a cache folder the examples hold CachedFeatures: features are read per batch, not kept in memory.
+        features = readers.FeatureCache(encode, recipe.data.feature_cache, namespace=f"whisper:{recipe.model}",
+                                        lazy=True)
+        if dist_info is not None and dist_info.enabled and recipe.data.feature_cache:
+            for index, record in enumerate(_source_records(sources)):
+                if index % dist_info.world_size == dist_info.rank and readers.Task.parse(record.task).audio_input:
+                    features(record.question_audio)
+            dist.barrier()
+    examples = [collate_record(record, tokenizer, features, recipe.data.mask_audio_padding)
+                for record in _source_records(sources)]
     if not examples:
         raise MiniOmniError("the recipe's data sources yielded no examples")
     return examples
@@ -258,7 +273,12 @@ class _Wrapped:
 
 
 class _FSDPWrapped:
-    """An FSDP2 module with DDP's ``no_sync`` (gradients accumulate unreduced until the last micro-batch)."""
+    """An FSDP2 module behind the DDP wrapper's interface.
+
+    ``no_sync`` does nothing: FSDP2 without gradient sync would keep a full-size unsharded gradient
+    per parameter on every rank, so each micro-batch's gradients are reduce-scattered into the
+    sharded ones instead (more communication, 1/W of the gradient memory).
+    """
 
     def __init__(self, model: torch.nn.Module) -> None:
         self.model = model
@@ -267,13 +287,8 @@ class _FSDPWrapped:
     def __call__(self, *args, **kwargs):
         return self.model(*args, **kwargs)
 
-    @contextlib.contextmanager
-    def no_sync(self):
-        self.model.set_requires_gradient_sync(False)
-        try:
-            yield
-        finally:
-            self.model.set_requires_gradient_sync(True)
+    def no_sync(self) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
 
 
 @dataclass
@@ -373,10 +388,10 @@ class Trainer:
         needs_audio = any(s.kind == "librispeech" or readers.Task.parse(
             s.task or ("A1A2" if s.kind == "voiceassistant" else "T1T2")).audio_input for s in all_sources)
         encode = omni.encode_audio if needs_audio else None
-        examples, held_out = split_validation(load_examples(recipe, self.parts, encode), recipe.data.validation_split,
-                                              recipe.seed)
+        examples, held_out = split_validation(load_examples(recipe, self.parts, encode, dist_info=self.dist),
+                                              recipe.data.validation_split, recipe.seed)
         if recipe.data.validation:
-            held_out += load_examples(recipe, self.parts, encode, recipe.data.validation)
+            held_out += load_examples(recipe, self.parts, encode, recipe.data.validation, self.dist)
         self.val_batches = bucket_by_length(held_out, recipe.data.batch_tokens, recipe.data.max_batch_size)
         batches = bucket_by_length(examples, recipe.data.batch_tokens, recipe.data.max_batch_size)
         self.plan = DataPlan(batches, recipe.seed, self.dist.world_size, recipe.data.grad_accum, recipe.data.shuffle)
@@ -447,7 +462,13 @@ class Trainer:
         state = load_torch_file(path / STATE_FILE, "training checkpoint",
                                 "delete that checkpoint folder to resume from the one before it")
         before = state.get("micro_batches_per_step")
-        if before is not None and before != self.plan.per_step:
+        changed = before is not None and before != self.plan.per_step
+        if self.plan.position(int(state["step"])) != (state["epoch"], state["batch_index"]):
+            what = (f"{before} micro-batches per step (ranks x grad_accum), now {self.plan.per_step}" if changed
+                    else "a different batching")
+            raise MiniOmniError(f"checkpoint {path} was written with {what}, so its data position does not exist "
+                                "in this run; resume with the ranks, grad_accum and batching it was written with")
+        if changed:
             log.warning("resuming a run of %d micro-batches per step (ranks x grad_accum) with %d: the global "
                         "batch and the data order change from here on", before, self.plan.per_step)
         elif state.get("world_size", 1) != self.dist.world_size:
@@ -461,7 +482,13 @@ class Trainer:
             raise MiniOmniError(f"checkpoint {path} stores its optimizer state by parameter index (an older "
                                 "miniomni); resume it with that version, or start a new output_dir")
         set_model_state_dict(self.model, state["model"], options=_state_options())
-        set_optimizer_state_dict(self.model, self.optimizer, optimizer_state, options=_state_options())
+        # A trained parameter that has had no gradient yet has no AdamW state; loading fills one in
+        # (step 1, zeros), which the uninterrupted run would not have: drop it again.
+        set_optimizer_state_dict(self.model, self.optimizer, optimizer_state, options=_state_options(strict=False))
+        saved = set(optimizer_state.get("state", {}))
+        for name, param in self.model.named_parameters():
+            if param.requires_grad and name not in saved:
+                self.optimizer.state.pop(param, None)
         self.scheduler.load_state_dict(state["scheduler"])
         rng = state["rng"]
         random.setstate(rng["python"])
@@ -470,9 +497,6 @@ class Trainer:
         if rng.get("cuda") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
         self.step = int(state["step"])
-        if self.plan.position(self.step) != (state["epoch"], state["batch_index"]):
-            raise MiniOmniError(f"checkpoint {path} was written with a different data plan (batching or ranks); "
-                                "resume with the recipe it was written with")
         if self.dist.main:
             log.info("resumed from %s at step %d (epoch %d, batch %d)", path, self.step, state["epoch"],
                      state["batch_index"])
@@ -491,22 +515,32 @@ class Trainer:
         dist.all_reduce(on_device)
         return on_device.cpu()
 
-    def _needs_backward(self, value: torch.Tensor) -> bool:
-        """Whether the loss reaches a trained weight; every rank must agree, or the gradient reduction would hang."""
-        wants = bool(value.requires_grad)
-        if not self.dist.enabled:
-            return wants
-        votes = self._sum_over_ranks(torch.tensor([int(wants)], dtype=torch.int64))
-        if 0 < int(votes) < self.dist.world_size:
-            raise MiniOmniError(
-                "in this step some ranks' micro-batches reach no trained weight (e.g. text-only rows while only "
-                "the adapter trains) and others do; give every source speech input for such a stage, or train "
-                "on one process")
-        return wants
+    def _reaches_trained(self, examples: list[TrainingExample]) -> bool:
+        """Whether a micro-batch's loss reaches a trained weight: every forward runs the whole decoder,
+        the adapter only for audio input (so text rows give an adapter-only stage no gradient)."""
+        if any(not name.startswith("adapter.") for name in self.trainable):
+            return True
+        return any(e.audio_features is not None for e in examples)
+
+    def _backward_plan(self, micro: list[list[TrainingExample]]) -> list[bool]:
+        """Which micro-batches of this step get a backward; every rank must have the same pattern, or the
+        gradient reductions would not pair up across ranks and hang."""
+        plan = [self._reaches_trained(examples) for examples in micro]
+        if self.dist.enabled:
+            votes = self._sum_over_ranks(torch.tensor(plan, dtype=torch.int64))
+            if any(0 < int(v) < self.dist.world_size for v in votes):
+                raise MiniOmniError(
+                    "in this step some ranks' micro-batches reach no trained weight (e.g. text-only rows while "
+                    "only the adapter trains) and others do; give every source speech input for such a stage, "
+                    "or train on one process")
+        return plan
 
     @torch.no_grad()
     def evaluate(self) -> tuple[float, dict[str, float]] | None:
-        """The validation loss (mean over the held-out micro-batches, as the training loss) and its parts."""
+        """The validation loss (mean over the held-out micro-batches, as the training loss) and its parts.
+
+        Under DDP/FSDP every rank must call it (the forwards and the sums are collective).
+        """
         if not self.val_batches:
             return None
         world, rank = self.dist.world_size, self.dist.rank
@@ -537,15 +571,19 @@ class Trainer:
         total = 0.0
         parts_sum = {k: 0.0 for k in STREAMS}
         tokens = 0
+        backward = self._backward_plan(micro)
+        last = max((i for i, b in enumerate(backward) if b), default=-1)  # gradients are reduced after this one
         for i, examples in enumerate(micro):
             batch = collate_batch(examples)
             tokens += int(batch.input_ids.shape[0] * batch.input_ids.shape[2])
-            sync = not self.dist.enabled or i == accum - 1
-            context = contextlib.nullcontext() if sync else self.ddp_model.no_sync()
-            with context:
-                with self._autocast():
+            if not backward[i]:  # the loss is still reported
+                with torch.no_grad(), self._autocast():
                     value, parts = batch_loss(self.ddp_model, batch, return_parts=True)
-                if self._needs_backward(value):  # a micro-batch may touch no trained weight (text rows in stage 1)
+            else:
+                sync = not self.dist.enabled or i == last
+                with contextlib.nullcontext() if sync else self.ddp_model.no_sync():
+                    with self._autocast():
+                        value, parts = batch_loss(self.ddp_model, batch, return_parts=True)
                     (value / accum).backward()
             total += float(value.detach()) / accum
             for k, v in parts.items():
@@ -609,7 +647,8 @@ class Trainer:
                         record.val_loss, record.val_parts = result
                 self.history.append(record)
                 if main:
-                    if record.step % recipe.log_every == 0 or record.step == recipe.steps:
+                    if (record.step % recipe.log_every == 0 or record.step == recipe.steps
+                            or record.val_loss is not None):
                         with log_path.open("a", encoding="utf-8") as handle:
                             handle.write(json.dumps(record.as_json()) + "\n")
                     if writer is not None:
@@ -650,11 +689,11 @@ class Trainer:
     # ------------------------------------------------------------------ export
 
     def full_model_state(self) -> dict[str, torch.Tensor]:
-        """The whole model state dict on the CPU: a collective under FSDP, whose result only rank 0 holds."""
+        """The whole model state dict on the CPU, on rank 0 (other ranks get {}); under FSDP every rank must call it."""
         from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
-        if not self.fsdp:
-            return {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+        if not self.fsdp:  # every rank holds the whole model; only rank 0 writes
+            return {k: v.detach().cpu() for k, v in self.model.state_dict().items()} if self.dist.main else {}
         state = get_model_state_dict(self.model, options=_state_options(cpu_offload=True))
         if self.parts.config.tie_word_embeddings and "llm.lm_head.weight" in state:
             state["llm.lm_head.weight"] = state["llm.embed.weight"]  # gathered twice; stored once
@@ -669,7 +708,11 @@ class Trainer:
         return state
 
     def export(self, directory: Path, state: dict[str, torch.Tensor] | None = None) -> Path:
-        """The published layout (``miniomni generate --checkpoint DIR`` loads it), written atomically."""
+        """The published layout (``miniomni generate --checkpoint DIR`` loads it), written atomically.
+
+        Without ``state`` it gathers :meth:`full_model_state` itself, which under FSDP every rank must
+        call; distributed callers gather on all ranks and pass ``state`` on rank 0.
+        """
         directory = Path(directory)
         tmp = directory.with_name(directory.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
