@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import shutil
 import sys
 import time
 from dataclasses import asdict
@@ -113,6 +114,7 @@ def main() -> None:
     model = checkpoint
     for stage, sources in STAGES.items():
         out = workdir / "runs" / stage
+        shutil.rmtree(out, ignore_errors=True)  # this benchmark's own output from an earlier run
         recipe = Recipe.from_yaml(ROOT / "recipes" / f"{stage}.yaml")
         data_dict = {"sources": sources(data), "batch_tokens": 512, "max_batch_size": 4, "grad_accum": 1,
                      "feature_cache": str(workdir / "features")}
