@@ -149,7 +149,7 @@ def test_stage_trains_only_its_parameters(stage, checkpoint_dir, voice_parquet, 
     # Only audio-input micro-batches reach the adapter: an adapter-only stage gives text rows no backward.
     for batch in trainer.plan.batches:
         speech = any(e.audio_features is not None for e in batch)
-        assert trainer._backward_plan([batch]) == [speech or stage != "stage1_alignment"]
+        assert trainer._backward_plan([batch]) == ([speech or stage != "stage1_alignment"], [False])
     # The Whisper encoder is never trained.
     assert not any(p.requires_grad for p in trainer.omni.encoder.parameters())
     assert (tmp_path / stage / "trainable.txt").read_text().split() == trainer.trainable
@@ -241,6 +241,8 @@ def test_kill_and_resume_reproduces_the_uninterrupted_run(checkpoint_dir, qa_jso
     assert {"loss", "loss_text", "loss_audio0", "lr", "tokens_per_s"} <= set(logged[0])
     with pytest.raises(Exception, match="already holds checkpoints"):
         Trainer(_recipe(checkpoint_dir, out, sources, steps=steps), resume=False, progress=False).fit()
+    with pytest.raises(Exception, match="resume with the `train` patterns it was written with"):
+        Trainer(_recipe(checkpoint_dir, out, sources, steps=steps + 1), progress=False).fit()  # trains llm.* only
 
 
 def test_activation_checkpointing_and_bf16(checkpoint_dir, qa_jsonl, tmp_path):
@@ -365,6 +367,48 @@ def test_fsdp_matches_one_process_and_resumes_exactly(checkpoint_dir, qa_jsonl, 
     one = Trainer(_recipe(checkpoint_dir, tmp_path / "to_one", sources, steps=4, checkpoint_every=2, grad_accum=2,
                           distributed="fsdp"), progress=False)
     assert [r.loss for r in one.fit()] == pytest.approx(fsdp[2:], rel=1e-5)
+
+
+def test_fsdp_adapter_stage_on_mixed_speech_and_text_matches_one_process(checkpoint_dir, qa_jsonl, voice_parquet,
+                                                                         tmp_path):
+    """Adapter-only training on speech and text rows, 2 FSDP ranks x 2 accumulation steps against one process:
+    positions where only one rank has speech (its partner keeps the adapter in its graph), positions where
+    no rank has speech (no backward anywhere), and a step whose last micro-batches have no backward."""
+    from miniomni.train.trainer import DataPlan
+
+    speech = {"kind": "voiceassistant", "path": str(voice_parquet[0]), "task": "A1A2"}
+    sources = [speech, speech, {"kind": "jsonl", "path": str(qa_jsonl)}]  # 4 speech + 4 text micro-batches
+    probe = Trainer(_recipe(checkpoint_dir, tmp_path / "probe", sources, train=["adapter.*"], steps=4), progress=False)
+    is_speech = {id(batch): batch[0].audio_features is not None for batch in probe.plan.batches}
+
+    def patterns(seed: int) -> set[str]:
+        plan = DataPlan(probe.plan.batches, seed, 2, 2, True)
+        found = set()
+        for step in range(4):
+            ranks = [[is_speech[id(b)] for b in plan.micro_batches(step, r)] for r in (0, 1)]
+            for position in (0, 1):
+                pair = {ranks[0][position], ranks[1][position]}
+                found.add("mixed" if len(pair) == 2 else ("none" if pair == {False} else "both"))
+            if ranks[0] == ranks[1] == [True, False] and step < 3:  # and a later step reads the update
+                found.add("backward then none")
+        return found
+
+    seed = next(s for s in range(500) if patterns(s) >= {"mixed", "none", "backward then none"})
+    recipe = _recipe(checkpoint_dir, tmp_path / "unused", sources, train=["adapter.*"], steps=4, seed=seed,
+                     distributed="fsdp", optim={"lr": 1e-2, "weight_decay": 0.0}, clip_grad=0.5)
+    recipe_path = tmp_path / "fsdp.yaml"
+    recipe_path.write_text(recipe.to_yaml())
+    _torchrun(tmp_path, recipe_path, 0, f"output_dir={tmp_path / 'fsdp'}", "data.grad_accum=2")
+    single = Trainer(_recipe(checkpoint_dir, tmp_path / "one", sources, train=["adapter.*"], steps=4, seed=seed,
+                             grad_accum=4, optim={"lr": 1e-2, "weight_decay": 0.0}, clip_grad=0.5), progress=False)
+    history = single.fit()
+    assert _losses(tmp_path / "fsdp") == pytest.approx([r.loss for r in history], rel=1e-5)
+    state = torch.load(tmp_path / "fsdp" / "checkpoints" / "step-00000004" / STATE_FILE, weights_only=True)
+    before = _initial_state(checkpoint_dir)
+    for name, tensor in single.model.state_dict().items():
+        if name.startswith("adapter."):
+            assert not torch.equal(tensor, before[name])
+            torch.testing.assert_close(state["model"][name], tensor, rtol=0, atol=1e-5, msg=name)
 
 
 # ----------------------------------------------------------------------------- toy spoken QA + export

@@ -50,6 +50,10 @@ class OmniModel(nn.Module):
         total = embeddings[:, 0]
         for stream in range(1, NUM_STREAMS):
             total = total + embeddings[:, stream]
+        if audio_features is not None and not any(lengths):
+            # Nothing injected, but the adapter stays in the graph with a zero gradient (the trainer
+            # needs that when other ranks' batches use it); adding 0 leaves the values unchanged.
+            total = total + adapted.sum() * 0
         return total / NUM_STREAMS
 
     def heads(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -468,6 +468,11 @@ class Trainer:
                     else "a different batching")
             raise MiniOmniError(f"checkpoint {path} was written with {what}, so its data position does not exist "
                                 "in this run; resume with the ranks, grad_accum and batching it was written with")
+        saved_names = state.get("trainable_names")
+        if saved_names is not None and sorted(saved_names) != sorted(self.trainable):
+            raise MiniOmniError(f"checkpoint {path} trained {len(saved_names)} tensors, this recipe trains "
+                                f"{len(self.trainable)} others or more; resume with the `train` patterns it was "
+                                "written with, or start a new output_dir from its export")
         if changed:
             log.warning("resuming a run of %d micro-batches per step (ranks x grad_accum) with %d: the global "
                         "batch and the data order change from here on", before, self.plan.per_step)
@@ -515,25 +520,31 @@ class Trainer:
         dist.all_reduce(on_device)
         return on_device.cpu()
 
-    def _reaches_trained(self, examples: list[TrainingExample]) -> bool:
-        """Whether a micro-batch's loss reaches a trained weight: every forward runs the whole decoder,
-        the adapter only for audio input (so text rows give an adapter-only stage no gradient)."""
-        if any(not name.startswith("adapter.") for name in self.trainable):
-            return True
-        return any(e.audio_features is not None for e in examples)
+    def _backward_plan(self, micro: list[list[TrainingExample]]) -> tuple[list[bool], list[bool]]:
+        """(backward, keep_adapter) per micro-batch of this step, the same pattern on every rank.
 
-    def _backward_plan(self, micro: list[list[TrainingExample]]) -> list[bool]:
-        """Which micro-batches of this step get a backward; every rank must have the same pattern, or the
-        gradient reductions would not pair up across ranks and hang."""
-        plan = [self._reaches_trained(examples) for examples in micro]
+        Every forward runs the whole decoder; the adapter only runs for audio input. So with only
+        the adapter trained, a micro-batch gets a backward when some rank's micro-batch at that
+        position has audio. Where the adapter trains and some ranks have audio at a position but
+        this one does not, ``keep_adapter`` puts the adapter in this rank's graph (a zero
+        gradient): DDP and FSDP need the same gradients on every rank, or the reductions fail.
+        """
+        audio = [any(e.audio_features is not None for e in examples) for examples in micro]
+        counts = [int(a) for a in audio]
         if self.dist.enabled:
-            votes = self._sum_over_ranks(torch.tensor(plan, dtype=torch.int64))
-            if any(0 < int(v) < self.dist.world_size for v in votes):
-                raise MiniOmniError(
-                    "in this step some ranks' micro-batches reach no trained weight (e.g. text-only rows while "
-                    "only the adapter trains) and others do; give every source speech input for such a stage, "
-                    "or train on one process")
-        return plan
+            counts = [int(v) for v in self._sum_over_ranks(torch.tensor(counts, dtype=torch.int64))]
+        adapter_trains = any(name.startswith("adapter.") for name in self.trainable)
+        adapter_only = all(name.startswith("adapter.") for name in self.trainable)
+        backward = [not adapter_only or count > 0 for count in counts]
+        keep = [self.dist.enabled and adapter_trains and count > 0 and not has
+                for count, has in zip(counts, audio)]
+        return backward, keep
+
+    def _reshard(self) -> None:
+        """After a forward without backward, FSDP leaves the root's gathered weights in place; drop them so
+        later forwards gather the updated shards (and the memory is freed)."""
+        if self.fsdp:
+            self.model.reshard()
 
     @torch.no_grad()
     def evaluate(self) -> tuple[float, dict[str, float]] | None:
@@ -554,6 +565,7 @@ class Trainer:
                 value, parts = batch_loss(self.ddp_model, batch, return_parts=True)
             if real:
                 sums += torch.tensor([float(value), *(float(parts[k]) for k in STREAMS), 1.0], dtype=torch.float64)
+        self._reshard()
         sums = self._sum_over_ranks(sums)
         count = float(sums[-1])
         return float(sums[0]) / count, {k: float(v) / count for k, v in zip(STREAMS, sums[1:-1].tolist())}
@@ -571,14 +583,19 @@ class Trainer:
         total = 0.0
         parts_sum = {k: 0.0 for k in STREAMS}
         tokens = 0
-        backward = self._backward_plan(micro)
+        backward, keep_adapter = self._backward_plan(micro)
         last = max((i for i, b in enumerate(backward) if b), default=-1)  # gradients are reduced after this one
         for i, examples in enumerate(micro):
             batch = collate_batch(examples)
             tokens += int(batch.input_ids.shape[0] * batch.input_ids.shape[2])
+            if keep_adapter[i]:  # one zero frame per row, injected nowhere (audio length 0)
+                rows = batch.input_ids.shape[0]
+                batch.audio_features = torch.zeros(rows, 1, self.model.config.whisper_adapter_dim)
+                batch.audio_lengths = [0] * rows
             if not backward[i]:  # the loss is still reported
                 with torch.no_grad(), self._autocast():
                     value, parts = batch_loss(self.ddp_model, batch, return_parts=True)
+                self._reshard()
             else:
                 sync = not self.dist.enabled or i == last
                 with contextlib.nullcontext() if sync else self.ddp_model.no_sync():
@@ -588,8 +605,8 @@ class Trainer:
             total += float(value.detach()) / accum
             for k, v in parts.items():
                 parts_sum[k] += float(v.detach()) / accum
-        if self.recipe.clip_grad:
-            torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad],
+        if self.recipe.clip_grad:  # the optimizer's (under FSDP: sharded) parameters
+            torch.nn.utils.clip_grad_norm_([p for group in self.optimizer.param_groups for p in group["params"]],
                                            self.recipe.clip_grad)
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
