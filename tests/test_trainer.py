@@ -369,16 +369,16 @@ def test_fsdp_matches_one_process_and_resumes_exactly(checkpoint_dir, qa_jsonl, 
     assert [r.loss for r in one.fit()] == pytest.approx(fsdp[2:], rel=1e-5)
 
 
-def test_fsdp_adapter_stage_on_mixed_speech_and_text_matches_one_process(checkpoint_dir, qa_jsonl, voice_parquet,
-                                                                         tmp_path):
-    """Adapter-only training on speech and text rows, 2 FSDP ranks x 2 accumulation steps against one process:
-    positions where only one rank has speech (its partner keeps the adapter in its graph), positions where
-    no rank has speech (no backward anywhere), and a step whose last micro-batches have no backward."""
+@pytest.mark.parametrize("train", [["adapter.*"], ["llm.*", "adapter.*"]], ids=["stage1", "stage3"])
+def test_fsdp_on_mixed_speech_and_text_matches_one_process(train, checkpoint_dir, qa_jsonl, voice_parquet, tmp_path):
+    """Speech and text rows, 2 FSDP ranks x 2 accumulation steps against one process: positions where only
+    one rank has speech (its partner keeps the adapter in its graph), positions where no rank has speech
+    (adapter-only: no backward anywhere), and a step whose last micro-batches have no backward."""
     from miniomni.train.trainer import DataPlan
 
     speech = {"kind": "voiceassistant", "path": str(voice_parquet[0]), "task": "A1A2"}
     sources = [speech, speech, {"kind": "jsonl", "path": str(qa_jsonl)}]  # 4 speech + 4 text micro-batches
-    probe = Trainer(_recipe(checkpoint_dir, tmp_path / "probe", sources, train=["adapter.*"], steps=4), progress=False)
+    probe = Trainer(_recipe(checkpoint_dir, tmp_path / "probe", sources, train=train, steps=4), progress=False)
     is_speech = {id(batch): batch[0].audio_features is not None for batch in probe.plan.batches}
 
     def patterns(seed: int) -> set[str]:
@@ -394,12 +394,12 @@ def test_fsdp_adapter_stage_on_mixed_speech_and_text_matches_one_process(checkpo
         return found
 
     seed = next(s for s in range(500) if patterns(s) >= {"mixed", "none", "backward then none"})
-    recipe = _recipe(checkpoint_dir, tmp_path / "unused", sources, train=["adapter.*"], steps=4, seed=seed,
+    recipe = _recipe(checkpoint_dir, tmp_path / "unused", sources, train=train, steps=4, seed=seed,
                      distributed="fsdp", optim={"lr": 1e-2, "weight_decay": 0.0}, clip_grad=0.5)
     recipe_path = tmp_path / "fsdp.yaml"
     recipe_path.write_text(recipe.to_yaml())
     _torchrun(tmp_path, recipe_path, 0, f"output_dir={tmp_path / 'fsdp'}", "data.grad_accum=2")
-    single = Trainer(_recipe(checkpoint_dir, tmp_path / "one", sources, train=["adapter.*"], steps=4, seed=seed,
+    single = Trainer(_recipe(checkpoint_dir, tmp_path / "one", sources, train=train, steps=4, seed=seed,
                              grad_accum=4, optim={"lr": 1e-2, "weight_decay": 0.0}, clip_grad=0.5), progress=False)
     history = single.fit()
     assert _losses(tmp_path / "fsdp") == pytest.approx([r.loss for r in history], rel=1e-5)

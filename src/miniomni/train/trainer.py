@@ -470,9 +470,9 @@ class Trainer:
                                 "in this run; resume with the ranks, grad_accum and batching it was written with")
         saved_names = state.get("trainable_names")
         if saved_names is not None and sorted(saved_names) != sorted(self.trainable):
-            raise MiniOmniError(f"checkpoint {path} trained {len(saved_names)} tensors, this recipe trains "
-                                f"{len(self.trainable)} others or more; resume with the `train` patterns it was "
-                                "written with, or start a new output_dir from its export")
+            raise MiniOmniError(f"checkpoint {path} was written by a run that trained other tensors "
+                                f"({len(saved_names)}) than this recipe selects ({len(self.trainable)}); resume with "
+                                "the `train` patterns it was written with, or start a new output_dir from its export")
         if changed:
             log.warning("resuming a run of %d micro-batches per step (ranks x grad_accum) with %d: the global "
                         "batch and the data order change from here on", before, self.plan.per_step)
@@ -605,8 +605,8 @@ class Trainer:
             total += float(value.detach()) / accum
             for k, v in parts.items():
                 parts_sum[k] += float(v.detach()) / accum
-        if self.recipe.clip_grad:  # the optimizer's (under FSDP: sharded) parameters
-            torch.nn.utils.clip_grad_norm_([p for group in self.optimizer.param_groups for p in group["params"]],
+        if self.recipe.clip_grad:  # under FSDP the sharded parameters: the root is resharded by now
+            torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad],
                                            self.recipe.clip_grad)
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
