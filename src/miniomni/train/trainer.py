@@ -272,25 +272,6 @@ class _Wrapped:
         return self.ddp.no_sync()
 
 
-class _FSDPWrapped:
-    """An FSDP2 module behind the DDP wrapper's interface.
-
-    ``no_sync`` does nothing: FSDP2 without gradient sync would keep a full-size unsharded gradient
-    per parameter on every rank, so each micro-batch's gradients are reduce-scattered into the
-    sharded ones instead (more communication, 1/W of the gradient memory).
-    """
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        self.model = model
-        self.llm = model.llm
-
-    def __call__(self, *args, **kwargs):
-        return self.model(*args, **kwargs)
-
-    def no_sync(self) -> contextlib.AbstractContextManager:
-        return contextlib.nullcontext()
-
-
 @dataclass
 class StepRecord:
     step: int
@@ -365,9 +346,8 @@ class Trainer:
         model.train()
         self.model = model
         self.ddp_model: Any = model
-        if self.fsdp:
+        if self.fsdp:  # the sharded module is called directly
             shard_model(model, self.device, self.dist.world_size)
-            self.ddp_model = _FSDPWrapped(model)
         elif self.dist.enabled:
             from torch.nn.parallel import DistributedDataParallel
 
@@ -423,8 +403,10 @@ class Trainer:
 
         # Collective under FSDP (every rank takes part; rank 0 receives the full tensors).
         model_state = self.full_model_state()
-        optimizer_state = get_optimizer_state_dict(self.model, self.optimizer,
-                                                   options=_state_options(cpu_offload=True))
+        optimizer_state = {}
+        if self.fsdp or self.dist.main:  # a collective under FSDP; otherwise only rank 0 needs it
+            optimizer_state = get_optimizer_state_dict(self.model, self.optimizer,
+                                                       options=_state_options(cpu_offload=True))
         if self.dist.main:
             epoch, index = self.plan.position(self.step)
             state = {
@@ -597,7 +579,9 @@ class Trainer:
                     value, parts = batch_loss(self.ddp_model, batch, return_parts=True)
                 self._reshard()
             else:
-                sync = not self.dist.enabled or i == last
+                # FSDP reduce-scatters every micro-batch: its no_sync would keep a full-size unsharded
+                # gradient per parameter on every rank.
+                sync = not self.dist.enabled or self.fsdp or i == last
                 with contextlib.nullcontext() if sync else self.ddp_model.no_sync():
                     with self._autocast():
                         value, parts = batch_loss(self.ddp_model, batch, return_parts=True)
