@@ -9,7 +9,8 @@ from torch import nn
 
 import miniomni
 from miniomni.codec import StreamingDecoder
-from miniomni.quantize import Int8Linear, linear_rows, quantize_int8
+from miniomni.models.llm import linear_rows
+from miniomni.quantize import Int8Linear, quantize_int8
 from miniomni.streaming import AudioChunk, Done, TextDelta, TextStreamer
 
 

@@ -24,7 +24,9 @@ import torch
 
 from .config import OmniConfig
 from .errors import CheckpointError
+from .models.omni import OmniModel
 from .models.whisper import WhisperDims, encoder_state_dict_from_whisper
+from .quantize import parse_quantize, quantize_weight
 from .safeload import load_torch_file
 
 log = logging.getLogger(__name__)
@@ -325,17 +327,13 @@ def convert_model_state(
     from .safeload import mapped_ranges, release_pages
 
     ranges = mapped_ranges(mapped_from) if mapped_from is not None else []
-    from .models.omni import OmniModel
-    from .quantize import quantize_weight
-
+    quantize = parse_quantize(quantize)
     linear_weights: set[str] = set()
     if quantize == "int8":
         with torch.device("meta"):
             model = OmniModel(config)
         linear_weights = {f"llm.{name}.weight" for name, module in model.llm.named_modules()
                           if isinstance(module, torch.nn.Linear)}
-    elif quantize not in (None, "none"):
-        raise CheckpointError(f"quantize={quantize!r} is not supported; use int8")
     out: dict[str, torch.Tensor] = {}
     if quantize == "int8" and config.tie_word_embeddings:
         out["llm.lm_head.weight"], out["llm.lm_head.scales"] = quantize_weight(state["llm.embed.weight"])
@@ -363,8 +361,7 @@ def write_bundle(
     from safetensors.torch import save_file
 
     path = Path(path)
-    if quantize in (None, "none"):
-        quantize = parts.quantize
+    quantize = parse_quantize(quantize) or parts.quantize
     model_state = parts.model_state
     if quantize == "int8" and dtype is None:
         dtype = torch.bfloat16  # int8 runs with bfloat16 activations: keep no float32 weights
@@ -422,7 +419,7 @@ def read_bundle(path: str | Path) -> CheckpointParts:
         snac_config=json.loads(metadata["snac_config"]),
         snac_state=groups["snac."],
         tokenizer_json=tokenizer_json,
-        quantize=None if metadata.get("quantize", "none") == "none" else metadata["quantize"],
+        quantize=parse_quantize(metadata.get("quantize")),
     )
 
 

@@ -8,9 +8,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from .tokens import CODEBOOK_SIZE, SAMPLES_PER_FRAME, codes_to_layers, layers_to_codes
-
-SNAC_SAMPLE_RATE = 24000
+from .audio import OUTPUT_SAMPLE_RATE
+from .errors import CheckpointError
+from .tokens import CODEBOOK_SIZE, NUM_AUDIO_LAYERS, SAMPLES_PER_FRAME, codes_to_layers, layers_to_codes
 
 
 class Codec:
@@ -19,7 +19,7 @@ class Codec:
     def __init__(self, snac_model: torch.nn.Module, device: torch.device | str = "cpu") -> None:
         self.model = snac_model.eval().to(device)
         self.device = torch.device(device)
-        self.sample_rate = int(getattr(snac_model, "sampling_rate", SNAC_SAMPLE_RATE))
+        self.sample_rate = int(getattr(snac_model, "sampling_rate", OUTPUT_SAMPLE_RATE))
         self.hop_length = int(getattr(snac_model, "hop_length", 512))
         self._noise_blocks: dict[tuple[int, str], torch.nn.Module] = {}
 
@@ -29,8 +29,6 @@ class Codec:
     ) -> Codec:
         """Build SNAC from its ``config.json`` contents and weights."""
         from snac import SNAC
-
-        from .errors import CheckpointError
 
         try:
             model = SNAC(**config)
@@ -120,8 +118,8 @@ class StreamingDecoder:
 
     def push(self, frame: list[int]) -> None:
         """Add one complete frame (7 codes, depth-first order)."""
-        if len(frame) != 7:
-            raise ValueError(f"a frame has 7 codes, got {len(frame)}")
+        if len(frame) != NUM_AUDIO_LAYERS:
+            raise ValueError(f"a frame has {NUM_AUDIO_LAYERS} codes, got {len(frame)}")
         self.frames.append([int(c) for c in frame])
 
     def pull(self, final: bool = False) -> np.ndarray | None:

@@ -1,4 +1,4 @@
-"""Decoding: sampling, the per-task feeding rules and the KV-cached step loop (SPEC section 3)."""
+"""Decoding: sampling, the per-task feeding rules and the KV-cached step loop (``docs/decoding.md``)."""
 
 from __future__ import annotations
 
@@ -8,16 +8,16 @@ from dataclasses import dataclass, field
 import torch
 
 from .errors import ConfigError
+from .models.llm import KVCache
 from .models.omni import OmniModel
 from .tokens import (
     EOA,
     EOT,
-    NUM_AUDIO_LAYERS,
     PAD_A,
     PAD_T,
     TEXT_VOCAB_SIZE,
     Task,
-    layershift,
+    layer_shifts,
 )
 
 # The reference caps prompt + generated at 2048 positions.
@@ -130,7 +130,7 @@ class AnswerState:
 
     Whoever runs the model (``decode`` for one answer, a server batching many) asks which
     head rows to compute, hands over their outputs with :meth:`advance`, and feeds
-    :meth:`next_ids` at :attr:`position`. Rules (SPEC section 3): text-output tasks feed
+    :meth:`next_ids` at :attr:`position`. Rules (``docs/decoding.md``): text-output tasks feed
     ``_pad_a`` on the audio streams and stop at ``_eot``; speech-output tasks feed the
     sampled audio back, feed ``_pad_t`` once the text has emitted ``_eot`` (recorded as
     ``_pad_t``), and stop when audio layer 6 emits ``_eoa``. ``A1A2-batch`` has two rows
@@ -150,9 +150,7 @@ class AnswerState:
         self.text_row = 1 if self.task == Task.A1A2_BATCH else 0
         self.audio_out = self.task.audio_output
         self.generator = self.options.generator(device)
-        self.layer_offsets = torch.tensor(
-            [layershift(0, layer) for layer in range(NUM_AUDIO_LAYERS)], device=device, dtype=torch.long
-        )
+        self.layer_offsets = layer_shifts(device)
         self.index = 0  # the step about to be sampled
         self.text_ended = False
         self.finished = False
@@ -235,7 +233,7 @@ def decode(
                                      kv_len=position + 1)
 
 
-def prefill(model: OmniModel, prompts: torch.Tensor, inputs: DecodeInput, cache) -> torch.Tensor:  # noqa: ANN001
+def prefill(model: OmniModel, prompts: torch.Tensor, inputs: DecodeInput, cache: KVCache) -> torch.Tensor:
     """Run the prompt through the model, filling ``cache``; returns the last position's hidden state (B, 1, C).
 
     Rows whose prompts (and Whisper features) agree on a prefix share its computation:
@@ -250,7 +248,7 @@ def prefill(model: OmniModel, prompts: torch.Tensor, inputs: DecodeInput, cache)
     if shared == 0:
         return model.hidden_states(prompts, torch.arange(length, device=device), cache, features, lengths,
                                    kv_len=length)[:, -1:]
-    model.hidden_states(prompts[:1, :, :shared], torch.arange(shared, device=device), _row_view(cache, 0),
+    model.hidden_states(prompts[:1, :, :shared], torch.arange(shared, device=device), cache.rows(slice(0, 1)),
                         None if features is None else features[:1], None if lengths is None else lengths[:1],
                         kv_len=shared)
     for keys, values in zip(cache.keys, cache.values):
@@ -261,7 +259,7 @@ def prefill(model: OmniModel, prompts: torch.Tensor, inputs: DecodeInput, cache)
                                kv_len=length)[:, -1:]
 
 
-def _shared_prefix(prompts: torch.Tensor, features: torch.Tensor | None, lengths) -> int:  # noqa: ANN001
+def _shared_prefix(prompts: torch.Tensor, features: torch.Tensor | None, lengths: list[int] | None) -> int:
     rows, _, length = prompts.shape
     if rows < 2:
         return 0
@@ -275,7 +273,3 @@ def _shared_prefix(prompts: torch.Tensor, features: torch.Tensor | None, lengths
         return 0  # the injected frames (positions 1..T) must all lie in the shared prefix
     return shared
 
-
-def _row_view(cache, row: int):  # noqa: ANN001, ANN202
-    """The cache restricted to one row (views: writes land in the full cache)."""
-    return type(cache)(keys=[k[row : row + 1] for k in cache.keys], values=[v[row : row + 1] for v in cache.values])

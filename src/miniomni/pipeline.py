@@ -2,61 +2,49 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 import torch
 from tokenizers import Tokenizer
+from typing_extensions import Unpack
 
-from .audio import load_audio, log_mel_spectrogram, trim_to_30s, whisper_frame_count
+from .audio import OUTPUT_SAMPLE_RATE, load_audio, log_mel_spectrogram, trim_to_30s, whisper_frame_count
 from .checkpoints import CheckpointParts, check_state_dict, convert_model_state, read_checkpoint
-from .codec import Codec, StreamingDecoder
+from .codec import Codec
+from .devices import autocast, resolve_device, resolve_dtype
 from .errors import CheckpointError, MiniOmniError
 from .generate import MAX_POSITIONS, DecodeInput, SamplingOptions, Step, answer_text_ids, decode
 from .models.omni import OmniModel
 from .models.whisper import WhisperEncoder
-from .quantize import quantize_int8
-from .streaming import AudioChunk, Done, StreamEvent, TextDelta, TextStreamer, Timings
-from .tokens import CODEBOOK_SIZE, NUM_AUDIO_LAYERS, Task, audio_prompt, text_prompt, undelay
+from .quantize import parse_quantize, quantize_int8
+from .streaming import AnswerEvents, AnswerTokens, StreamEvent
+from .tokens import Task, audio_prompt, text_prompt, undelay
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
+class Question(TypedDict, total=False):
+    """What :meth:`MiniOmni.generate` and :meth:`MiniOmni.stream` take besides the task.
 
-def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
-    """``auto`` picks CUDA, then MPS, then CPU."""
-    if device is None or str(device) == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise MiniOmniError("--device cuda was asked for but this PyTorch sees no CUDA GPU; use --device cpu")
-    if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise MiniOmniError("--device mps was asked for but MPS is not available here; use --device cpu")
-    return device
+    ``audio`` (a file, bytes or an array with ``sample_rate``) or ``text``; ``max_new_tokens``
+    caps the answer; ``temperature`` > 0 samples (``top_k``, ``top_p``, ``seed``), else greedy.
+    """
 
-
-def resolve_dtype(dtype: str | torch.dtype | None = "float32") -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        if dtype not in (torch.float32, torch.bfloat16):
-            raise MiniOmniError(f"dtype {dtype} is not supported; use float32 or bfloat16")
-        return dtype
-    if dtype is None or dtype == "auto":
-        return torch.float32
-    if dtype not in DTYPES:
-        raise MiniOmniError(f"dtype {dtype!r} is not supported; use float32 or bfloat16")
-    return DTYPES[dtype]
+    audio: Any
+    text: str | None
+    sample_rate: int | None
+    max_new_tokens: int | None
+    temperature: float
+    top_k: int | None
+    top_p: float
+    seed: int | None
 
 
 @dataclass
@@ -69,7 +57,7 @@ class GenerationResult:
     audio_tokens: list[list[int]]
     text: str
     audio: np.ndarray | None
-    sample_rate: int = 24000
+    sample_rate: int = OUTPUT_SAMPLE_RATE
 
     def tokens_json(self) -> dict[str, Any]:
         """Every token sampled, in order, from the one sampled from the prompt through the stop token.
@@ -115,8 +103,7 @@ class MiniOmni:
         fast_encoder: bool = False,
     ) -> MiniOmni:
         """Build the pipeline; ``quantize="int8"`` swaps the decoder's linears for int8 ones (bf16 activations)."""
-        if quantize not in (None, "none", "int8"):
-            raise MiniOmniError(f"quantize={quantize!r} is not supported; use int8 or leave it off")
+        quantize = parse_quantize(quantize)
         if parts.quantize == "int8":
             quantize = "int8"  # an int8 bundle holds no float weights to run without it
         if quantize == "int8" and dtype != torch.bfloat16:
@@ -155,20 +142,15 @@ class MiniOmni:
 
     # ------------------------------------------------------------------ inputs
 
-    def _autocast(self) -> contextlib.AbstractContextManager:
-        if self.dtype == torch.bfloat16 and self.device.type in ("cpu", "cuda"):
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
-
     @torch.inference_mode()
     def encode_audio(self, audio_16k: np.ndarray) -> torch.Tensor:
-        """16 kHz mono waveform (<= 30 s) -> (1, T, whisper_dim) Whisper features, T as SPEC section 1."""
+        """16 kHz mono waveform (<= 30 s) -> (1, T, whisper_dim) Whisper features (T: :func:`whisper_frame_count`)."""
         frames = whisper_frame_count(len(audio_16k))
         # On the CPU, as the reference does: a GPU FFT differs in the low bits.
         mel = log_mel_spectrogram(audio_16k).to(self.device)
         if self.fast_encoder:  # opt-in: encode only the frames that are kept, not 30 s
             mel = mel[:, : 2 * frames]
-        with self._autocast():
+        with autocast(self.device, self.dtype):
             features = self.encoder(mel.unsqueeze(0), allow_short=self.fast_encoder)
         return features[:, :frames].float()
 
@@ -223,30 +205,37 @@ class MiniOmni:
         """The decode loop of :mod:`miniomni.generate` on this model."""
         return decode(self.model, inputs, options, max_new_tokens)
 
+    def detokenize(self, ids: list[int]) -> str:
+        """Text of token ids, special tokens dropped."""
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
     def decode_text(self, text_tokens: list[int], task: Task | str = Task.A1A2, ended_on_eoa: bool = False) -> str:
         """The answer text from every sampled text token (see :func:`generate.answer_text_ids`)."""
-        ids = answer_text_ids(Task.parse(task), text_tokens, ended_on_eoa)
-        return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
+        return self.detokenize(answer_text_ids(Task.parse(task), text_tokens, ended_on_eoa)).strip()
 
     def decode_audio(self, audio_tokens: list[list[int]], seed: int | None = 0) -> np.ndarray:
         """Sampled audio streams (7 lists of local ids) -> 24 kHz float32 waveform."""
         return self.codec.decode(undelay(audio_tokens), seed=seed)
 
-    def stream(
-        self,
-        task: Task | str | None = None,
-        *,
-        audio: Any = None,
-        text: str | None = None,
-        sample_rate: int | None = None,
-        max_new_tokens: int | None = None,
-        temperature: float = 0.0,
-        top_k: int | None = None,
-        top_p: float = 1.0,
-        seed: int | None = None,
-        first_chunk: int = 1,
-        max_chunk: int = 16,
-    ) -> Iterator[StreamEvent]:
+    def answer_events(self, inputs: DecodeInput, started: float, first_chunk: int = 1,
+                      max_chunk: int = 16) -> AnswerEvents:
+        """The stream events of one answer to ``inputs`` (see :class:`streaming.AnswerEvents`)."""
+        return AnswerEvents(inputs.task, inputs.prompt_length, self.codec, self.detokenize, started,
+                            first_chunk=first_chunk, max_chunk=max_chunk)
+
+    def _begin(self, task: Task | str | None, question: Question) -> tuple[DecodeInput, Iterator[Step]]:
+        unknown = set(question) - set(Question.__annotations__)
+        if unknown:
+            raise TypeError(f"unexpected keyword argument(s) {', '.join(sorted(unknown))}; "
+                            f"a question takes {', '.join(Question.__annotations__)}")
+        options = SamplingOptions(temperature=question.get("temperature", 0.0), top_k=question.get("top_k"),
+                                  top_p=question.get("top_p", 1.0), seed=question.get("seed"))
+        inputs = self.prepare(task, audio=question.get("audio"), text=question.get("text"),
+                              sample_rate=question.get("sample_rate"))
+        return inputs, self.steps(inputs, options, question.get("max_new_tokens"))
+
+    def stream(self, task: Task | str | None = None, *, first_chunk: int = 1, max_chunk: int = 16,
+               **question: Unpack[Question]) -> Iterator[StreamEvent]:
         """Like :meth:`generate`, but yields events as they happen.
 
         ``TextDelta`` as text arrives, ``AudioChunk`` (24 kHz float32) as soon as frames can be
@@ -254,50 +243,29 @@ class MiniOmni:
         and one final ``Done`` with the whole text, every token and the :class:`Timings`.
         """
         started = time.perf_counter()
-        options = SamplingOptions(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
-        inputs = self.prepare(task, audio=audio, text=text, sample_rate=sample_rate)
-        events = AnswerEvents(self, inputs, started, first_chunk=first_chunk, max_chunk=max_chunk)
-        for step in self.steps(inputs, options, max_new_tokens):
+        inputs, steps = self._begin(task, question)
+        events = self.answer_events(inputs, started, first_chunk=first_chunk, max_chunk=max_chunk)
+        for step in steps:
             yield from events.on_step(step)
         yield from events.finish()
 
-    def generate(
-        self,
-        task: Task | str | None = None,
-        *,
-        audio: Any = None,
-        text: str | None = None,
-        sample_rate: int | None = None,
-        max_new_tokens: int | None = None,
-        temperature: float = 0.0,
-        top_k: int | None = None,
-        top_p: float = 1.0,
-        seed: int | None = None,
-    ) -> GenerationResult:
-        """Answer one question. Speech-output tasks also return the 24 kHz waveform.
+    def generate(self, task: Task | str | None = None, **question: Unpack[Question]) -> GenerationResult:
+        """Answer one question (see :class:`Question`). Speech-output tasks also return the 24 kHz waveform.
 
         The task defaults to ``A1A2-batch`` for audio input and ``T1A2`` for text input.
         Greedy unless ``temperature > 0``.
         """
-        options = SamplingOptions(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
-        inputs = self.prepare(task, audio=audio, text=text, sample_rate=sample_rate)
-        text_tokens: list[int] = []
-        audio_tokens: list[list[int]] = [[] for _ in range(NUM_AUDIO_LAYERS)] if inputs.task.audio_output else []
-        ended_on_eoa = False
-        for step in self.steps(inputs, options, max_new_tokens):
-            ended_on_eoa = step.end == "eoa"
-            text_tokens.append(step.text)
-            if step.audio is not None:
-                for layer, token in enumerate(step.audio):
-                    audio_tokens[layer].append(token)
-        waveform = self.decode_audio(audio_tokens) if inputs.task.audio_output else None
+        inputs, steps = self._begin(task, question)
+        tokens = AnswerTokens(inputs.task)
+        for step in steps:
+            tokens.add(step)
         return GenerationResult(
             task=inputs.task,
             prompt_length=inputs.prompt_length,
-            text_tokens=text_tokens,
-            audio_tokens=audio_tokens,
-            text=self.decode_text(text_tokens, inputs.task, ended_on_eoa),
-            audio=waveform,
+            text_tokens=tokens.text,
+            audio_tokens=tokens.audio,
+            text=self.detokenize(tokens.answer_text_ids()).strip(),
+            audio=self.decode_audio(tokens.audio) if inputs.task.audio_output else None,
             sample_rate=self.codec.sample_rate,
         )
 
@@ -320,94 +288,3 @@ def load(
     parts = read_checkpoint(source)
     log.info("loaded %s onto %s as %s", path_or_repo, resolved_device, resolved_dtype)
     return MiniOmni.from_parts(parts, resolved_device, resolved_dtype, quantize=quantize, fast_encoder=fast_encoder)
-
-
-class AnswerEvents:
-    """Turns the sampled steps of one answer into stream events (text deltas, audio chunks, Done).
-
-    Shared by :meth:`MiniOmni.stream` and the server, which calls it off the decode thread.
-    Times are measured from ``started`` (when the question was in hand).
-    """
-
-    def __init__(self, omni: MiniOmni, inputs: DecodeInput, started: float, first_chunk: int = 1,
-                 max_chunk: int = 16) -> None:
-        self.omni = omni
-        self.inputs = inputs
-        self.started = started
-        self.timings = Timings(prepare_ms=(time.perf_counter() - started) * 1000)
-        self.streamer = TextStreamer(lambda ids: omni.tokenizer.decode(ids, skip_special_tokens=True))
-        self.ended_on_eoa = False
-        self.decoder = StreamingDecoder(omni.codec, first_chunk=first_chunk, max_chunk=max_chunk)
-        self.text_tokens: list[int] = []
-        self.audio_tokens: list[list[int]] = [[] for _ in range(NUM_AUDIO_LAYERS)] if inputs.task.audio_output else []
-        self.audio_done = False
-        self.samples_out = 0
-        self.step_times: list[float] = []
-        self._last_step: float | None = None
-        self._codec_seconds = 0.0
-
-    def on_step(self, step: Step, when: float | None = None) -> list[StreamEvent]:
-        """Events for one sampled step; ``when`` is when it was sampled (default: now)."""
-        when = time.perf_counter() if when is None else when
-        if step.index == 0:
-            self.timings.first_token_ms = (when - self.started) * 1000
-        elif self._last_step is not None:
-            # Codec work done in between, on this thread, is not decode-step time.
-            self.step_times.append(when - self._last_step - self._codec_seconds)
-        self._last_step, self._codec_seconds = when, 0.0
-        events: list[StreamEvent] = []
-        self.text_tokens.append(step.text)
-        self.ended_on_eoa = step.end == "eoa"
-        delta = self.streamer.update(answer_text_ids(self.inputs.task, self.text_tokens, self.ended_on_eoa))
-        if delta:
-            events.append(TextDelta(delta))
-        if step.audio is None:
-            return events
-        for layer, token in enumerate(step.audio):
-            self.audio_tokens[layer].append(token)
-        frame_index = step.index - NUM_AUDIO_LAYERS  # frame k is complete once layer 6 gave output k + 7
-        if frame_index >= 0 and not self.audio_done:
-            frame = [self.audio_tokens[layer][frame_index + layer + 1] for layer in range(NUM_AUDIO_LAYERS)]
-            if any(code >= CODEBOOK_SIZE for code in frame):
-                self.audio_done = True
-            else:
-                self.decoder.push(frame)
-                events += self._chunk(final=False)
-        return events
-
-    def _chunk(self, final: bool) -> list[StreamEvent]:
-        began = time.perf_counter()
-        chunk = self.decoder.pull(final=final)
-        self._codec_seconds += time.perf_counter() - began
-        if chunk is None or len(chunk) == 0:
-            return []
-        if self.timings.first_audio_ms is None:
-            self.timings.first_audio_ms = (time.perf_counter() - self.started) * 1000
-        event = AudioChunk(chunk, self.samples_out, self.omni.codec.sample_rate)
-        self.samples_out += len(chunk)
-        return [event]
-
-    def finish(self) -> list[StreamEvent]:
-        """The last audio and text, then Done."""
-        events: list[StreamEvent] = self._chunk(final=True) if self.inputs.task.audio_output else []
-        tail = self.streamer.flush()
-        if tail:
-            events.append(TextDelta(tail))
-        t = self.timings
-        t.total_ms = (time.perf_counter() - self.started) * 1000
-        t.steps = len(self.text_tokens)
-        if self.step_times:
-            t.step_ms_median = float(np.median(self.step_times) * 1000)
-            t.steps_per_second = len(self.step_times) / max(sum(self.step_times), 1e-9)
-        t.audio_seconds = self.samples_out / self.omni.codec.sample_rate
-        if self.samples_out:
-            t.real_time_factor = t.total_ms / 1000 / t.audio_seconds
-        events.append(Done(
-            text=self.omni.decode_text(self.text_tokens, self.inputs.task, self.ended_on_eoa),
-            text_tokens=self.text_tokens,
-            audio_tokens=self.audio_tokens,
-            task=self.inputs.task.value,
-            prompt_length=self.inputs.prompt_length,
-            timings=t,
-        ))
-        return events

@@ -12,6 +12,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import MiniOmniError
+
+# What ``--quantize`` accepts; "none" keeps the checkpoint's float weights.
+QUANTIZE_MODES = ("none", "int8")
+
 _INT8_MM = getattr(torch.ops.aten, "_weight_int8pack_mm", None)
 # The int8 kernel is a matrix-vector path: fast for decode steps, slower than a bf16 GEMM on a
 # dequantized weight for prompts (measured: 789 ms vs 368 ms for a 154-position prefill).
@@ -21,7 +26,8 @@ _INT8_MM_MAX_ROWS = 16
 class Int8Linear(nn.Module):
     """y = x @ (int8 weight * row scale).T + bias."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = False, device=None) -> None:  # noqa: ANN001
+    def __init__(self, in_features: int, out_features: int, bias: bool = False,
+                 device: torch.device | str | None = None) -> None:
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
@@ -49,6 +55,15 @@ class Int8Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8"
+
+
+def parse_quantize(mode: str | None) -> str | None:
+    """A ``--quantize`` value -> ``"int8"``, or None for float weights (None or "none")."""
+    if mode is None or mode == "none":
+        return None
+    if mode not in QUANTIZE_MODES:
+        raise MiniOmniError(f"quantize={mode!r} is not supported; use {' or '.join(QUANTIZE_MODES)}")
+    return mode
 
 
 def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -85,10 +100,3 @@ def quantize_int8(module: nn.Module, skip: tuple[str, ...] = ()) -> nn.Module:
             quantize_int8(child, skip)
     return module
 
-
-def linear_rows(linear: nn.Module, x: torch.Tensor, start: int, end: int) -> torch.Tensor:
-    """Output features [start, end) of a Linear or Int8Linear, reading only those weight rows."""
-    if isinstance(linear, Int8Linear):
-        return linear.rows(x, start, end)
-    bias = None if linear.bias is None else linear.bias[start:end]
-    return F.linear(x, linear.weight[start:end], bias)

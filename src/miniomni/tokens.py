@@ -1,7 +1,8 @@
 """Mini-Omni's token layout: special ids, layer shifts, SNAC frames <-> 7 layers, delay, prompts.
 
 One vocabulary table of 181,120 rows holds the Qwen2 text block (152,000 wide) and
-seven audio blocks (4,160 wide each). See SPEC sections 1 and 2.
+seven audio blocks (4,160 wide each). ``docs/decoding.md`` describes the layout, the
+prompts and the delay in full.
 """
 
 from __future__ import annotations
@@ -49,13 +50,30 @@ def layershift(local_id: int | torch.Tensor, layer: int) -> int | torch.Tensor:
     return local_id + PADDED_TEXT_VOCAB_SIZE + PADDED_AUDIO_VOCAB_SIZE * layer
 
 
+# Where each audio layer's block starts in the vocabulary.
+LAYER_SHIFTS = tuple(layershift(0, layer) for layer in range(NUM_AUDIO_LAYERS))
+
+
+def layer_shifts(device: torch.device | str | None = None) -> torch.Tensor:
+    """(7,) tensor of :data:`LAYER_SHIFTS`: add it to 7 local audio ids to get absolute ones."""
+    return torch.tensor(LAYER_SHIFTS, dtype=torch.long, device=device)
+
+
+def padding_ids(device: torch.device | str | None = None) -> torch.Tensor:
+    """(8,) absolute ids of one all-padding position: ``_pad_a`` on the 7 audio streams, ``_pad_t`` on text."""
+    return torch.cat([layer_shifts(device) + PAD_A, torch.tensor([PAD_T], device=device)])
+
+
 def unshift(absolute_id: int, layer: int) -> int:
     """Local audio id (0..4159) of an absolute id of audio layer ``layer``."""
     return absolute_id - PADDED_TEXT_VOCAB_SIZE - PADDED_AUDIO_VOCAB_SIZE * layer
 
 
 class Task(str, enum.Enum):
-    """The tasks of SPEC section 2. ``A1A2_BATCH`` is the paper's batch approach."""
+    """What goes in and what comes out (``A1`` audio, ``T1`` text in; ``A2`` speech, ``T2`` text out).
+
+    ``A1A2_BATCH`` is the paper's batch approach: an A1A2 row speaks, guided by the text of an A1T2 row.
+    """
 
     A1A2 = "A1A2"
     A1A2_BATCH = "A1A2-batch"
@@ -154,19 +172,32 @@ def layers_to_codes(layers: torch.Tensor) -> list[torch.Tensor]:
     return [c.reshape(1, -1) for c in codes]
 
 
+def delayed_frame(audio_streams: Sequence[Sequence[int]], k: int) -> list[int] | None:
+    """Frame ``k`` (7 SNAC codes) of the sampled audio streams, or None if it holds a special id.
+
+    Layer i lags the text by i + 1 steps, so frame k takes layer i's output k + i + 1
+    (index 0 = the token sampled from the prompt); it is complete once layer 6 has
+    given output k + 7.
+    """
+    frame = [int(audio_streams[layer][k + layer + 1]) for layer in range(NUM_AUDIO_LAYERS)]
+    if any(code >= CODEBOOK_SIZE or code < 0 for code in frame):
+        return None
+    return frame
+
+
 def undelay(audio_streams: Sequence[Sequence[int]]) -> torch.Tensor:
     """Sampled audio tokens (7 lists, local ids, index 0 = sampled from the prompt) -> (7, N) frames.
 
-    Frame k takes layer i's output k+i+1. Frames stop before the first one holding a
-    special id (>= 4096), so ``_eoa`` and the delay pads never reach the codec.
+    Frames stop before the first one holding a special id (>= 4096), so ``_eoa`` and the
+    delay pads never reach the codec (see :func:`delayed_frame`).
     """
     if len(audio_streams) != NUM_AUDIO_LAYERS:
         raise ValueError(f"expected 7 audio streams, got {len(audio_streams)}")
     num_frames = min(len(s) - layer - 1 for layer, s in enumerate(audio_streams))
     frames: list[list[int]] = []
     for k in range(max(num_frames, 0)):
-        frame = [int(audio_streams[layer][k + layer + 1]) for layer in range(NUM_AUDIO_LAYERS)]
-        if any(code >= CODEBOOK_SIZE or code < 0 for code in frame):
+        frame = delayed_frame(audio_streams, k)
+        if frame is None:
             break
         frames.append(frame)
     if not frames:

@@ -74,6 +74,10 @@ class KVCache:
     def max_length(self) -> int:
         return self.keys[0].shape[2]
 
+    def rows(self, rows: slice) -> KVCache:
+        """The cache restricted to some rows (views: writes land in this cache)."""
+        return KVCache(keys=[k[rows] for k in self.keys], values=[v[rows] for v in self.values])
+
 
 class Attention(nn.Module):
     def __init__(self, config: OmniConfig) -> None:
@@ -232,3 +236,15 @@ class Transformer(nn.Module):
     ) -> torch.Tensor:
         """Plain language-model logits (B, T, vocab) for token ids (B, T)."""
         return self.lm_head(self.forward_hidden(self.embed(input_ids), positions, cache))
+
+
+def linear_rows(linear: nn.Module, x: torch.Tensor, start: int, end: int) -> torch.Tensor:
+    """Output features [start, end) of a linear layer, reading only those weight rows.
+
+    A module with its own ``rows(x, start, end)`` (the int8 linear) computes them itself.
+    """
+    own = getattr(linear, "rows", None)
+    if own is not None:
+        return own(x, start, end)
+    bias = None if linear.bias is None else linear.bias[start:end]
+    return F.linear(x, linear.weight[start:end], bias)

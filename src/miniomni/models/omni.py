@@ -9,8 +9,7 @@ from torch import nn
 
 from ..config import OmniConfig
 from ..tokens import NUM_AUDIO_LAYERS, NUM_STREAMS
-from ..quantize import linear_rows
-from .llm import KVCache, SwiGLU, Transformer
+from .llm import KVCache, SwiGLU, Transformer, linear_rows
 
 
 class OmniModel(nn.Module):

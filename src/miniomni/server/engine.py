@@ -26,9 +26,9 @@ import torch
 
 from ..errors import MiniOmniError
 from ..generate import MAX_POSITIONS, AnswerState, DecodeInput, SamplingOptions, prefill
-from ..pipeline import AnswerEvents, MiniOmni
-from ..streaming import StreamEvent
-from ..tokens import NUM_AUDIO_LAYERS, PAD_A, PAD_T, layershift
+from ..pipeline import MiniOmni
+from ..streaming import AnswerEvents, Done, StreamEvent
+from ..tokens import padding_ids
 
 log = logging.getLogger(__name__)
 
@@ -115,8 +115,7 @@ class Engine:
         self._helper = ThreadPoolExecutor(max_workers=1, thread_name_prefix="miniomni-helper")
         self._thread = threading.Thread(target=self._run, name="miniomni-decode", daemon=True)
         self._thread.start()
-        offsets = torch.tensor([layershift(0, layer) for layer in range(NUM_AUDIO_LAYERS)], dtype=torch.long)
-        self._idle_ids = torch.cat([offsets + PAD_A, torch.tensor([PAD_T])]).to(self.device)
+        self._idle_ids = padding_ids(self.device)
 
     # ------------------------------------------------------------------ public
 
@@ -163,7 +162,7 @@ class Engine:
             inputs = self.omni.prepare(request.task, audio=request.audio, text=request.text,
                                        sample_rate=request.sample_rate)
             session.inputs = inputs
-            session.events = AnswerEvents(self.omni, inputs, session.started, max_chunk=request.max_chunk)
+            session.events = self.omni.answer_events(inputs, session.started, max_chunk=request.max_chunk)
             self.ready.put(session)
             self._wake()
         except Exception as exc:  # noqa: BLE001 - every failure becomes the client's error event
@@ -178,7 +177,7 @@ class Engine:
                 events += session.events.finish()
             for event in events:
                 session.emit(event)
-                if finished and type(event).__name__ == "Done":
+                if isinstance(event, Done):
                     timings = session.events.timings
                     if timings.first_audio_ms is not None:
                         self.stats.first_audio_ms_total += timings.first_audio_ms
@@ -249,9 +248,7 @@ class Engine:
                 with torch.inference_mode():
                     state = AnswerState(inputs, session.request.options, session.request.max_new_tokens, self.device)
                     rows = slice(2 * session.slot, 2 * session.slot + state.rows)
-                    view = type(self.cache)(keys=[k[rows] for k in self.cache.keys],
-                                            values=[v[rows] for v in self.cache.values])
-                    hidden = prefill(self.omni.model, inputs.prompts.to(self.device), inputs, view)
+                    hidden = prefill(self.omni.model, inputs.prompts.to(self.device), inputs, self.cache.rows(rows))
                     session.state = state
                     self._sample([session], {session.id: hidden})
             except Exception as exc:  # noqa: BLE001
@@ -282,8 +279,7 @@ class Engine:
             ids[rows] = session.state.next_ids()
             positions[rows] = session.state.position
         kv_len = int(positions.max()) + 1
-        cache = type(self.cache)(keys=[k[:total_rows] for k in self.cache.keys],
-                                 values=[v[:total_rows] for v in self.cache.values])
+        cache = self.cache.rows(slice(0, total_rows))
         hidden = self.omni.model.hidden_states(ids.unsqueeze(-1), positions, cache, kv_len=kv_len)
         self._sample(list(self.active), {s.id: hidden[self._rows(s)] for s in self.active})
         for session in list(self.active):
