@@ -31,7 +31,8 @@ import uvicorn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import latency  # noqa: E402
 
-from miniomni.server.app import ServerSettings, create_app  # noqa: E402
+from miniomni.server.app import create_app
+from miniomni.server.settings import ServerSettings  # noqa: E402
 from miniomni.server.engine import Engine  # noqa: E402
 
 

@@ -19,8 +19,9 @@ import websockets
 from openai import AsyncOpenAI
 
 from miniomni.audio import float_to_pcm16
-from miniomni.server import realtime
-from miniomni.server.app import ServerSettings, create_app
+from miniomni.server import connection
+from miniomni.server.app import create_app
+from miniomni.server.settings import ServerSettings
 from miniomni.server.engine import AnswerRequest, Engine
 from miniomni.streaming import AudioChunk
 
@@ -495,7 +496,7 @@ def test_client_that_disconnects_mid_answer_stops_it(port, engine):
 
 
 def test_client_that_stops_reading_is_cut_off_and_others_are_served(port, engine, monkeypatch):
-    monkeypatch.setattr(realtime, "MAX_PENDING_BYTES", 64 * 1024)
+    monkeypatch.setattr(connection, "MAX_PENDING_BYTES", 64 * 1024)
 
     async def run():
         sock = socket.socket()

@@ -13,7 +13,8 @@ import soundfile as sf
 from fastapi.testclient import TestClient
 
 from miniomni.audio import float_to_pcm16
-from miniomni.server.app import PCM_MEDIA_TYPE, ServerSettings, create_app
+from miniomni.server.app import PCM_MEDIA_TYPE, create_app
+from miniomni.server.settings import ServerSettings
 from miniomni.server.engine import AnswerRequest, Engine
 from miniomni.streaming import AudioChunk
 

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from miniomni.server.app import ServerSettings, create_app
+from miniomni.server.app import create_app
+from miniomni.server.settings import ServerSettings
 from miniomni.server.engine import Engine
 
 from conftest import serving

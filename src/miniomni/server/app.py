@@ -11,7 +11,6 @@ import binascii
 import json
 import logging
 import struct
-from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -19,36 +18,27 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from ..audio import WHISPER_SAMPLE_RATE, float_to_pcm16, load_audio
+from ..audio import OUTPUT_SAMPLE_RATE, WHISPER_SAMPLE_RATE, float_to_pcm16, load_audio
 from ..errors import AudioError, MiniOmniError
 from ..generate import SamplingOptions
 from ..streaming import AudioChunk, Done
+from .access import bearer_ok, is_public
+from .connection import add_realtime_routes
 from .engine import AnswerRequest, Engine, EngineBusy, ErrorEvent
-from .realtime import add_realtime_routes
-from .web import add_web_routes, is_public
+from .settings import ServerSettings
+from .web import add_web_routes
 
 log = logging.getLogger(__name__)
 
 # Raw little-endian 16-bit samples; audio/L16 would promise big-endian (RFC 2586), so not that.
-PCM_MEDIA_TYPE = "audio/pcm;rate=24000;encoding=s16le;channels=1"
-
-
-@dataclass
-class ServerSettings:
-    """What ``miniomni serve`` lets a user set."""
-
-    api_key: str | None = None
-    cors_origins: list[str] = field(default_factory=list)
-    max_audio_seconds: float = 30.0
-    max_request_bytes: int = 64 * 1024 * 1024
-    max_tokens_limit: int = 2048
+PCM_MEDIA_TYPE = f"audio/pcm;rate={OUTPUT_SAMPLE_RATE};encoding=s16le;channels=1"
 
 
 def error_response(status: int, message: str, kind: str = "invalid_request_error") -> JSONResponse:
     return JSONResponse({"error": {"message": message, "type": kind}}, status_code=status)
 
 
-def wav_stream_header(sample_rate: int = 24000) -> bytes:
+def wav_stream_header(sample_rate: int = OUTPUT_SAMPLE_RATE) -> bytes:
     """A WAV header for a stream of unknown length (sizes set to the maximum, as streaming players expect)."""
     byte_rate = sample_rate * 2
     return (b"RIFF" + struct.pack("<I", 0xFFFFFFFF) + b"WAVEfmt " + struct.pack("<IHHIIHH", 16, 1, 1, sample_rate,
@@ -72,7 +62,7 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
     @app.middleware("http")
     async def require_api_key(request: Request, call_next):  # noqa: ANN001, ANN202
         if settings.api_key and request.method != "OPTIONS" and not is_public(request.url.path):
-            if request.headers.get("authorization", "") != f"Bearer {settings.api_key}":
+            if not bearer_ok(request.headers, settings.api_key):
                 return error_response(401, "missing or wrong API key: send 'Authorization: Bearer KEY'",
                                       "authentication_error")
         return await call_next(request)
@@ -152,7 +142,7 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
 
         media_type = "audio/wav" if format == "wav" else PCM_MEDIA_TYPE
         return StreamingResponse(body_stream(), media_type=media_type,
-                                 headers={"X-Sample-Rate": "24000", "X-Sample-Format": "s16le",
+                                 headers={"X-Sample-Rate": str(OUTPUT_SAMPLE_RATE), "X-Sample-Format": "s16le",
                                           "X-Channels": "1"})
 
     add_realtime_routes(app, engine, settings)  # WS /v1/realtime, with its own API-key and origin check

@@ -9,13 +9,6 @@ from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 
 STATIC = Path(__file__).parent / "static"
-# The page and its scripts hold no data, and a browser cannot send a bearer header when it
-# loads a page: they stay public; the page sends the API key the user types with its WebSocket.
-PUBLIC_PATHS = ("/", "/static/")
-
-
-def is_public(path: str) -> bool:
-    return path == "/" or path.startswith("/static/")
 
 
 def add_web_routes(app: FastAPI) -> None:

@@ -1,0 +1,415 @@
+"""``WS /v1/realtime``: one WebSocket is one Realtime session over the batched engine.
+
+A connection holds the session's configuration, its input turns (:mod:`.turns`), the last
+user message and at most one running response. A response answers the last user message
+alone (Mini-Omni has no multi-turn context): spoken input with task ``A1A2-batch`` (speech
+and transcript) or ``A1T2`` (text only), typed input with ``T1A2`` or ``T1T2``. Events are
+parsed and shaped by :mod:`.protocol`; here are the transport (a send queue with
+back-pressure), the dispatch of client events and the lifecycle of responses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import FastAPI, WebSocket
+from starlette.concurrency import run_in_threadpool
+from starlette.websockets import WebSocketDisconnect, WebSocketState
+
+from ..audio import float_to_pcm16
+from ..generate import SamplingOptions
+from ..streaming import AudioChunk, Done, TextDelta
+from .access import choose_subprotocol, websocket_refusal
+from .engine import AnswerRequest, Engine, EngineBusy, ErrorEvent, Session
+from .protocol import (
+    PROTOCOL_SAMPLE_RATE,
+    UNSUPPORTED_EVENTS,
+    ClientError,
+    ResponseIds,
+    SessionConfig,
+    UserInput,
+    decode_pcm16,
+    error_event,
+    new_id,
+    parse_message,
+    parse_response_create,
+    parse_session_update,
+    pcm16_to_float,
+    session_object,
+    user_audio_item,
+)
+from .settings import ServerSettings
+from .turns import InputTurns, SpeechStarted, SpeechStopped, TurnEnded, TurnEvent
+from .vad import StreamingVAD, vad_available
+
+log = logging.getLogger(__name__)
+
+# Queued outgoing events of one connection, in bytes of JSON. A client that stops reading
+# lets it fill (the socket blocks first); past this its answer is stopped and it is closed.
+MAX_PENDING_BYTES = 8 * 1024 * 1024
+AUDIO_CHUNK_FRAMES = 4  # frames (85 ms each) per audio delta once streaming is under way
+
+
+@dataclass
+class Response(ResponseIds):
+    """A running response: its ids, the engine session answering it, the text so far."""
+
+    session: Session | None = None
+    text: list[str] = field(default_factory=list)
+    finished: bool = False
+
+
+class RealtimeConnection:
+    """One client's session; runs on the event loop, engine events arrive with ``call_soon_threadsafe``."""
+
+    def __init__(self, websocket: WebSocket, engine: Engine, settings: ServerSettings, model: str) -> None:
+        self.ws = websocket
+        self.engine = engine
+        self.settings = settings
+        self.loop = asyncio.get_running_loop()
+        self.session_id = new_id("sess")
+        self.conversation_id = new_id("conv")
+        self.model = model
+        self.config = SessionConfig()
+        self.vad_available = vad_available()
+        if not self.vad_available:
+            self.config.turn_detection = None
+        self.turns = InputTurns(settings.max_audio_seconds, self.config.turn_detection)
+        self.last_user: UserInput | None = None
+        self.last_item_id: str | None = None
+        self.response: Response | None = None
+        self.outbox: asyncio.Queue[str] = asyncio.Queue()
+        self.pending_bytes = 0
+        self.closing = False
+        self.close_reason: tuple[int, str] | None = None
+        self.main_task: asyncio.Task | None = None
+        self.handlers = {
+            "session.update": self.on_session_update,
+            "input_audio_buffer.append": self.on_append,
+            "input_audio_buffer.commit": self.on_commit,
+            "input_audio_buffer.clear": self.on_clear,
+            "conversation.item.create": self.on_item_create,
+            "response.create": self.on_response_create,
+            "response.cancel": self.on_response_cancel,
+        }
+
+    # ------------------------------------------------------------------ transport
+
+    def send(self, event: dict[str, Any]) -> None:
+        """Queue a server event (a fresh ``event_id`` first); never blocks."""
+        if self.closing:
+            return
+        data = json.dumps({"event_id": new_id("event"), **event}, separators=(",", ":"))
+        if self.pending_bytes + len(data) > MAX_PENDING_BYTES:
+            self.abort(1008, "the client is not reading its events")
+            return
+        self.pending_bytes += len(data)
+        self.outbox.put_nowait(data)
+
+    def error(self, message: str, code: str | None = None, param: str | None = None,
+              kind: str = "invalid_request_error", event_id: str | None = None) -> None:
+        self.send(error_event(message, code, param, kind, event_id))
+
+    async def sender(self) -> None:
+        try:
+            while True:
+                data = await self.outbox.get()
+                self.pending_bytes -= len(data)
+                await self.ws.send_text(data)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # noqa: BLE001 - the client went away; the receive side ends the session
+            self.abort(None, None)
+
+    def abort(self, code: int | None, reason: str | None) -> None:
+        """Stop this connection: its answer is cancelled at once and the receive loop ends."""
+        if self.closing:
+            return
+        if code is not None:
+            log.warning("realtime session %s: %s; closing it", self.session_id, reason)
+            self.close_reason = (code, reason or "")
+        self.closing = True
+        self.cancel_engine_session()
+        if self.main_task is not None and self.main_task is not asyncio.current_task():
+            self.main_task.cancel()
+
+    def cancel_engine_session(self) -> None:
+        if self.response is not None and self.response.session is not None:
+            self.response.session.cancel()
+
+    async def run(self) -> None:
+        self.main_task = asyncio.current_task()
+        sender = asyncio.create_task(self.sender())
+        try:
+            self.send({"type": "session.created", "session": self.session_object()})
+            await self.receive_loop()
+        except asyncio.CancelledError:
+            if self.close_reason is None and not self.closing:
+                raise
+            uncancel = getattr(self.main_task, "uncancel", None)
+            if uncancel is not None:
+                uncancel()
+        finally:
+            self.closing = True
+            self.cancel_engine_session()
+            self.response = None
+            sender.cancel()
+            if self.close_reason is not None and self.ws.application_state == WebSocketState.CONNECTED:
+                try:
+                    await asyncio.wait_for(self.ws.close(*self.close_reason), timeout=2)
+                except Exception:  # noqa: BLE001 - the client may be gone already
+                    pass
+
+    # ------------------------------------------------------------------ dispatch
+
+    async def receive_loop(self) -> None:
+        while not self.closing:
+            try:
+                message = await self.ws.receive()
+            except (WebSocketDisconnect, RuntimeError):
+                return
+            if message["type"] == "websocket.disconnect":
+                return
+            text = message.get("text")
+            if text is None:
+                self.error("binary frames are not part of the protocol: send JSON events as text frames "
+                           "(audio goes base64-encoded in input_audio_buffer.append)", code="binary_frame")
+                continue
+            try:
+                event = json.loads(text)
+            except (json.JSONDecodeError, RecursionError):
+                self.error("the message is not valid JSON: send one JSON event per text frame", code="invalid_json")
+                continue
+            if not isinstance(event, dict) or not isinstance(event.get("type"), str):
+                self.error("an event must be a JSON object with a string \"type\"", code="invalid_event")
+                continue
+            event_id = event.get("event_id") if isinstance(event.get("event_id"), str) else None
+            kind = event["type"]
+            handler = self.handlers.get(kind)
+            try:
+                if handler is None:
+                    if kind in UNSUPPORTED_EVENTS:
+                        raise ClientError(f"{kind} is not supported by this server ({UNSUPPORTED_EVENTS[kind]})",
+                                          code="unsupported_event", param="type")
+                    raise ClientError(f"unknown event type {kind!r}; supported: {', '.join(sorted(self.handlers))}",
+                                      code="unknown_event_type", param="type")
+                await handler(event)
+            except ClientError as exc:
+                self.error(exc.message, exc.code, exc.param, exc.kind, event_id)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - keep the connection; say what failed
+                log.exception("realtime session %s: %s failed", self.session_id, kind)
+                self.error(f"internal error handling {kind}: {exc!r}", code="internal_error", kind="server_error",
+                           event_id=event_id)
+
+    # ------------------------------------------------------------------ session
+
+    def session_object(self) -> dict[str, Any]:
+        return session_object(self.session_id, self.model, self.config)
+
+    async def on_session_update(self, event: dict[str, Any]) -> None:
+        config = parse_session_update(event.get("session"), self.config, self.settings.max_tokens_limit)
+        if config.turn_detection is not None and not self.vad_available:
+            raise ClientError("server VAD needs the silero-vad package on the server (pip install 'miniomni[server]'); "
+                              "set turn_detection to null", code="vad_unavailable",
+                              param="session.audio.input.turn_detection")
+        self.config = config
+        self.turns.configure(config.turn_detection)
+        self.send({"type": "session.updated", "session": self.session_object()})
+
+    # ------------------------------------------------------------------ input audio and turns
+
+    async def on_append(self, event: dict[str, Any]) -> None:
+        pcm = decode_pcm16(event.get("audio"), "audio")
+        if not pcm:
+            return
+        turns = self.turns
+        turns.append(pcm)
+        if not turns.detecting:
+            return
+        if turns.vad is None:
+            td = self.config.turn_detection
+            vad = await run_in_threadpool(StreamingVAD, td.threshold, td.silence_duration_ms, PROTOCOL_SAMPLE_RATE)
+            turns.start_vad(vad, turns.stream_samples - len(pcm) // 2)
+        vad = turns.vad
+        vad_events = await run_in_threadpool(vad.process, pcm16_to_float(pcm))
+        if vad is not turns.vad or self.closing:  # turned off meanwhile
+            return
+        for turn_event in turns.on_vad(vad_events):
+            self.on_turn_event(turn_event)
+
+    def on_turn_event(self, event: TurnEvent) -> None:
+        if isinstance(event, SpeechStarted):
+            self.send({"type": "input_audio_buffer.speech_started", "audio_start_ms": event.audio_start_ms,
+                       "item_id": event.item_id})
+            if self.response is not None and self.config.turn_detection.interrupt_response:
+                self.cancel_response("turn_detected")  # barge-in: stopped within one decode step
+        elif isinstance(event, SpeechStopped):
+            self.send({"type": "input_audio_buffer.speech_stopped", "audio_end_ms": event.audio_end_ms,
+                       "item_id": event.item_id})
+        elif isinstance(event, TurnEnded):
+            self.add_user_audio(event)
+            td = self.config.turn_detection
+            if td is not None and td.create_response:
+                try:
+                    self.start_response({})
+                except ClientError as exc:  # busy, or a response still running (interrupt_response false)
+                    self.error(exc.message, exc.code, exc.param, exc.kind)
+
+    async def on_commit(self, event: dict[str, Any]) -> None:
+        self.add_user_audio(self.turns.commit())
+
+    async def on_clear(self, event: dict[str, Any]) -> None:
+        self.turns.clear()
+        self.send({"type": "input_audio_buffer.cleared"})
+
+    def add_user_audio(self, turn: TurnEnded) -> None:
+        previous = self.last_item_id
+        self.last_user = UserInput(turn.item_id, audio=pcm16_to_float(turn.pcm))
+        self.send({"type": "input_audio_buffer.committed", "item_id": turn.item_id, "previous_item_id": previous})
+        self.announce_item(user_audio_item(turn.item_id))
+
+    def announce_item(self, item: dict[str, Any]) -> None:
+        previous, self.last_item_id = self.last_item_id, item["id"]
+        self.send({"type": "conversation.item.added", "previous_item_id": previous, "item": item})
+        self.send({"type": "conversation.item.done", "previous_item_id": previous, "item": item})
+
+    # ------------------------------------------------------------------ conversation items
+
+    def parse_message(self, item: Any, param: str) -> tuple[UserInput | None, dict[str, Any]]:
+        return parse_message(item, param, self.turns.max_buffer_bytes, self.settings.max_audio_seconds)
+
+    async def on_item_create(self, event: dict[str, Any]) -> None:
+        user, echoed = self.parse_message(event.get("item"), "item")
+        if user is not None:
+            self.last_user = user
+        self.announce_item(echoed)
+
+    # ------------------------------------------------------------------ responses
+
+    async def on_response_create(self, event: dict[str, Any]) -> None:
+        self.start_response(event.get("response"))
+
+    def start_response(self, raw: Any) -> None:
+        if self.response is not None:
+            raise ClientError(f"response {self.response.id} is still running; cancel it or wait for response.done",
+                              code="conversation_already_has_active_response")
+        params = parse_response_create(raw, self.config, self.settings.max_tokens_limit)
+        user = self.last_user
+        if params.input_items is not None:
+            user = None
+            for index, item in enumerate(params.input_items):
+                parsed, _ = self.parse_message(item, f"response.input[{index}]")
+                user = parsed or user
+        if user is None:
+            raise ClientError("nothing to answer: commit input audio or create a user message first",
+                              code="response_no_input")
+        audio_out = params.output_modalities == ["audio"]
+        limit = self.settings.max_tokens_limit if params.max_output_tokens is None else params.max_output_tokens
+        if user.audio is not None:
+            request = AnswerRequest(task="A1A2-batch" if audio_out else "A1T2", audio=user.audio,
+                                    sample_rate=PROTOCOL_SAMPLE_RATE)
+        else:
+            request = AnswerRequest(task="T1A2" if audio_out else "T1T2", text=user.text)
+        request.max_new_tokens = limit
+        request.options = SamplingOptions()
+        request.max_chunk = AUDIO_CHUNK_FRAMES
+        response = Response(new_id("resp"), new_id("item"), audio_out, limit, params.metadata)
+        try:
+            response.session = self.engine.open(request, lambda ev: self.from_engine(response, ev))
+        except EngineBusy as exc:
+            raise ClientError(str(exc), code="server_busy", kind="server_error") from None
+        self.response = response
+        self.send({"type": "response.created",
+                   "response": response.response_object(self.conversation_id, "in_progress", [])})
+        item = response.item("in_progress", None)
+        self.send({"type": "response.output_item.added", "response_id": response.id, "output_index": 0, "item": item})
+        previous, self.last_item_id = self.last_item_id, response.item_id
+        self.send({"type": "conversation.item.added", "previous_item_id": previous, "item": item})
+        self.send({"type": "response.content_part.added", **response.where(), "part": response.part("")})
+
+    def from_engine(self, response: Response, event: Any) -> None:
+        """Called on an engine thread: hand the event to the loop."""
+        try:
+            self.loop.call_soon_threadsafe(self.on_engine_event, response, event)
+        except RuntimeError:  # the loop is gone (server shutting down)
+            if response.session is not None:
+                response.session.cancel()
+
+    def on_engine_event(self, response: Response, event: Any) -> None:
+        if response.finished or self.closing:
+            return
+        if isinstance(event, TextDelta):
+            response.text.append(event.text)
+            kind = "response.output_audio_transcript.delta" if response.audio_out else "response.output_text.delta"
+            self.send({"type": kind, **response.where(), "delta": event.text})
+        elif isinstance(event, AudioChunk):
+            audio = base64.b64encode(float_to_pcm16(event.audio)).decode("ascii")
+            self.send({"type": "response.output_audio.delta", **response.where(), "delta": audio})
+        elif isinstance(event, Done):
+            usage = {"total_tokens": event.prompt_length + len(event.text_tokens),
+                     "input_tokens": event.prompt_length, "output_tokens": len(event.text_tokens)}
+            self.finish(response, "completed", text=event.text, usage=usage)
+        elif isinstance(event, ErrorEvent):
+            kind = "server_error" if event.message.startswith("internal error") else "invalid_request_error"
+            self.error(event.message, code="response_failed", kind=kind)
+            self.finish(response, "failed", details={"type": "failed", "error": {"type": kind,
+                                                                                 "code": "response_failed",
+                                                                                 "message": event.message}})
+
+    async def on_response_cancel(self, event: dict[str, Any]) -> None:
+        wanted = event.get("response_id")
+        if self.response is None or (wanted and wanted != self.response.id):
+            raise ClientError("there is no running response to cancel" if self.response is None
+                              else f"response {wanted!r} is not running", code="response_cancel_not_active")
+        self.cancel_response("client_cancelled")
+
+    def cancel_response(self, reason: str) -> None:
+        response = self.response
+        if response is None:
+            return
+        if response.session is not None:
+            response.session.cancel()  # the engine drops it before its next step
+        self.finish(response, "cancelled", details={"type": "cancelled", "reason": reason})
+
+    def finish(self, response: Response, status: str, text: str | None = None, details: Any = None,
+               usage: Any = None) -> None:
+        if response.finished:
+            return
+        response.finished = True
+        if self.response is response:
+            self.response = None
+        text = "".join(response.text) if text is None else text
+        where = response.where()
+        if response.audio_out:
+            self.send({"type": "response.output_audio.done", **where})
+            self.send({"type": "response.output_audio_transcript.done", **where, "transcript": text})
+        else:
+            self.send({"type": "response.output_text.done", **where, "text": text})
+        self.send({"type": "response.content_part.done", **where, "part": response.part(text)})
+        item = response.item("completed" if status == "completed" else "incomplete", text)
+        self.send({"type": "response.output_item.done", "response_id": response.id, "output_index": 0, "item": item})
+        self.send({"type": "conversation.item.done", "item": item})
+        self.send({"type": "response.done",
+                   "response": response.response_object(self.conversation_id, status, [item], details=details,
+                                                        usage=usage)})
+
+
+def add_realtime_routes(app: FastAPI, engine: Engine, settings: ServerSettings) -> None:
+    @app.websocket("/v1/realtime")
+    async def realtime(websocket: WebSocket) -> None:
+        """OpenAI Realtime protocol (GA event names); see docs/server.md."""
+        offered = [p.strip() for p in websocket.headers.get("sec-websocket-protocol", "").split(",") if p.strip()]
+        reason = websocket_refusal(websocket.headers, settings, offered)
+        await websocket.accept(subprotocol=choose_subprotocol(offered))
+        if reason is not None:
+            await websocket.close(code=1008, reason=reason.encode()[:123].decode(errors="ignore"))
+            return
+        model = websocket.query_params.get("model") or "mini-omni"
+        await RealtimeConnection(websocket, engine, settings, model).run()

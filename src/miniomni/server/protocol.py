@@ -1,0 +1,362 @@
+"""The OpenAI Realtime protocol as ``/v1/realtime`` speaks it: parsing client events and building server events.
+
+Pure functions and plain data, no socket: what a client may send, how each field is
+checked (a bad one raises :class:`ClientError`, which the connection turns into an
+``error`` event), and the shapes of the objects the server sends back. GA event names;
+the beta spellings of session fields are accepted too. ``docs/server.md`` lists it all.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import copy
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+# The protocol's only audio format, both ways: 16-bit little-endian mono PCM at 24 kHz.
+PROTOCOL_SAMPLE_RATE = 24000
+PCM_FORMAT = {"type": "audio/pcm", "rate": PROTOCOL_SAMPLE_RATE}
+API_KEY_PROTOCOL = "openai-insecure-api-key."
+UNSUPPORTED_EVENTS = {
+    "conversation.item.delete": "deleting items",
+    "conversation.item.retrieve": "retrieving items",
+    "conversation.item.truncate": "truncating items",
+    "output_audio_buffer.clear": "output_audio_buffer.clear (WebRTC/SIP only); send response.cancel",
+    "transcription_session.update": "transcription sessions",
+}
+
+
+class ClientError(Exception):
+    """A bad client event: becomes an ``error`` event; the connection stays open."""
+
+    def __init__(self, message: str, code: str = "invalid_value", param: str | None = None,
+                 kind: str = "invalid_request_error") -> None:
+        super().__init__(message)
+        self.message, self.code, self.param, self.kind = message, code, param, kind
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex[:22]}"
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+# ---------------------------------------------------------------------- session configuration
+
+
+@dataclass
+class TurnDetection:
+    """Server VAD settings of a session."""
+
+    threshold: float = 0.5
+    silence_duration_ms: int = 500
+    prefix_padding_ms: int = 300
+    create_response: bool = True
+    interrupt_response: bool = True
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"type": "server_vad", **self.__dict__}
+
+
+@dataclass
+class SessionConfig:
+    """What ``session.update`` can change."""
+
+    output_modalities: list[str] = field(default_factory=lambda: ["audio"])
+    turn_detection: TurnDetection | None = field(default_factory=TurnDetection)
+    max_output_tokens: int | None = None  # None: "inf", i.e. the server's max_tokens_limit
+    instructions: str = ""
+
+
+def parse_modalities(value: Any, param: str) -> list[str]:
+    if not isinstance(value, list) or not value or any(m not in ("audio", "text") for m in value):
+        raise ClientError(f"{param} must be [\"audio\"] or [\"text\"], got {value!r}", param=param)
+    # Audio always comes with its transcript; the beta default ["text", "audio"] means audio.
+    return ["audio"] if "audio" in value else ["text"]
+
+
+def check_format(value: Any, param: str) -> None:
+    """Only 16-bit PCM at 24 kHz: GA ``{"type": "audio/pcm", "rate": 24000}`` or beta ``"pcm16"``."""
+    if value == "pcm16":
+        return
+    if isinstance(value, dict) and value.get("type") == "audio/pcm" and \
+            value.get("rate", PROTOCOL_SAMPLE_RATE) in (None, PROTOCOL_SAMPLE_RATE):
+        return
+    raise ClientError(f"{param}: only 16-bit PCM at 24 kHz is supported ({PCM_FORMAT}, or \"pcm16\" in the "
+                      f"beta shape); got {value!r}", code="unsupported_audio_format", param=param)
+
+
+def parse_turn_detection(value: Any, param: str) -> TurnDetection | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise ClientError(f"{param} must be an object or null", param=param)
+    kind = value.get("type", "server_vad")
+    if kind != "server_vad":
+        raise ClientError(f"{param}.type {kind!r} is not supported; use \"server_vad\" or null", param=f"{param}.type")
+    td = TurnDetection()
+    threshold = value.get("threshold")
+    if threshold is not None:
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 <= threshold <= 1.0:
+            raise ClientError(f"{param}.threshold must be a number from 0 to 1", param=f"{param}.threshold")
+        td.threshold = float(threshold)
+    for name, top in (("silence_duration_ms", 10_000), ("prefix_padding_ms", 10_000)):
+        item = value.get(name)
+        if item is not None:
+            if not _is_int(item) or not 0 <= item <= top:
+                raise ClientError(f"{param}.{name} must be an integer from 0 to {top}", param=f"{param}.{name}")
+            setattr(td, name, item)
+    for name in ("create_response", "interrupt_response"):
+        item = value.get(name)
+        if item is not None:
+            if not isinstance(item, bool):
+                raise ClientError(f"{param}.{name} must be true or false", param=f"{param}.{name}")
+            setattr(td, name, item)
+    return td
+
+
+def parse_max_tokens(value: Any, param: str, limit: int) -> int | None:
+    """``"inf"`` or null: the server's limit; integers above it are capped (clients send 4096)."""
+    if value is None or value == "inf":
+        return None
+    if not _is_int(value) or value < 1:
+        raise ClientError(f"{param} must be a positive integer or \"inf\"", param=param)
+    return min(value, limit)
+
+
+def parse_session_update(session: Any, current: SessionConfig, max_tokens_limit: int) -> SessionConfig:
+    """The session configuration after a ``session.update`` (``current`` is left as it was)."""
+    if not isinstance(session, dict):
+        raise ClientError("session.update needs a \"session\" object", param="session")
+    config = copy.deepcopy(current)
+    kind = session.get("type")
+    if kind not in (None, "realtime"):
+        raise ClientError(f"session.type {kind!r} is not supported; only \"realtime\"", param="session.type")
+    for key in ("output_modalities", "modalities"):  # GA, beta
+        if key in session:
+            config.output_modalities = parse_modalities(session[key], f"session.{key}")
+    audio = session.get("audio")
+    if audio is not None:
+        if not isinstance(audio, dict):
+            raise ClientError("session.audio must be an object", param="session.audio")
+        for side in ("input", "output"):
+            part = audio.get(side)
+            if part is None:
+                continue
+            if not isinstance(part, dict):
+                raise ClientError(f"session.audio.{side} must be an object", param=f"session.audio.{side}")
+            if "format" in part:
+                check_format(part["format"], f"session.audio.{side}.format")
+            if side == "input" and "turn_detection" in part:
+                config.turn_detection = parse_turn_detection(part["turn_detection"],
+                                                             "session.audio.input.turn_detection")
+    for key in ("input_audio_format", "output_audio_format"):  # beta
+        if key in session:
+            check_format(session[key], f"session.{key}")
+    if "turn_detection" in session:  # beta
+        config.turn_detection = parse_turn_detection(session["turn_detection"], "session.turn_detection")
+    for key in ("max_output_tokens", "max_response_output_tokens"):  # GA, beta
+        if key in session:
+            config.max_output_tokens = parse_max_tokens(session[key], f"session.{key}", max_tokens_limit)
+    if "instructions" in session:
+        if not isinstance(session["instructions"], str):
+            raise ClientError("session.instructions must be a string", param="session.instructions")
+        config.instructions = session["instructions"]
+    return config
+
+
+@dataclass
+class ResponseParams:
+    """What a ``response.create`` asks for, resolved against the session."""
+
+    output_modalities: list[str]
+    max_output_tokens: int | None
+    input_items: list[Any] | None
+    metadata: Any = None
+
+
+def parse_response_create(params: Any, config: SessionConfig, max_tokens_limit: int) -> ResponseParams:
+    """Resolve ``response.create``'s ``response`` object (modalities, token cap, explicit input)."""
+    if params is None:
+        params = {}
+    if not isinstance(params, dict):
+        raise ClientError("response must be an object", param="response")
+    modalities = config.output_modalities
+    for key in ("output_modalities", "modalities"):
+        if key in params:
+            modalities = parse_modalities(params[key], f"response.{key}")
+    max_tokens = config.max_output_tokens
+    for key in ("max_output_tokens", "max_response_output_tokens"):
+        if key in params:
+            max_tokens = parse_max_tokens(params[key], f"response.{key}", max_tokens_limit)
+    items = params.get("input")
+    if items is not None and not isinstance(items, list):
+        raise ClientError("response.input must be a list of items", param="response.input")
+    return ResponseParams(modalities, max_tokens, items, params.get("metadata"))
+
+
+# ---------------------------------------------------------------------- audio and items
+
+
+def decode_pcm16(data: Any, param: str) -> bytes:
+    """A base64 field of 16-bit PCM -> its bytes."""
+    if not isinstance(data, str):
+        raise ClientError(f"{param} must be a base64 string of 16-bit PCM at 24 kHz", code="invalid_audio", param=param)
+    try:
+        pcm = base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise ClientError(f"{param} is not valid base64", code="invalid_audio", param=param) from None
+    if len(pcm) % 2:
+        raise ClientError(f"{param} holds {len(pcm)} bytes: 16-bit PCM needs an even number",
+                          code="invalid_audio", param=param)
+    return pcm
+
+
+def pcm16_to_float(pcm: bytes | bytearray) -> np.ndarray:
+    return np.frombuffer(bytes(pcm), dtype="<i2").astype(np.float32) / 32768.0
+
+
+@dataclass
+class UserInput:
+    """The user message a response answers: text, or audio (float32 at 24 kHz)."""
+
+    item_id: str
+    text: str | None = None
+    audio: np.ndarray | None = None
+
+
+def parse_message(item: Any, param: str, max_audio_bytes: int,
+                  max_audio_seconds: float) -> tuple[UserInput | None, dict[str, Any]]:
+    """A message item -> (the user input, or None for other roles; the item as echoed back)."""
+    if not isinstance(item, dict):
+        raise ClientError(f"{param} must be an object", param=param)
+    kind = item.get("type", "message")
+    if kind != "message":
+        raise ClientError(f"{param}.type {kind!r} is not supported; only \"message\" items", param=f"{param}.type")
+    role = item.get("role")
+    if role not in ("user", "system", "assistant"):
+        raise ClientError(f"{param}.role must be \"user\", \"system\" or \"assistant\"", param=f"{param}.role")
+    content = item.get("content")
+    if not isinstance(content, list) or not all(isinstance(c, dict) for c in content):
+        raise ClientError(f"{param}.content must be a list of content objects", param=f"{param}.content")
+    item_id = item.get("id") if isinstance(item.get("id"), str) and item.get("id") else new_id("item")
+    echoed = {"id": item_id, "object": "realtime.item", "type": "message", "role": role, "status": "completed",
+              "content": []}
+    texts: list[str] = []
+    audio = bytearray()
+    for index, part in enumerate(content):
+        part_type = part.get("type")
+        where = f"{param}.content[{index}]"
+        if part_type in ("input_text", "text", "output_text"):
+            text = part.get("text")
+            if not isinstance(text, str):
+                raise ClientError(f"{where}.text must be a string", param=f"{where}.text")
+            texts.append(text)
+            echoed["content"].append({"type": part_type, "text": text})
+        elif part_type == "input_audio":
+            audio += decode_pcm16(part.get("audio"), f"{where}.audio")
+            echoed["content"].append({"type": "input_audio", "transcript": part.get("transcript")})
+        elif role != "user" and part_type in ("audio", "output_audio"):
+            echoed["content"].append({"type": part_type, "transcript": part.get("transcript")})
+        else:
+            raise ClientError(f"{where}.type {part_type!r} is not supported; use input_text or input_audio",
+                              param=f"{where}.type")
+    if role != "user":
+        return None, echoed
+    if texts and audio:
+        raise ClientError(f"{param}: this model takes text or audio in one message, not both", param=param)
+    if audio:
+        if len(audio) > max_audio_bytes:
+            raise ClientError(f"{param}: the audio is longer than {max_audio_seconds:g} s",
+                              code="input_audio_too_long", param=param)
+        return UserInput(item_id, audio=pcm16_to_float(audio)), echoed
+    text = "\n".join(texts)
+    if not text.strip():
+        raise ClientError(f"{param}: the message has no text or audio to answer", param=f"{param}.content")
+    return UserInput(item_id, text=text), echoed
+
+
+def user_audio_item(item_id: str) -> dict[str, Any]:
+    """The conversation item of a committed spoken turn."""
+    return {"id": item_id, "object": "realtime.item", "type": "message", "role": "user",
+            "status": "completed", "content": [{"type": "input_audio", "transcript": None}]}
+
+
+# ---------------------------------------------------------------------- server event shapes
+
+
+def session_object(session_id: str, model: str, config: SessionConfig) -> dict[str, Any]:
+    return {
+        "type": "realtime",
+        "object": "realtime.session",
+        "id": session_id,
+        "model": model,
+        "output_modalities": list(config.output_modalities),
+        "instructions": config.instructions,
+        "max_output_tokens": "inf" if config.max_output_tokens is None else config.max_output_tokens,
+        "tools": [],
+        "tool_choice": "auto",
+        "audio": {
+            "input": {
+                "format": dict(PCM_FORMAT),
+                "transcription": None,
+                "noise_reduction": None,
+                "turn_detection": None if config.turn_detection is None else config.turn_detection.as_dict(),
+            },
+            "output": {"format": dict(PCM_FORMAT)},
+        },
+    }
+
+
+@dataclass
+class ResponseIds:
+    """Who a response is, as every response event names it."""
+
+    id: str
+    item_id: str
+    audio_out: bool
+    max_output_tokens: int
+    metadata: Any = None
+
+    def where(self) -> dict[str, Any]:
+        return {"response_id": self.id, "item_id": self.item_id, "output_index": 0, "content_index": 0}
+
+    def part(self, text: str) -> dict[str, Any]:
+        return {"type": "audio", "transcript": text} if self.audio_out else {"type": "text", "text": text}
+
+    def item(self, status: str, text: str | None) -> dict[str, Any]:
+        """The assistant's conversation item (``text`` None: no content yet)."""
+        content = []
+        if text is not None:
+            content = [{"type": "output_audio", "transcript": text} if self.audio_out
+                       else {"type": "output_text", "text": text}]
+        return {"id": self.item_id, "object": "realtime.item", "type": "message", "role": "assistant",
+                "status": status, "content": content}
+
+    def response_object(self, conversation_id: str, status: str, output: list[dict[str, Any]],
+                        details: Any = None, usage: Any = None) -> dict[str, Any]:
+        return {
+            "object": "realtime.response",
+            "id": self.id,
+            "status": status,
+            "status_details": details,
+            "output": output,
+            "conversation_id": conversation_id,
+            "output_modalities": ["audio"] if self.audio_out else ["text"],
+            "max_output_tokens": self.max_output_tokens,
+            "audio": {"output": {"format": dict(PCM_FORMAT)}},
+            "usage": usage,
+            "metadata": self.metadata,
+        }
+
+
+def error_event(message: str, code: str | None = None, param: str | None = None,
+                kind: str = "invalid_request_error", event_id: str | None = None) -> dict[str, Any]:
+    return {"type": "error", "error": {"type": kind, "code": code, "message": message, "param": param,
+                                       "event_id": event_id}}

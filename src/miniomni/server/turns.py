@@ -1,0 +1,152 @@
+"""Turn-taking on one Realtime connection: the input audio buffer and the server-VAD state machine.
+
+Audio arrives as 16-bit PCM at 24 kHz. Without turn detection it collects until the client
+commits or clears it. With server VAD, speech detected by the VAD opens a turn (starting
+``prefix_padding_ms`` early) and enough silence closes it: the turn's audio is committed.
+No socket and no model here: the VAD's events come in as data, turn events go out as data,
+so the whole state machine can be driven by arrays in tests.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from .protocol import PROTOCOL_SAMPLE_RATE, ClientError, TurnDetection, new_id
+from .vad import VAD_SAMPLE_RATE, VADEvent
+
+
+@dataclass
+class SpeechStarted:
+    item_id: str
+    audio_start_ms: int
+
+
+@dataclass
+class SpeechStopped:
+    item_id: str
+    audio_end_ms: int
+
+
+@dataclass
+class TurnEnded:
+    """A spoken turn taken by the VAD: its audio (16-bit PCM at 24 kHz), never empty."""
+
+    item_id: str
+    pcm: bytes
+
+
+TurnEvent = SpeechStarted | SpeechStopped | TurnEnded
+
+
+def _ms(samples: int) -> int:
+    return samples * 1000 // PROTOCOL_SAMPLE_RATE
+
+
+class InputTurns:
+    """The input audio buffer of one connection and, with ``turn_detection``, who has the turn.
+
+    Positions are counted in 24 kHz samples from the first sample of the connection.
+    """
+
+    def __init__(self, max_audio_seconds: float, turn_detection: TurnDetection | None = None) -> None:
+        self.max_audio_seconds = max_audio_seconds
+        self.max_buffer_bytes = int(max_audio_seconds * PROTOCOL_SAMPLE_RATE) * 2
+        self.turn_detection = turn_detection
+        self.buffer = bytearray()  # uncommitted input audio
+        self.buffer_start = 0  # stream position of the buffer's first sample
+        self.stream_samples = 0  # every sample appended so far
+        self.vad = None  # a StreamingVAD once server VAD has heard audio
+        self.vad_base = 0  # stream position where the VAD started listening
+        self.speech_start: int | None = None  # stream position where the current turn starts
+        self.speech_item_id: str | None = None
+
+    @property
+    def detecting(self) -> bool:
+        return self.turn_detection is not None
+
+    def configure(self, turn_detection: TurnDetection | None) -> None:
+        """New turn-detection settings (None turns server VAD off and forgets the VAD)."""
+        self.turn_detection = turn_detection
+        if turn_detection is None:
+            self.vad = None
+            self.speech_start = self.speech_item_id = None
+        elif self.vad is not None:
+            self.vad.configure(turn_detection.threshold, turn_detection.silence_duration_ms)
+
+    def append(self, pcm: bytes) -> None:
+        """Add audio; without turn detection a full buffer is the client's error."""
+        if not self.detecting and len(self.buffer) + len(pcm) > self.max_buffer_bytes:
+            raise ClientError(f"the input audio buffer holds at most {self.max_audio_seconds:g} s; "
+                              "commit or clear it first", code="input_audio_buffer_full", param="audio")
+        self.buffer += pcm
+        self.stream_samples += len(pcm) // 2
+
+    def start_vad(self, vad: object, first_sample: int) -> None:
+        """Server VAD listens from stream position ``first_sample`` on."""
+        self.vad = vad
+        self.vad_base = first_sample
+
+    def on_vad(self, events: Sequence[VADEvent]) -> list[TurnEvent]:
+        """What the VAD heard in the latest audio -> turn events, in order."""
+        out: list[TurnEvent] = []
+        for event in events:
+            position = min(self.vad_base + event.sample * PROTOCOL_SAMPLE_RATE // VAD_SAMPLE_RATE,
+                           self.stream_samples)
+            if event.kind == "speech_started":
+                out += self._speech_started(position)
+            else:
+                out += self._speech_stopped(position)
+        if self.speech_start is not None and \
+                self.stream_samples - max(self.speech_start, self.buffer_start) >= self.max_buffer_bytes // 2:
+            self.vad.end_speech()  # a monologue past max_audio_seconds: take the turn now
+            out += self._speech_stopped(self.stream_samples)
+        if self.speech_start is None and len(self.buffer) > self.max_buffer_bytes:
+            drop = len(self.buffer) - self.max_buffer_bytes  # no speech going on: keep a rolling window
+            del self.buffer[:drop]
+            self.buffer_start += drop // 2
+        return out
+
+    def _speech_started(self, position: int) -> list[TurnEvent]:
+        start = max(0, position - self.turn_detection.prefix_padding_ms * PROTOCOL_SAMPLE_RATE // 1000)
+        self.speech_start = start
+        self.speech_item_id = new_id("item")
+        return [SpeechStarted(self.speech_item_id, _ms(start))]
+
+    def _speech_stopped(self, position: int) -> list[TurnEvent]:
+        if self.speech_start is None:
+            return []
+        item_id = self.speech_item_id or new_id("item")
+        start = max(self.speech_start, self.buffer_start)
+        self.speech_start = self.speech_item_id = None
+        out: list[TurnEvent] = [SpeechStopped(item_id, _ms(position))]
+        begin = (start - self.buffer_start) * 2
+        end = max(begin, (position - self.buffer_start) * 2)
+        pcm = bytes(self.buffer[begin:end])
+        del self.buffer[:end]
+        self.buffer_start = max(position, self.buffer_start)
+        if pcm:
+            out.append(TurnEnded(item_id, pcm))
+        return out
+
+    def commit(self) -> TurnEnded:
+        """The client commits the whole buffer as a turn."""
+        if not self.buffer:
+            raise ClientError("the input audio buffer is empty: append audio before committing",
+                              code="input_audio_buffer_commit_empty")
+        pcm = bytes(self.buffer)
+        item_id = self._end_turn() or new_id("item")
+        return TurnEnded(item_id, pcm)
+
+    def clear(self) -> None:
+        """The client drops the buffer."""
+        self._end_turn()
+
+    def _end_turn(self) -> str | None:
+        item_id = self.speech_item_id
+        self.buffer_start += len(self.buffer) // 2
+        self.buffer.clear()
+        self.speech_start = self.speech_item_id = None
+        if self.vad is not None:
+            self.vad.end_speech()
+        return item_id
