@@ -12,8 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .audio import float_to_pcm16
+from .audio import OUTPUT_SAMPLE_RATE, float_to_pcm16
 from .errors import MiniOmniError
+from .quantize import QUANTIZE_MODES
 from .streaming import AudioChunk, TextDelta
 from .tokens import Task
 
@@ -35,7 +36,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--stream", action="store_true",
                    help="print text and write (or play) audio as they are generated")
     p.add_argument("--play", action="store_true", help="play the answer as it arrives (needs sounddevice)")
-    p.add_argument("--quantize", choices=["none", "int8"], default="none",
+    p.add_argument("--quantize", choices=QUANTIZE_MODES, default="none",
                    help="int8 weight-only linears (faster on CPU, bfloat16 activations; not bit-faithful)")
     p.add_argument("--fast-encoder", action="store_true",
                    help="run Whisper on the real audio only, not 30 s (faster; changes the features slightly)")
@@ -47,6 +48,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=None, help="seed for sampling (temperature > 0)")
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:1, mps")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.set_defaults(func=_cmd_generate)
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
@@ -59,8 +61,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     if speech_out and args.out != "-":
         _check_writable(args.out, "--out")
     started = time.perf_counter()
-    omni = load(args.checkpoint, device=args.device, dtype=args.dtype,
-                quantize=None if args.quantize == "none" else args.quantize, fast_encoder=args.fast_encoder)
+    omni = load(args.checkpoint, device=args.device, dtype=args.dtype, quantize=args.quantize,
+                fast_encoder=args.fast_encoder)
     log.info("loaded in %.1f s", time.perf_counter() - started)
     request = dict(
         audio=args.audio, text=args.text, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
@@ -116,7 +118,7 @@ def _check_writable(path: str | None, option: str) -> None:
 class AudioSink:
     """Where answer audio goes: a WAV file written as it arrives, raw PCM on stdout, the speakers."""
 
-    def __init__(self, out: str | None, play: bool, sample_rate: int = 24000) -> None:
+    def __init__(self, out: str | None, play: bool, sample_rate: int = OUTPUT_SAMPLE_RATE) -> None:
         self.out, self.play, self.sample_rate = out, play, sample_rate
         self.samples = 0
         self._file = None
@@ -173,12 +175,11 @@ def _cmd_download(args: argparse.Namespace) -> int:
 
 def _cmd_convert(args: argparse.Namespace) -> int:
     from .checkpoints import read_checkpoint, write_bundle
-
-    import torch
+    from .devices import resolve_dtype
 
     parts = read_checkpoint(args.checkpoint)
-    dtype = None if args.dtype is None else getattr(torch, args.dtype)
-    path = write_bundle(parts, args.output, dtype=dtype, quantize=None if args.quantize == "none" else args.quantize)
+    dtype = None if args.dtype is None else resolve_dtype(args.dtype)
+    path = write_bundle(parts, args.output, dtype=dtype, quantize=args.quantize)
     print(path)
     return 0
 
@@ -201,13 +202,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("download", help="fetch the published checkpoint files into a directory")
     p.add_argument("directory", nargs="?", default="checkpoint")
     p.add_argument("--revision", default=None, help="revision of gpt-omni/mini-omni (default: main)")
+    p.set_defaults(func=_cmd_download)
     p = sub.add_parser("convert", help="write a checkpoint as one .safetensors bundle (fast, safe loading)")
     p.add_argument("checkpoint", help="checkpoint directory in the published layout")
     p.add_argument("output", help="bundle path, e.g. mini-omni.safetensors")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                    help="cast the model weights (default: keep the checkpoint's)")
-    p.add_argument("--quantize", choices=["none", "int8"], default="none",
+    p.add_argument("--quantize", choices=QUANTIZE_MODES, default="none",
                    help="store the decoder's linears as int8 (loads straight into --quantize int8)")
+    p.set_defaults(func=_cmd_convert)
     return parser
 
 
@@ -224,15 +227,17 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ssl-keyfile", default=None)
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--quantize", choices=["none", "int8"], default="none")
+    p.add_argument("--quantize", choices=QUANTIZE_MODES, default="none")
     p.add_argument("--fast-encoder", action="store_true")
+    p.set_defaults(func=_cmd_serve)
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     try:
         import uvicorn
 
-        from .server.app import ServerSettings, create_app
+        from .server.app import create_app
+        from .server.settings import ServerSettings
         from .server.engine import Engine
     except ImportError as exc:
         raise MiniOmniError(f"serving needs the server extra ({exc}); pip install 'miniomni[server]'") from exc
@@ -240,8 +245,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     if bool(args.ssl_certfile) != bool(args.ssl_keyfile):
         raise MiniOmniError("give both --ssl-certfile and --ssl-keyfile, or neither")
-    omni = load(args.checkpoint, device=args.device, dtype=args.dtype,
-                quantize=None if args.quantize == "none" else args.quantize, fast_encoder=args.fast_encoder)
+    omni = load(args.checkpoint, device=args.device, dtype=args.dtype, quantize=args.quantize,
+                fast_encoder=args.fast_encoder)
     engine = Engine(omni, max_sessions=args.max_sessions)
     settings = ServerSettings(api_key=args.api_key, cors_origins=args.cors_origin,
                               max_audio_seconds=args.max_audio_seconds)
@@ -281,6 +286,7 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     i.add_argument("--wav", default=None, help="write the row's decoded answer_snac here (24 kHz)")
     i.add_argument("--question-wav", default=None, help="write the row's question audio here (16 kHz)")
     i.add_argument("--snac", default="checkpoint", help="SNAC codec for --wav (as for synth)")
+    p.set_defaults(func=_cmd_data)
 
 
 def _cmd_data(args: argparse.Namespace) -> int:
@@ -319,31 +325,9 @@ def _cmd_data(args: argparse.Namespace) -> int:
         if args.wav:
             from .data.schema import load_codec
 
-            write_wav(args.wav, decode_row(row, load_codec(args.snac)), 24000)
+            write_wav(args.wav, decode_row(row, load_codec(args.snac)), OUTPUT_SAMPLE_RATE)
     print(json.dumps(report, indent=2, ensure_ascii=False))
     return 0
-
-
-def _cmd_train(args: argparse.Namespace) -> int:
-    from .train.cli import run_train
-
-    return run_train(args)
-
-
-def _cmd_init(args: argparse.Namespace) -> int:
-    from .train.init import run_init
-
-    return run_init(args)
-
-
-def _cmd_eval(args: argparse.Namespace) -> int:
-    from .eval.cli import run_eval
-
-    return run_eval(args)
-
-
-COMMANDS = {"generate": _cmd_generate, "download": _cmd_download, "convert": _cmd_convert, "serve": _cmd_serve,
-            "data": _cmd_data, "train": _cmd_train, "init-model": _cmd_init, "eval": _cmd_eval}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -351,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
-        return COMMANDS[args.command](args)
+        return args.func(args)
     except MiniOmniError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -46,6 +46,7 @@ def add_eval_command(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     c.add_argument("--data", required=True, help='JSONL rows {"audio": path}, or a folder of audio files')
     _common(c, "eval-consistency")
     _answers(c, with_text_only=False)
+    p.set_defaults(func=run_eval)
     return p
 
 

@@ -1,6 +1,6 @@
 """``miniomni train --recipe R.yaml [key=value ...]``: the training command.
 
-The lead's ``miniomni.cli`` calls :func:`add_train_command` and dispatches to :func:`run_train`.
+``miniomni.cli`` registers it with :func:`add_train_command`.
 For several processes run this module under torchrun::
 
     torchrun --nproc_per_node 8 -m miniomni.train.cli --recipe recipes/stage3_multimodal.yaml
