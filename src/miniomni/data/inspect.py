@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..audio import OUTPUT_SAMPLE_RATE
 from ..errors import MiniOmniError
 from ..tokens import SAMPLES_PER_FRAME
 from .schema import read_wav_bytes, require_pyarrow
@@ -53,7 +54,7 @@ def summarize(directory: str | Path) -> dict:
         for row in table.to_pylist():
             q_chars.append(len(row["question"] or ""))
             a_chars.append(len(row["answer"] or ""))
-            a_seconds.append((row["answer_snac"] or "").split().count("#") * SAMPLES_PER_FRAME / 24000)
+            a_seconds.append((row["answer_snac"] or "").split().count("#") * SAMPLES_PER_FRAME / OUTPUT_SAMPLE_RATE)
             q_seconds.append(_wav_seconds((row["question_audio"] or {}).get("bytes")))
     return {
         "rows": len(q_chars),

@@ -9,9 +9,8 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
+from ..audio import WHISPER_SAMPLE_RATE
 from ..errors import MiniOmniError
-
-QUESTION_SAMPLE_RATE = 16000
 
 # Field names and types of gpt-omni/VoiceAssistant-400K's parquet files; question_audio is a
 # `datasets` Audio feature, stored as struct {bytes, path}.
@@ -56,7 +55,7 @@ def schema():
     return _schema()
 
 
-def wav_bytes(audio: np.ndarray, sample_rate: int = QUESTION_SAMPLE_RATE) -> bytes:
+def wav_bytes(audio: np.ndarray, sample_rate: int = WHISPER_SAMPLE_RATE) -> bytes:
     """Mono float audio -> a complete 16-bit PCM WAV file in memory."""
     from ..audio import write_wav
 

@@ -25,12 +25,12 @@ from pathlib import Path
 
 import numpy as np
 
+from ..audio import OUTPUT_SAMPLE_RATE, WHISPER_SAMPLE_RATE
 from ..errors import MiniOmniError
-from .schema import QUESTION_SAMPLE_RATE, require_pyarrow, schema, wav_bytes
+from .schema import require_pyarrow, schema, wav_bytes
 
 log = logging.getLogger("miniomni.data")
 
-ANSWER_SAMPLE_RATE = 24000
 # The model's context is 2048 positions; the answer's 7 layers are delayed by up to 7 steps and
 # end with _eoa, so longer answers could never be trained on whole.
 MAX_ANSWER_FRAMES = 2040
@@ -164,14 +164,14 @@ def make_row(pair: tuple[int, str, str]) -> dict:
         if not answer:
             raise RowError("empty answer")
         audio, rate = tts.synthesize(question, tts.question_voice(index, options.seed))
-        q16 = _resample(audio, rate, QUESTION_SAMPLE_RATE)
-        q_seconds = q16.size / QUESTION_SAMPLE_RATE
+        q16 = _resample(audio, rate, WHISPER_SAMPLE_RATE)
+        q_seconds = q16.size / WHISPER_SAMPLE_RATE
         if q_seconds > options.max_question_seconds:
             raise RowError(f"question audio is {q_seconds:.1f} s (> {options.max_question_seconds:g} s)")
         if q16.size == 0:
             raise RowError("question audio is empty")
         audio, rate = tts.synthesize(answer, options.answer_voice)
-        a24 = _resample(audio, rate, ANSWER_SAMPLE_RATE)
+        a24 = _resample(audio, rate, OUTPUT_SAMPLE_RATE)
         if a24.size == 0:
             raise RowError("answer audio is empty")
         layers = codec.encode(a24)
@@ -186,11 +186,11 @@ def make_row(pair: tuple[int, str, str]) -> dict:
         "index": index,
         "round": 0,
         "question": question,
-        "question_audio": {"bytes": wav_bytes(q16, QUESTION_SAMPLE_RATE), "path": f"question_{index:08d}.wav"},
+        "question_audio": {"bytes": wav_bytes(q16, WHISPER_SAMPLE_RATE), "path": f"question_{index:08d}.wav"},
         "answer": answer,
         "answer_snac": layers_to_answer_snac(layers),
     }
-    return {"row": row, "question_seconds": q_seconds, "answer_seconds": a24.size / ANSWER_SAMPLE_RATE}
+    return {"row": row, "question_seconds": q_seconds, "answer_seconds": a24.size / OUTPUT_SAMPLE_RATE}
 
 
 # ---------------------------------------------------------------- state and files

@@ -9,6 +9,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from ..audio import WHISPER_SAMPLE_RATE
 from ..errors import MiniOmniError
 from .normalize import normalize_text
 from .report import markdown_table, write_report
@@ -66,7 +67,7 @@ def evaluate_asr(omni: Any, data: str | Path, limit: int | None = None, max_new_
         if limit is not None and len(rows) >= limit:
             break
         started = time.perf_counter()
-        result = omni.generate("asr", audio=record.question_audio, sample_rate=16000, max_new_tokens=max_new_tokens)
+        result = omni.generate("asr", audio=record.question_audio, sample_rate=WHISPER_SAMPLE_RATE, max_new_tokens=max_new_tokens)
         seconds = time.perf_counter() - started
         errors = word_errors(record.answer_text, result.text)
         total = total + errors
@@ -75,7 +76,7 @@ def evaluate_asr(omni: Any, data: str | Path, limit: int | None = None, max_new_
             "reference": record.answer_text, "hypothesis": result.text,
             "reference_normalized": normalize_text(record.answer_text),
             "hypothesis_normalized": normalize_text(result.text),
-            **errors.as_dict(), "audio_seconds": len(record.question_audio) / 16000, "latency_s": seconds,
+            **errors.as_dict(), "audio_seconds": len(record.question_audio) / WHISPER_SAMPLE_RATE, "latency_s": seconds,
         })
         log.info("%s: WER %s", rows[-1]["id"], errors.wer)
     if not rows:

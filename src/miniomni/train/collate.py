@@ -33,9 +33,9 @@ import torch
 import torch.nn.functional as F
 
 from ..models.omni import OmniModel
-from .readers import CachedFeatures
 from ..tokens import (
     EOT,
+    LAYER_SHIFTS,
     NUM_AUDIO_LAYERS,
     NUM_STREAMS,
     PAD_A,
@@ -44,9 +44,11 @@ from ..tokens import (
     Task,
     audio_prompt,
     delay,
-    layershift,
+    layer_shifts,
+    padding_ids,
     text_prompt,
 )
+from .readers import CachedFeatures
 
 IGNORE = -100
 
@@ -88,8 +90,7 @@ class Batch:
 
 def _shift_rows(local: torch.Tensor) -> torch.Tensor:
     """(7, L) local audio ids -> absolute ids."""
-    offsets = torch.tensor([layershift(0, layer) for layer in range(NUM_AUDIO_LAYERS)], dtype=torch.long)
-    return local + offsets.view(NUM_AUDIO_LAYERS, 1)
+    return local + layer_shifts().view(NUM_AUDIO_LAYERS, 1)
 
 
 def answer_streams(task: Task, answer_ids: Sequence[int], answer_layers: torch.Tensor | None = None
@@ -201,10 +202,6 @@ def collate_record(
                          audio_features, mask_audio_padding)
 
 
-def _pad_column() -> torch.Tensor:
-    return torch.tensor([layershift(PAD_A, layer) for layer in range(NUM_AUDIO_LAYERS)] + [PAD_T])
-
-
 def collate_batch(examples: Sequence[TrainingExample], pad_to: int | None = None) -> Batch:
     """Right-pad to the longest example (or ``pad_to``): inputs with layershifted pads, targets with -100."""
     if not examples:
@@ -215,7 +212,7 @@ def collate_batch(examples: Sequence[TrainingExample], pad_to: int | None = None
             raise ValueError(f"pad_to={pad_to} is shorter than the longest example ({length})")
         length = pad_to
     rows = len(examples)
-    input_ids = _pad_column().view(1, NUM_STREAMS, 1).repeat(rows, 1, length)
+    input_ids = padding_ids().view(1, NUM_STREAMS, 1).repeat(rows, 1, length)
     targets = torch.full((rows, NUM_STREAMS, length), IGNORE, dtype=torch.long)
     for row, example in enumerate(examples):
         input_ids[row, :, : example.length] = example.input_ids
@@ -253,7 +250,7 @@ def loss(model: OmniModel, batch: Batch, return_parts: bool = False):
     parts["text"] = _stream_loss(text_logits, text_targets)
     for layer in range(NUM_AUDIO_LAYERS):
         targets = batch.targets[:, layer]
-        local = torch.where(targets == IGNORE, IGNORE, targets - layershift(0, layer))
+        local = torch.where(targets == IGNORE, IGNORE, targets - LAYER_SHIFTS[layer])
         parts[f"audio{layer}"] = _stream_loss(audio_logits[:, :, layer], local)
     total = sum(parts.values())
     return (total, parts) if return_parts else total

@@ -36,6 +36,7 @@ from ..checkpoints import (
     state_dict_to_litgpt,
 )
 from ..config import OmniConfig
+from ..devices import resolve_dtype
 from ..errors import CheckpointError
 from ..tokens import TEXT_VOCAB_SIZE, VOCAB_SIZE
 
@@ -399,7 +400,7 @@ def init_from_lm(
     out_dir = Path(out_dir)
     whisper, snac = Path(whisper), Path(snac)
     if isinstance(dtype, str):
-        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+        dtype = resolve_dtype(dtype, allowed=(torch.float32, torch.bfloat16, torch.float16))
     if not (snac / "config.json").is_file() or not (snac / "pytorch_model.bin").is_file():
         raise CheckpointError(f"{snac} is not a SNAC directory (config.json + pytorch_model.bin)")
     whisper_dims, _ = read_whisper_file(whisper, f"give openai-whisper's small.pt (got {whisper})")

@@ -48,6 +48,7 @@ from ..checkpoints import (
     state_dict_to_litgpt,
     write_bundle,
 )
+from ..devices import resolve_device
 from ..errors import MiniOmniError
 from ..models.omni import OmniModel
 from ..safeload import load_torch_file
@@ -307,7 +308,7 @@ class Trainer:
 
     def __post_init__(self) -> None:
         recipe = self.recipe
-        from ..pipeline import MiniOmni, resolve_device
+        from ..pipeline import MiniOmni
 
         self.device = resolve_device(recipe.device)
         self.dist = init_distributed(self.device)
