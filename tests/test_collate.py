@@ -26,12 +26,12 @@ from miniomni.train import (
     build_example,
     collate_batch,
     collate_record,
-    loss,
     padding_fraction,
     read_jsonl,
     read_librispeech,
     read_voiceassistant,
 )
+from miniomni.train.loss import loss
 
 # Short names for writing layouts by hand.
 p, e, pt = tk.PAD_A, tk.EOA, tk.PAD_T

@@ -174,7 +174,8 @@ def test_cached_features_are_read_per_batch(checkpoint_dir, voice_parquet, tmp_p
 
 
 def test_validation_loss_on_held_out_examples(checkpoint_dir, qa_jsonl, tmp_path):
-    from miniomni.train.collate import collate_batch, loss
+    from miniomni.train.collate import collate_batch
+    from miniomni.train.loss import loss
 
     extra = tmp_path / "val.jsonl"
     extra.write_text(json.dumps({"question": "Where is the station?", "answer": "Two streets down."}) + "\n")

@@ -9,7 +9,6 @@ from .collate import (
     build_example,
     collate_batch,
     collate_record,
-    loss,
     padding_fraction,
 )
 from .readers import (
@@ -35,7 +34,6 @@ __all__ = [
     "build_example",
     "collate_batch",
     "collate_record",
-    "loss",
     "padding_fraction",
     "read_jsonl",
     "read_librispeech",

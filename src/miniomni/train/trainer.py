@@ -54,13 +54,13 @@ from ..models.omni import OmniModel
 from ..safeload import load_torch_file
 from . import readers
 from .collate import TrainingExample, bucket_by_length, collate_batch, collate_record
-from .collate import loss as batch_loss
+from .loss import STREAMS
+from .loss import loss as batch_loss
 from .recipe import Recipe, select_trainable
 
 log = logging.getLogger(__name__)
 
 STATE_FILE = "train_state.pt"
-STREAMS = ["text"] + [f"audio{i}" for i in range(7)]
 
 
 # ----------------------------------------------------------------------------- distributed
@@ -108,7 +108,7 @@ def shard_model(model: OmniModel, device: torch.device, world_size: int) -> None
     for block in model.llm.layers:
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)
-    # The audio logits are a view (unflatten); collate.loss never changes them in place, so the
+    # The audio logits are a view (unflatten); loss.loss never changes them in place, so the
     # warning FSDP gives for every view output does not apply.
     warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
 
@@ -260,7 +260,7 @@ class DataPlan:
 
 
 class _Wrapped:
-    """A DDP module that still exposes ``.llm`` (collate.loss reads the device from it)."""
+    """A DDP module that still exposes ``.llm`` (loss.loss reads the device from it)."""
 
     def __init__(self, ddp: torch.nn.Module, model: OmniModel) -> None:
         self.ddp = ddp
