@@ -14,7 +14,8 @@ import soundfile as sf
 from conftest import write_tiny_snac
 
 from miniomni.cli import main
-from miniomni.data import SynthOptions, get_backend, load_codec, synthesize
+from miniomni.checkpoints import load_codec
+from miniomni.data import SynthOptions, get_backend, synthesize
 from miniomni.data.tts import joe_voice_path
 from miniomni.tokens import SAMPLES_PER_FRAME, answer_snac_to_layers
 

@@ -9,12 +9,12 @@ import pytest
 import torch
 
 from miniomni.audio import log_mel_spectrogram
+from miniomni.checkpoints import load_whisper_encoder
 from miniomni.errors import CheckpointError
 from miniomni.models.whisper import (
     WhisperDims,
     WhisperEncoder,
     encoder_state_dict_from_whisper,
-    load_whisper_encoder,
     sinusoids,
 )
 

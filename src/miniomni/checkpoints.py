@@ -1,5 +1,6 @@
 """Every checkpoint format and hub id in one place: the published directory layout,
-the single-file safetensors bundle, hub downloads, safe ``.pth`` loading.
+the single-file safetensors bundle, hub downloads, safe ``.pth`` loading, and the
+Whisper encoder or SNAC codec loaded on their own.
 
 Published layout (``miniomni download DIR`` writes it)::
 
@@ -22,10 +23,11 @@ from typing import Any
 
 import torch
 
+from .codec import Codec
 from .config import OmniConfig
-from .errors import CheckpointError
+from .errors import CheckpointError, MiniOmniError
 from .models.omni import OmniModel
-from .models.whisper import WhisperDims, encoder_state_dict_from_whisper
+from .models.whisper import WhisperDims, WhisperEncoder, encoder_state_dict_from_whisper
 from .quantize import parse_quantize, quantize_weight
 from .safeload import load_torch_file
 
@@ -436,3 +438,61 @@ def read_checkpoint(source: str | Path) -> CheckpointParts:
         f"checkpoint {source} not found: give a directory in the published layout, a .safetensors "
         f"bundle, or the hub id {MINI_OMNI_REPO} (run `miniomni download DIR` first when offline)"
     )
+
+
+# ------------------------------------------------------------------------ single components
+
+
+def load_whisper_encoder(
+    path: str | os.PathLike,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> WhisperEncoder:
+    """Load the audio encoder from an openai-whisper checkpoint file (e.g. small.pt), in eval mode."""
+    path = Path(path)
+    dims, state = read_whisper_file(path, "download it again with `miniomni download DIR`")
+    encoder = WhisperEncoder.from_state_dict(dims, state, device=device, dtype=dtype, source=f"'{path}'")
+    log.info(
+        "loaded Whisper encoder from %s: %d layers, width %d, %d heads",
+        path,
+        dims.n_audio_layer,
+        dims.n_audio_state,
+        dims.n_audio_head,
+    )
+    return encoder
+
+
+def resolve_snac(source: str | Path) -> Path:
+    """A ``snac/`` folder, a checkpoint dir holding one, or a miniomni ``.safetensors`` bundle."""
+    path = Path(source)
+    if path.is_file() and path.suffix == ".safetensors":
+        return path
+    for candidate in (path, path / "snac"):
+        if (candidate / "config.json").is_file() and (candidate / "pytorch_model.bin").is_file():
+            return candidate
+    raise MiniOmniError(
+        f"no SNAC codec at {path}: give --snac a folder with config.json + pytorch_model.bin, a checkpoint "
+        "directory holding snac/, or a miniomni .safetensors bundle (`miniomni download DIR` fetches one)"
+    )
+
+
+def load_codec(source: str | Path, device: str = "cpu") -> Codec:
+    """The SNAC codec alone, from any of the places :func:`resolve_snac` accepts."""
+    path = resolve_snac(source)
+    if path.is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            if "snac_config" not in metadata:
+                raise MiniOmniError(f"{path} is not a miniomni bundle with a SNAC codec")
+            names = [k for k in handle.keys() if k.startswith("snac.")]  # noqa: SIM118 - a safetensors handle
+            state = {k[len("snac."):]: handle.get_tensor(k) for k in names}
+        return Codec.from_state_dict(json.loads(metadata["snac_config"]), state, device)
+    fix = "download it again with `miniomni download DIR`"
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except json.JSONDecodeError as exc:
+        raise MiniOmniError(f"{path / 'config.json'} is not valid JSON ({exc}); {fix}") from exc
+    state = load_torch_file(path / "pytorch_model.bin", "SNAC codec weights", fix)
+    return Codec.from_state_dict(config, state, device)

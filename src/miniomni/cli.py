@@ -323,7 +323,7 @@ def _cmd_data(args: argparse.Namespace) -> int:
             audio, rate = question_audio(row)
             write_wav(args.question_wav, audio, rate)
         if args.wav:
-            from .data.schema import load_codec
+            from .checkpoints import load_codec
 
             write_wav(args.wav, decode_row(row, load_codec(args.snac)), OUTPUT_SAMPLE_RATE)
     print(json.dumps(report, indent=2, ensure_ascii=False))

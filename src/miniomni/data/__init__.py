@@ -1,6 +1,6 @@
 """Synthetic spoken QA data in the VoiceAssistant-400K layout (``miniomni data synth | inspect``)."""
 
-from .schema import load_codec, schema
+from .schema import schema
 from .synth import SynthOptions, read_pairs, synthesize
 from .tts import BACKENDS, EspeakBackend, PiperBackend, TTSBackend, get_backend
 
@@ -11,7 +11,6 @@ __all__ = [
     "SynthOptions",
     "TTSBackend",
     "get_backend",
-    "load_codec",
     "read_pairs",
     "schema",
     "synthesize",

@@ -108,7 +108,7 @@ _WORKER: dict = {}
 def _init_worker(options: SynthOptions, threads: int | None = None) -> None:
     import torch
 
-    from .schema import load_codec
+    from ..checkpoints import load_codec
     from .tts import get_backend
 
     if threads:  # a pool worker: the process is ours
@@ -313,7 +313,7 @@ def synthesize(
 ) -> dict:
     """Make (or finish) the dataset; returns the manifest. ``on_shard`` runs after each shard is recorded."""
     require_pyarrow()
-    from .schema import resolve_snac
+    from ..checkpoints import resolve_snac
     from .tts import get_backend
 
     if options.rows_per_shard < 1:

@@ -1,16 +1,14 @@
-"""Whisper's audio encoder (only the encoder), loadable from openai-whisper checkpoints.
+"""Whisper's audio encoder (only the encoder), built from openai-whisper checkpoint tensors.
 
 Parameter names match the ``encoder.*`` entries of an openai-whisper checkpoint's
-``model_state_dict`` (with the prefix removed), so those tensors load strictly.
+``model_state_dict`` (with the prefix removed), so those tensors load strictly;
+``checkpoints.load_whisper_encoder`` reads such a file.
 """
 
 from __future__ import annotations
 
-import logging
 import math
-import os
 from dataclasses import asdict, dataclass, fields
-from pathlib import Path
 from typing import Any, Mapping
 
 import torch
@@ -18,16 +16,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import CheckpointError
-from ..safeload import load_torch_file
-
-logger = logging.getLogger(__name__)
 
 __all__ = [
     "WhisperDims",
     "WhisperEncoder",
     "sinusoids",
     "encoder_state_dict_from_whisper",
-    "load_whisper_encoder",
 ]
 
 _ENCODER_PREFIX = "encoder."
@@ -291,23 +285,3 @@ def encoder_state_dict_from_whisper(
             f"{source} has no 'encoder.*' tensors in 'model_state_dict'; re-download it with `miniomni download DIR`."
         )
     return dims, encoder
-
-
-def load_whisper_encoder(
-    path: str | os.PathLike,
-    device: str | torch.device = "cpu",
-    dtype: torch.dtype = torch.float32,
-) -> WhisperEncoder:
-    """Load the audio encoder from an openai-whisper checkpoint file (e.g. small.pt), in eval mode."""
-    path = Path(path)
-    ckpt = load_torch_file(path, "Whisper checkpoint", "download it again with `miniomni download DIR`")
-    dims, state = encoder_state_dict_from_whisper(ckpt, source=f"Whisper checkpoint '{path}'")
-    encoder = WhisperEncoder.from_state_dict(dims, state, device=device, dtype=dtype, source=f"'{path}'")
-    logger.info(
-        "loaded Whisper encoder from %s: %d layers, width %d, %d heads",
-        path,
-        dims.n_audio_layer,
-        dims.n_audio_state,
-        dims.n_audio_head,
-    )
-    return encoder
