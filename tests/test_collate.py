@@ -15,21 +15,18 @@ from conftest import random_omni, speech_like, tiny_config
 from miniomni import tokens as tk
 from miniomni.errors import MiniOmniError
 from miniomni.generate import AnswerState, DecodeInput
+from miniomni.data import Record, read_jsonl, read_librispeech, read_voiceassistant
 from miniomni.tokens import Task
 from miniomni.train import (
     IGNORE,
     CachedFeatures,
     FeatureCache,
-    Record,
     TrainingExample,
     bucket_by_length,
     build_example,
     collate_batch,
     collate_record,
     padding_fraction,
-    read_jsonl,
-    read_librispeech,
-    read_voiceassistant,
 )
 from miniomni.train.loss import loss
 
@@ -372,7 +369,7 @@ def test_streaming_without_datasets_says_what_to_do(monkeypatch):
     import sys
 
     from miniomni.errors import MiniOmniError
-    from miniomni.train import stream_voiceassistant
+    from miniomni.data import stream_voiceassistant
 
     monkeypatch.setitem(sys.modules, "datasets", None)  # import fails as if not installed
     with pytest.raises(MiniOmniError, match="pip install datasets"):

@@ -88,7 +88,7 @@ def test_round_trip_schema_audio_and_codes(tmp_path, snac_dir):
         assert row["question_audio"]["path"] == f"question_{row['index']:08d}.wav"
     # The training readers take the synthesized rows as they are, and collate them.
     from miniomni.tokens import Task
-    from miniomni.train.readers import read_voiceassistant
+    from miniomni.data.voiceassistant import read_voiceassistant
 
     records = list(read_voiceassistant(tmp_path / "out" / "data", task=Task.A1A2))
     assert [r.answer_text for r in records] == [a for _, a in PAIRS[:3]]

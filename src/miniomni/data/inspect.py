@@ -9,7 +9,7 @@ import numpy as np
 from ..audio import OUTPUT_SAMPLE_RATE
 from ..errors import MiniOmniError
 from ..tokens import SAMPLES_PER_FRAME
-from .schema import read_wav_bytes, require_pyarrow
+from .voiceassistant import read_wav_bytes, require_pyarrow
 
 
 def shard_files(directory: str | Path) -> list[Path]:

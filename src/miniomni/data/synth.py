@@ -27,7 +27,7 @@ import numpy as np
 
 from ..audio import OUTPUT_SAMPLE_RATE, WHISPER_SAMPLE_RATE
 from ..errors import MiniOmniError
-from .schema import require_pyarrow, schema, wav_bytes
+from .voiceassistant import require_pyarrow, voiceassistant_row, write_parquet
 
 log = logging.getLogger("miniomni.data")
 
@@ -150,7 +150,6 @@ class RowError(Exception):
 
 def make_row(pair: tuple[int, str, str]) -> dict:
     """Speak and encode one pair. Returns {"row": ..., seconds} or {"index", "reason"} for a bad row."""
-    from ..tokens import layers_to_answer_snac
     from .tts import TTSError
 
     options: SynthOptions = _WORKER["options"]
@@ -181,15 +180,7 @@ def make_row(pair: tuple[int, str, str]) -> dict:
         return {"index": index, "reason": str(exc)}
     except Exception as exc:  # noqa: BLE001 - one bad row must not stop a day-long job
         return {"index": index, "reason": f"{type(exc).__name__}: {exc}"}
-    row = {
-        "split_name": options.split_name,
-        "index": index,
-        "round": 0,
-        "question": question,
-        "question_audio": {"bytes": wav_bytes(q16, WHISPER_SAMPLE_RATE), "path": f"question_{index:08d}.wav"},
-        "answer": answer,
-        "answer_snac": layers_to_answer_snac(layers),
-    }
+    row = voiceassistant_row(options.split_name, index, question, q16, answer, layers)
     return {"row": row, "question_seconds": q_seconds, "answer_seconds": a24.size / OUTPUT_SAMPLE_RATE}
 
 
@@ -263,15 +254,12 @@ def write_manifest(out: Path, rows_in: int | None = None, extra: dict | None = N
 
 
 def _write_shard(out: Path, state: JobState, rows: list[dict]) -> str | None:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     if not rows:
         return None
     name = f"train-{_tag(state.shard)}-{len(state.shards):05d}.parquet"
     path = out / "data" / name
     tmp = path.with_name(f".{name}.tmp-{os.getpid()}")
-    pq.write_table(pa.Table.from_pylist(rows, schema=schema()), tmp)
+    write_parquet(rows, tmp)
     with tmp.open("rb") as handle:
         os.fsync(handle.fileno())
     os.replace(tmp, path)

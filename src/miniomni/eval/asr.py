@@ -59,7 +59,7 @@ def make_judge(spec: str, omni: Any, max_new_tokens: int | None = None, device: 
 
 def evaluate_asr(omni: Any, data: str | Path, limit: int | None = None, max_new_tokens: int | None = None) -> dict:
     """WER of the ``asr`` task on a LibriSpeech-layout folder; per-utterance rows and the corpus total."""
-    from ..train.readers import read_librispeech
+    from ..data.librispeech import read_librispeech
 
     rows: list[dict] = []
     total = WordErrors()

@@ -11,23 +11,13 @@ from .collate import (
     collate_record,
     padding_fraction,
 )
-from .readers import (
-    CachedFeatures,
-    FeatureCache,
-    Record,
-    read_jsonl,
-    read_librispeech,
-    read_voiceassistant,
-    stream_voiceassistant,
-    voiceassistant_record,
-)
+from .features import CachedFeatures, FeatureCache
 
 __all__ = [
     "IGNORE",
     "Batch",
     "CachedFeatures",
     "FeatureCache",
-    "Record",
     "TrainingExample",
     "answer_streams",
     "bucket_by_length",
@@ -35,9 +25,4 @@ __all__ = [
     "collate_batch",
     "collate_record",
     "padding_fraction",
-    "read_jsonl",
-    "read_librispeech",
-    "read_voiceassistant",
-    "stream_voiceassistant",
-    "voiceassistant_record",
 ]

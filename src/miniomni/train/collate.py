@@ -44,7 +44,7 @@ from ..tokens import (
     padding_ids,
     text_prompt,
 )
-from .readers import CachedFeatures
+from .features import CachedFeatures
 
 IGNORE = -100
 
@@ -179,10 +179,10 @@ def collate_record(
     features: Callable[[np.ndarray], torch.Tensor] | None = None,
     mask_audio_padding: bool = True,
 ) -> TrainingExample:
-    """A :class:`readers.Record` -> TrainingExample.
+    """A :class:`data.record.Record` -> TrainingExample.
 
     ``tokenizer`` is a ``tokenizers.Tokenizer`` (or a callable text -> ids); ``features`` maps a
-    16 kHz waveform to (F, D) Whisper features (e.g. a :class:`readers.FeatureCache`).
+    16 kHz waveform to (F, D) Whisper features (e.g. a :class:`features.FeatureCache`).
     """
     task = Task.parse(record.task)
     audio_features = None

@@ -5,7 +5,7 @@
 * gradient accumulation, clipping, optional bf16 autocast and activation checkpointing
   (``torch.utils.checkpoint`` around each decoder block);
 * data: every source is read and collated once (Whisper features through
-  :class:`readers.FeatureCache`), grouped into micro-batches by :func:`collate.bucket_by_length`;
+  :class:`features.FeatureCache`), grouped into micro-batches by :func:`collate.bucket_by_length`;
   an epoch is a seeded permutation of the micro-batches; optimizer step s of an epoch uses
   micro-batches ``s*W*A .. (s+1)*W*A - 1`` of it (W ranks, A accumulation steps), rank r the
   ones ``r, r+W, ...`` — disjoint slices, and W ranks x A steps see the same micro-batches as one
@@ -48,12 +48,16 @@ from ..checkpoints import (
     state_dict_to_litgpt,
     write_bundle,
 )
+from ..data.jsonl import read_jsonl
+from ..data.librispeech import read_librispeech
+from ..data.voiceassistant import read_voiceassistant
 from ..devices import resolve_device
 from ..errors import MiniOmniError
 from ..models.omni import OmniModel
 from ..safeload import load_torch_file
-from . import readers
+from ..tokens import Task
 from .collate import TrainingExample, bucket_by_length, collate_batch, collate_record
+from .features import FeatureCache
 from .loss import STREAMS
 from .loss import loss as batch_loss
 from .recipe import Recipe, select_trainable
@@ -163,16 +167,16 @@ def _source_records(sources: list) -> Iterator:
     """The records of each source in order (at most ``limit`` each), with the source's task applied."""
     for source in sources:
         if source.kind == "voiceassistant":
-            records = readers.read_voiceassistant(source.path, task=source.task or "A1A2")
+            records = read_voiceassistant(source.path, task=source.task or "A1A2")
         elif source.kind == "librispeech":
-            records = readers.read_librispeech(source.path)
+            records = read_librispeech(source.path)
         else:
-            records = readers.read_jsonl(source.path)
+            records = read_jsonl(source.path)
         for count, record in enumerate(records):
             if source.limit is not None and count >= source.limit:
                 break
             if source.task and source.kind != "voiceassistant":
-                record.task = readers.Task.parse(source.task)
+                record.task = Task.parse(source.task)
             yield record
 
 
@@ -190,11 +194,11 @@ def load_examples(recipe: Recipe, parts: CheckpointParts, encode: Callable | Non
     features = None
     if encode is not None:
         # With a cache folder the examples hold CachedFeatures: features are read per batch, not kept in memory.
-        features = readers.FeatureCache(encode, recipe.data.feature_cache, namespace=f"whisper:{recipe.model}",
+        features = FeatureCache(encode, recipe.data.feature_cache, namespace=f"whisper:{recipe.model}",
                                         lazy=True)
         if dist_info is not None and dist_info.enabled and recipe.data.feature_cache:
             for index, record in enumerate(_source_records(sources)):
-                if index % dist_info.world_size == dist_info.rank and readers.Task.parse(record.task).audio_input:
+                if index % dist_info.world_size == dist_info.rank and Task.parse(record.task).audio_input:
                     features(record.question_audio)
             dist.barrier()
     examples = [collate_record(record, tokenizer, features, recipe.data.mask_audio_padding)
@@ -366,7 +370,7 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(recipe.schedule.warmup_steps, recipe.steps, recipe.schedule.min_lr / o.lr))
         all_sources = [*recipe.data.sources, *recipe.data.validation]
-        needs_audio = any(s.kind == "librispeech" or readers.Task.parse(
+        needs_audio = any(s.kind == "librispeech" or Task.parse(
             s.task or ("A1A2" if s.kind == "voiceassistant" else "T1T2")).audio_input for s in all_sources)
         encode = omni.encode_audio if needs_audio else None
         examples, held_out = split_validation(load_examples(recipe, self.parts, encode, dist_info=self.dist),
