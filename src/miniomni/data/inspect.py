@@ -85,9 +85,9 @@ def find_row(directory: str | Path, index: int) -> dict:
 def decode_row(row: dict, codec) -> np.ndarray:
     """A row's ``answer_snac`` -> 24 kHz float32 speech."""
     from ..tokens import answer_snac_to_layers
-    from .synth import _simple_jit
+    from .synth import variable_length_snac
 
-    with _simple_jit():
+    with variable_length_snac():
         return codec.decode(answer_snac_to_layers(row["answer_snac"]))
 
 

@@ -113,7 +113,7 @@ def _init_worker(options: SynthOptions, threads: int | None = None) -> None:
 
     if threads:  # a pool worker: the process is ours
         torch.set_num_threads(threads)
-        _simple_jit().__enter__()
+        variable_length_snac().__enter__()
     _WORKER["options"] = options
     _WORKER["codec"] = load_codec(options.snac)
     _WORKER["tts"] = get_backend(options.tts, options.voices)
@@ -128,9 +128,12 @@ def _resample(audio: np.ndarray, rate: int, target: int) -> np.ndarray:
 
 
 @contextlib.contextmanager
-def _simple_jit():
-    """SNAC's TorchScript activation, under the profiling executor, re-specializes for every new input
-    length (about 2 s each on CPU); every answer has its own length, so run it unprofiled."""
+def variable_length_snac() -> Iterator[None]:
+    """Within it, SNAC handles inputs of many lengths fast: TorchScript's profiling executor is off.
+
+    Under that executor SNAC's TorchScript activation re-specializes for every new input length
+    (about 2 s each on CPU), and every answer has its own length.
+    """
     import torch
 
     setter = getattr(torch._C, "_jit_set_profiling_executor", None)
@@ -283,7 +286,7 @@ def _clean_orphans(out: Path, state: JobState) -> None:
 def _results(options: SynthOptions, todo: list[tuple[int, str, str]]) -> Iterator[dict]:
     if options.workers <= 1:
         _init_worker(options)
-        with _simple_jit():
+        with variable_length_snac():
             for pair in todo:
                 yield make_row(pair)
         return
