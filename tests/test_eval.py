@@ -202,13 +202,13 @@ def test_eval_spoken_qa_end_to_end(checkpoint_dir: Path, questions: Path, tmp_pa
 
 def test_eval_consistency_end_to_end(checkpoint_dir: Path, questions: Path, tmp_path: Path) -> None:
     prefix = tmp_path / "cons"
-    # whisper:PATH judge: another miniomni checkpoint's asr task (here the same tiny one)
+    # omni:CHECKPOINT judge: another miniomni checkpoint's asr task (here the same tiny one)
     args = _parse(["eval", "consistency", "--checkpoint", str(checkpoint_dir), "--data", str(questions.parent),
-                   "--out", str(prefix), "--max-new-tokens", "9", "--judge", f"whisper:{checkpoint_dir}",
+                   "--out", str(prefix), "--max-new-tokens", "9", "--judge", f"omni:{checkpoint_dir}",
                    "--device", "cpu"])
     assert run_eval(args) == 0
     report = _check_files(prefix)
-    assert report["judge"].startswith("whisper:") and len(report["rows"]) == 2
+    assert report["judge"].startswith("omni:") and len(report["rows"]) == 2
     summary = report["summary"]
     assert summary["rows"] == 2
     assert summary["reference_words"] == sum(r["text_words"] for r in report["rows"])

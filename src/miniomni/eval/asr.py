@@ -46,15 +46,15 @@ class OmniAsrJudge:
 
 def make_judge(spec: str, omni: Any, max_new_tokens: int | None = None, device: str = "auto",
                dtype: str = "float32") -> Judge:
-    """``self`` (the evaluated model's own asr task) or ``whisper:PATH`` (another miniomni checkpoint's asr)."""
+    """``self`` (the evaluated model's own asr task) or ``omni:CHECKPOINT`` (another miniomni checkpoint's asr task)."""
     if spec in ("", "self"):
         return OmniAsrJudge(omni, "self", max_new_tokens)
     kind, _, path = spec.partition(":")
-    if kind == "whisper" and path:
+    if kind == "omni" and path:
         from ..pipeline import load
 
         return OmniAsrJudge(load(path, device=device, dtype=dtype), spec, max_new_tokens)
-    raise MiniOmniError(f"--judge {spec!r} is not understood; use self or whisper:CHECKPOINT")
+    raise MiniOmniError(f"--judge {spec!r} is not understood; use self or omni:CHECKPOINT (another miniomni checkpoint's asr task)")
 
 
 def evaluate_asr(omni: Any, data: str | Path, limit: int | None = None, max_new_tokens: int | None = None) -> dict:

@@ -27,7 +27,7 @@ def _answers(p: argparse.ArgumentParser, with_text_only: bool) -> None:
                    help="task that answers (default A1A2-batch: text from its A1T2 row, speech from its A1A2 row)")
     p.add_argument("--judge", default="self",
                    help="ASR judge of the spoken answer: self (default, this model's asr task on the answer "
-                        "resampled to 16 kHz) or whisper:CHECKPOINT (another miniomni checkpoint's asr task)")
+                        "resampled to 16 kHz) or omni:CHECKPOINT (another miniomni checkpoint's asr task)")
 
 
 def add_eval_command(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
