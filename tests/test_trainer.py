@@ -15,7 +15,8 @@ import torch
 
 from miniomni.errors import ConfigError
 from miniomni.train.recipe import Recipe, select_trainable
-from miniomni.train.trainer import STATE_FILE, Trainer
+from miniomni.train.checkpointing import STATE_FILE
+from miniomni.train.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes"
