@@ -1,4 +1,4 @@
-"""Training layout (SPEC 2, 3, 6): hand-written layouts, forced-inference equality, loss, bucketing, readers."""
+"""Training layout (docs/training.md): hand-written layouts, forced-inference equality, loss, bucketing, readers."""
 
 from __future__ import annotations
 

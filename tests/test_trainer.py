@@ -1,4 +1,4 @@
-"""The trainer (issue 5): freezing per stage, exact resume, DDP = one process, a toy spoken QA run, export."""
+"""The trainer: freezing per stage, exact resume, DDP = one process, a toy spoken QA run, export."""
 
 from __future__ import annotations
 

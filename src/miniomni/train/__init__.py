@@ -1,4 +1,7 @@
-"""Training (issue 5), first part: the training layout, batching, the loss and data readers."""
+"""Training: the layout of training examples, batching, Whisper feature caching; the loop is in :mod:`.trainer`.
+
+The loss is :func:`.loss.loss`; ``docs/training.md`` describes the whole training layout.
+"""
 
 from .collate import (
     IGNORE,

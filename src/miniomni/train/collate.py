@@ -1,10 +1,10 @@
-"""Training examples in the exact layout inference feeds (SPEC sections 2, 3 and 6).
+"""Training examples in the exact layout inference feeds (prompts and decoding rules: ``docs/decoding.md``).
 
 One example is an (8, T) id matrix (streams 0..6 audio layers, stream 7 text, absolute
 ids) plus targets: the model at position p predicts the token fed at p + 1. The layout
 (see docs/training.md for a worked example):
 
-* positions 0 .. P-1: the prompt of SPEC section 2 (:func:`tokens.audio_prompt` /
+* positions 0 .. P-1: the task's prompt (:func:`tokens.audio_prompt` /
   :func:`tokens.text_prompt`);
 * positions P .. P+L-1: the answer, one column per sampled step, exactly as
   :class:`generate.AnswerState` would feed it if it sampled these tokens

@@ -9,9 +9,9 @@ directory layout, so ``miniomni.load(out_dir)`` and ``miniomni generate`` work o
 Vocabulary: the layout is the same as the published model's, over the source's own text
 vocabulary. Text ids keep their place; a source with fewer than 151,936 text tokens leaves the
 rows between its vocabulary size and 152,000 unused (new rows), so every special id
-(``_eot`` = 151936 …) and every audio id (152000 + 4160·i + c) is exactly where SPEC puts it:
-prompts, the decoder, the training collator and checkpoints stay interchangeable with the
-published model's layout.
+(``_eot`` = 151936 …) and every audio id (152000 + 4160·i + c) is where the published model has it
+(``docs/decoding.md``): prompts, the decoder, the training collator and checkpoints stay
+interchangeable with the published model's layout.
 """
 
 from __future__ import annotations
