@@ -13,9 +13,9 @@ import torch
 from conftest import random_omni, speech_like, tiny_config
 
 from miniomni import tokens as tk
+from miniomni.data import Record, read_jsonl, read_librispeech, read_voiceassistant
 from miniomni.errors import MiniOmniError
 from miniomni.generate import AnswerState, DecodeInput
-from miniomni.data import Record, read_jsonl, read_librispeech, read_voiceassistant
 from miniomni.tokens import Task
 from miniomni.train import (
     IGNORE,
@@ -368,8 +368,8 @@ def test_record_errors():
 def test_streaming_without_datasets_says_what_to_do(monkeypatch):
     import sys
 
-    from miniomni.errors import MiniOmniError
     from miniomni.data import stream_voiceassistant
+    from miniomni.errors import MiniOmniError
 
     monkeypatch.setitem(sys.modules, "datasets", None)  # import fails as if not installed
     with pytest.raises(MiniOmniError, match="pip install datasets"):

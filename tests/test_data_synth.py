@@ -9,12 +9,12 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import torch
 import soundfile as sf
+import torch
 from conftest import write_tiny_snac
 
-from miniomni.cli import main
 from miniomni.checkpoints import load_codec
+from miniomni.cli import main
 from miniomni.data import SynthOptions, get_backend, synthesize
 from miniomni.data.tts import joe_voice_path
 from miniomni.tokens import SAMPLES_PER_FRAME, answer_snac_to_layers
@@ -87,8 +87,8 @@ def test_round_trip_schema_audio_and_codes(tmp_path, snac_dir):
         assert 0.3 < audio.size / rate < 10 and abs(audio).max() > 0.01
         assert row["question_audio"]["path"] == f"question_{row['index']:08d}.wav"
     # The training readers take the synthesized rows as they are, and collate them.
-    from miniomni.tokens import Task
     from miniomni.data.voiceassistant import read_voiceassistant
+    from miniomni.tokens import Task
 
     records = list(read_voiceassistant(tmp_path / "out" / "data", task=Task.A1A2))
     assert [r.answer_text for r in records] == [a for _, a in PAIRS[:3]]

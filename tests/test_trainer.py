@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from miniomni.errors import ConfigError
-from miniomni.train.recipe import Recipe, select_trainable
 from miniomni.train.checkpointing import STATE_FILE
+from miniomni.train.recipe import Recipe, select_trainable
 from miniomni.train.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,13 +49,11 @@ def voice_parquet(tmp_path_factory, checkpoint_dir) -> tuple[Path, list[dict]]:
     """Two VoiceAssistant-400K-style rows: questions spoken by espeak-ng, answers encoded by the tiny SNAC (a sine each)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
-
-    from miniomni import load
-    from miniomni.tokens import layers_to_answer_snac
-
     import soxr
 
+    from miniomni import load
     from miniomni.data.tts import EspeakBackend
+    from miniomni.tokens import layers_to_answer_snac
 
     omni = load(checkpoint_dir, device="cpu")
     espeak = EspeakBackend()

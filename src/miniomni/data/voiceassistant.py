@@ -13,6 +13,7 @@ import io
 import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import soundfile as sf
@@ -22,6 +23,9 @@ from ..audio import WHISPER_SAMPLE_RATE, load_audio, trim_to_30s
 from ..errors import MiniOmniError
 from ..tokens import Task, answer_snac_to_layers, layers_to_answer_snac
 from .record import Record
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 VOICEASSISTANT_REPO = "gpt-omni/VoiceAssistant-400K"
 
@@ -46,7 +50,7 @@ def require_pyarrow() -> None:
         raise MiniOmniError(f"the data tools need pyarrow ({exc}); pip install 'miniomni[data]'") from exc
 
 
-def schema():
+def schema() -> pa.Schema:
     """The pyarrow schema of a shard (with the ``huggingface`` features metadata)."""
     require_pyarrow()
     import pyarrow as pa

@@ -54,7 +54,8 @@ def make_judge(spec: str, omni: Any, max_new_tokens: int | None = None, device: 
         from ..pipeline import load
 
         return OmniAsrJudge(load(path, device=device, dtype=dtype), spec, max_new_tokens)
-    raise MiniOmniError(f"--judge {spec!r} is not understood; use self or omni:CHECKPOINT (another miniomni checkpoint's asr task)")
+    raise MiniOmniError(f"--judge {spec!r} is not understood; use self or omni:CHECKPOINT "
+                        "(another miniomni checkpoint's asr task)")
 
 
 def evaluate_asr(omni: Any, data: str | Path, limit: int | None = None, max_new_tokens: int | None = None) -> dict:
@@ -67,7 +68,8 @@ def evaluate_asr(omni: Any, data: str | Path, limit: int | None = None, max_new_
         if limit is not None and len(rows) >= limit:
             break
         started = time.perf_counter()
-        result = omni.generate("asr", audio=record.question_audio, sample_rate=WHISPER_SAMPLE_RATE, max_new_tokens=max_new_tokens)
+        result = omni.generate("asr", audio=record.question_audio, sample_rate=WHISPER_SAMPLE_RATE,
+                               max_new_tokens=max_new_tokens)
         seconds = time.perf_counter() - started
         errors = word_errors(record.answer_text, result.text)
         total = total + errors
@@ -85,6 +87,7 @@ def evaluate_asr(omni: Any, data: str | Path, limit: int | None = None, max_new_
 
 
 def write_asr_report(report: dict, out: str | Path) -> dict[str, str]:
+    """Write the JSON, Markdown and PNG reports of :func:`evaluate_asr`; returns the paths written."""
     summary = report["summary"]
     rows = report["rows"]
     table = markdown_table([

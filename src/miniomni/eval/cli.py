@@ -16,7 +16,8 @@ def _common(p: argparse.ArgumentParser, default_out: str) -> None:
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N rows")
     p.add_argument("--out", default=default_out,
                    help=f"report path prefix: writes PREFIX.json, PREFIX.md and PREFIX.png (default {default_out})")
-    p.add_argument("--max-new-tokens", type=int, default=None, help="cap on sampled steps per answer and per judge transcription")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="cap on sampled steps per answer and per judge transcription")
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, mps")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
 

@@ -131,8 +131,12 @@ def evaluate_spoken_qa(omni: Any, data: str | Path, judge: Judge | None, task: s
 
 
 def write_spoken_qa_report(report: dict, out: str | Path) -> dict[str, str]:
+    """Write the JSON, Markdown and PNG reports of :func:`evaluate_spoken_qa`; returns the paths written."""
     summary, rows = report["summary"], report["rows"]
-    pct = (lambda v: None if v is None else 100 * v)
+
+    def pct(v: float | None) -> float | None:
+        return None if v is None else 100 * v
+
     table = markdown_table([
         ("questions", summary["questions"]),
         ("text accuracy (%)", pct(summary["text_accuracy"])),

@@ -67,6 +67,6 @@ def corpus_wer(references: Sequence[str], hypotheses: Sequence[str],
     if len(references) != len(hypotheses):
         raise MiniOmniError(f"{len(references)} references but {len(hypotheses)} hypotheses")
     total = WordErrors()
-    for reference, hypothesis in zip(references, hypotheses):
+    for reference, hypothesis in zip(references, hypotheses, strict=True):
         total = total + word_errors(reference, hypothesis, normalizer)
     return total

@@ -49,7 +49,8 @@ def run_train(args: argparse.Namespace) -> int:
         if getattr(args, "print_recipe", False):
             print(recipe.to_yaml(), end="")
             return 0
-        trainer = Trainer(recipe, resume=getattr(args, "resume", None), progress=not getattr(args, "no_progress", False))
+        trainer = Trainer(recipe, resume=getattr(args, "resume", None),
+                          progress=not getattr(args, "no_progress", False))
         if trainer.dist.main:
             print(f"training {trainer.trainable_count:,} parameters in {len(trainer.trainable)} tensors "
                   f"(patterns {', '.join(recipe.train)}); {len(trainer.frozen)} tensors frozen", file=sys.stderr)

@@ -51,7 +51,7 @@ IGNORE = -100
 
 @dataclass
 class TrainingExample:
-    """One sequence: (8, T) int32 input ids, (8, T) int32 targets (-100 ignored), Whisper features of audio-input tasks."""
+    """One sequence: (8, T) int32 input ids and targets (-100 ignored), Whisper features of audio-input tasks."""
 
     task: Task
     input_ids: torch.Tensor
@@ -80,6 +80,7 @@ class Batch:
     tasks: list[Task]
 
     def to(self, device: torch.device | str) -> Batch:
+        """The same batch with its tensors on ``device``."""
         feats = None if self.audio_features is None else self.audio_features.to(device)
         return Batch(self.input_ids.to(device), self.targets.to(device), feats, self.audio_lengths, self.tasks)
 

@@ -5,15 +5,19 @@ Every function here also works with one process, where it does nothing collectiv
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 
 from ..models.omni import OmniModel
+
+if TYPE_CHECKING:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
 
 
 @dataclass
@@ -26,10 +30,12 @@ class DistInfo:
 
     @property
     def enabled(self) -> bool:
+        """More than one rank."""
         return self.world_size > 1
 
     @property
     def main(self) -> bool:
+        """Rank 0, the one that writes files."""
         return self.rank == 0
 
 
@@ -75,7 +81,8 @@ class DDPModel:
     def __call__(self, *args, **kwargs):
         return self.ddp(*args, **kwargs)
 
-    def no_sync(self):
+    def no_sync(self) -> contextlib.AbstractContextManager:
+        """Skip the gradient all-reduce of the backward passes inside it."""
         return self.ddp.no_sync()
 
 
@@ -88,7 +95,7 @@ def wrap_ddp(model: OmniModel, device: torch.device) -> DDPModel:
         find_unused_parameters=True), model)
 
 
-def state_options(**kwargs: Any):
+def state_options(**kwargs: Any) -> StateDictOptions:
     """``StateDictOptions`` for full (unsharded) state dicts, whatever the mode."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
@@ -139,5 +146,5 @@ def backward_plan(audio: list[bool], trainable: list[str], info: DistInfo, devic
     adapter_trains = any(name.startswith("adapter.") for name in trainable)
     adapter_only = all(name.startswith("adapter.") for name in trainable)
     backward = [not adapter_only or count > 0 for count in counts]
-    keep = [info.enabled and adapter_trains and count > 0 and not has for count, has in zip(counts, audio)]
+    keep = [info.enabled and adapter_trains and count > 0 and not has for count, has in zip(counts, audio, strict=True)]
     return backward, keep

@@ -16,6 +16,7 @@ import torch
 
 from ..errors import MiniOmniError
 
+
 @dataclass(frozen=True)
 class CachedFeatures:
     """Whisper features (F, D) kept on disk by a :class:`FeatureCache`, read only when a batch is built.
@@ -28,9 +29,11 @@ class CachedFeatures:
     shape: tuple[int, int]
 
     def dim(self) -> int:
+        """2, like the (F, D) tensor it stands for."""
         return 2
 
     def load(self) -> torch.Tensor:
+        """The features as a float32 tensor."""
         try:
             data = np.load(self.path)
         except (OSError, ValueError, EOFError) as exc:
@@ -63,6 +66,7 @@ class FeatureCache:
             self.directory.mkdir(parents=True, exist_ok=True)
 
     def key(self, audio: np.ndarray) -> str:
+        """The cache entry's name: SHA-256 of the namespace and the float32 samples."""
         digest = hashlib.sha256(self.namespace.encode())
         digest.update(np.ascontiguousarray(audio, dtype=np.float32).tobytes())
         return digest.hexdigest()

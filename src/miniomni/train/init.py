@@ -81,7 +81,8 @@ def read_hf_dir(directory: str | Path, block_size: int = 2048) -> SourceLM:
     hf = json.loads(config_path.read_text())
     model_type = hf.get("model_type")
     if model_type not in SUPPORTED_HF_TYPES:
-        raise CheckpointError(f"model_type {model_type!r} is not supported; use a {'/'.join(SUPPORTED_HF_TYPES)} causal LM")
+        raise CheckpointError(f"model_type {model_type!r} is not supported; "
+                              f"use a {'/'.join(SUPPORTED_HF_TYPES)} causal LM")
     # transformers < 5 writes rope_theta / rope_scaling; 5.x writes rope_parameters.
     rope = dict(hf.get("rope_scaling") or {})
     rope.update(hf.get("rope_parameters") or {})
@@ -234,7 +235,8 @@ def read_gguf(path: str | Path, block_size: int = 2048) -> SourceLM:
     reader = GGUFReader(str(path))
     arch = _field(reader, "general.architecture")
     if arch not in SUPPORTED_GGUF_ARCHS:
-        raise CheckpointError(f"{path}: GGUF architecture {arch!r} is not supported; use {'/'.join(SUPPORTED_GGUF_ARCHS)}")
+        raise CheckpointError(f"{path}: GGUF architecture {arch!r} is not supported; "
+                              f"use {'/'.join(SUPPORTED_GGUF_ARCHS)}")
     n_embd = int(_field(reader, f"{arch}.embedding_length"))
     n_head = int(_field(reader, f"{arch}.attention.head_count"))
     n_kv = int(_field(reader, f"{arch}.attention.head_count_kv", n_head))
@@ -308,7 +310,8 @@ def read_source(source: str | Path, block_size: int = 2048) -> SourceLM:
         return read_hf_dir(path, block_size)
     if path.suffix.lower() == ".gguf" or (path.is_file() and _is_gguf(path)):
         return read_gguf(path, block_size)
-    raise CheckpointError(f"{source}: give a Hugging Face model directory (config.json + *.safetensors) or a .gguf file")
+    raise CheckpointError(f"{source}: give a Hugging Face model directory (config.json + *.safetensors) "
+                          "or a .gguf file")
 
 
 def _is_gguf(path: Path) -> bool:
@@ -410,7 +413,8 @@ def init_from_lm(
     elif lm.tokenizer_json is not None:
         tokenizer_json = lm.tokenizer_json
     else:
-        raise CheckpointError(f"{source} has no tokenizer.json this tool can use; pass one with tokenizer=PATH / --tokenizer")
+        raise CheckpointError(f"{source} has no tokenizer.json this tool can use; "
+                              "pass one with tokenizer=PATH / --tokenizer")
     from tokenizers import Tokenizer
 
     tok_size = Tokenizer.from_str(tokenizer_json).get_vocab_size(with_added_tokens=True)

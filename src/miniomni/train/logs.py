@@ -31,6 +31,7 @@ class StepRecord:
     val_parts: dict[str, float] | None = None
 
     def as_json(self) -> dict[str, Any]:
+        """The step's line in ``log.jsonl``."""
         row = {"step": self.step, "loss": self.loss, **{f"loss_{k}": v for k, v in self.parts.items()},
                "lr": self.lr, "tokens": self.tokens, "tokens_per_s": self.tokens_per_s,
                "epoch": self.epoch, "batch_index": self.batch_index}
@@ -88,6 +89,7 @@ class RunLogs:
             self.bar.set_postfix(postfix)
 
     def close(self) -> None:
+        """Close the bar and flush TensorBoard."""
         if self.bar is not None:
             self.bar.close()
         if self.writer is not None:

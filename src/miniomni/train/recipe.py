@@ -165,7 +165,7 @@ WHISPER_PREFIXES = ("whisper.", "encoder.", "audio_encoder.")
 
 
 def _is_whisper_pattern(pattern: str) -> bool:
-    probes = [p + "blocks.0.attn.query.weight" for p in WHISPER_PREFIXES] + [p + "conv1.weight" for p in WHISPER_PREFIXES]
+    probes = [p + name for name in ("blocks.0.attn.query.weight", "conv1.weight") for p in WHISPER_PREFIXES]
     return any(fnmatch.fnmatchcase(probe, pattern) for probe in probes)
 
 
@@ -215,7 +215,8 @@ def _coerce(kind, values: dict[str, Any]) -> dict[str, Any]:
         t = types.get(key, "")
         if isinstance(value, str) and (t.startswith(("float", "int"))):
             number = _number(value)
-            out[key] = int(number) if t.startswith("int") and isinstance(number, float) and number.is_integer() else number
+            whole = t.startswith("int") and isinstance(number, float) and number.is_integer()
+            out[key] = int(number) if whole else number
     return out
 
 

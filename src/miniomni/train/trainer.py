@@ -194,6 +194,7 @@ class DataPlan:
         self._order: tuple[int, list[int]] | None = None
 
     def order(self, epoch: int) -> list[int]:
+        """The micro-batch indices of epoch ``epoch``, in the order they are trained."""
         if self._order is None or self._order[0] != epoch:
             if self.shuffle:
                 generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
@@ -208,6 +209,7 @@ class DataPlan:
         return divmod(step, self.steps_per_epoch)
 
     def micro_batches(self, step: int, rank: int) -> list[list[TrainingExample]]:
+        """The micro-batches rank ``rank`` trains in optimizer step ``step``."""
         epoch, index = self.position(step)
         group = self.order(epoch)[index * self.per_step : (index + 1) * self.per_step]
         return [self.batches[i] for i in group[rank :: self.world]]
@@ -410,7 +412,7 @@ class Trainer:
         self._reshard()
         sums = sum_over_ranks(sums, self.dist, self.device)
         count = float(sums[-1])
-        return float(sums[0]) / count, {k: float(v) / count for k, v in zip(STREAMS, sums[1:-1].tolist())}
+        return float(sums[0]) / count, {k: float(v) / count for k, v in zip(STREAMS, sums[1:-1].tolist(), strict=True)}
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.recipe.bf16:
@@ -418,6 +420,7 @@ class Trainer:
         return contextlib.nullcontext()
 
     def train_step(self) -> StepRecord:
+        """One optimizer step over this rank's micro-batches; the record holds the mean over all ranks."""
         began = time.perf_counter()
         micro = self.plan.micro_batches(self.step, self.dist.rank)
         accum = len(micro)
@@ -458,8 +461,9 @@ class Trainer:
         if self.dist.enabled:  # report the global mean loss and token count
             values = torch.tensor([total, *parts_sum.values(), float(tokens)], dtype=torch.float64)
             values = sum_over_ranks(values, self.dist, self.device)
-            total = float(values[0]) / self.dist.world_size
-            parts_sum = {k: float(v) / self.dist.world_size for k, v in zip(STREAMS, values[1:-1].tolist())}
+            world = self.dist.world_size
+            total = float(values[0]) / world
+            parts_sum = {k: float(v) / world for k, v in zip(STREAMS, values[1:-1].tolist(), strict=True)}
             tokens = int(values[-1])
         epoch, index = self.plan.position(self.step)
         self.step += 1
