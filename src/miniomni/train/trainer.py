@@ -41,31 +41,8 @@ from ..devices import resolve_device
 from ..errors import MiniOmniError
 from ..models.omni import OmniModel
 from ..tokens import Task
-from .checkpointing import (
-    check_resumable,
-    checkpoint_dir,
-    checkpoint_dirs,
-    export_bundle,
-    export_layout,
-    export_weights,
-    full_optimizer_state,
-    load_model_and_optimizer,
-    read_checkpoint_state,
-    rng_state,
-    set_rng_state,
-    write_checkpoint,
-)
+from . import checkpointing, distributed
 from .collate import TrainingExample, bucket_by_length, collate_batch, collate_record
-from .distributed import (
-    DistInfo,
-    backward_plan,
-    barrier,
-    full_model_state,
-    init_distributed,
-    shard_model,
-    sum_over_ranks,
-    wrap_ddp,
-)
 from .features import FeatureCache
 from .logs import LOG_FILE, RunLogs, StepRecord, plot_losses
 from .loss import STREAMS
@@ -133,7 +110,7 @@ def _source_records(sources: list) -> Iterator:
 
 
 def load_examples(recipe: Recipe, parts: CheckpointParts, encode: Callable | None,
-                  sources: list | None = None, dist_info: DistInfo | None = None) -> list[TrainingExample]:
+                  sources: list | None = None, dist_info: distributed.DistInfo | None = None) -> list[TrainingExample]:
     """Every record of ``sources`` (the recipe's training sources by default) as a training example.
 
     Whisper features of audio input come through a :class:`FeatureCache`.
@@ -153,7 +130,7 @@ def load_examples(recipe: Recipe, parts: CheckpointParts, encode: Callable | Non
             for index, record in enumerate(_source_records(sources)):
                 if index % dist_info.world_size == dist_info.rank and Task.parse(record.task).audio_input:
                     features(record.question_audio)
-            barrier(dist_info)
+            distributed.barrier(dist_info)
     examples = [collate_record(record, tokenizer, features, recipe.data.mask_audio_padding)
                 for record in _source_records(sources)]
     if not examples:
@@ -241,7 +218,7 @@ class Trainer:
         """The device and this process's rank (one GPU per local rank); whether the model is sharded."""
         recipe = self.recipe
         self.device = resolve_device(recipe.device)
-        self.dist = init_distributed(self.device)
+        self.dist = distributed.init_distributed(self.device)
         if self.device.type == "cuda" and self.dist.enabled:
             self.device = torch.device("cuda", self.dist.local_rank)
             torch.cuda.set_device(self.device)
@@ -290,9 +267,9 @@ class Trainer:
         model.train()
         self.ddp_model: Any = model
         if self.fsdp:  # the sharded module is called directly
-            shard_model(model, self.device, self.dist.world_size)
+            distributed.shard_model(model, self.device, self.dist.world_size)
         elif self.dist.enabled:
-            self.ddp_model = wrap_ddp(model, self.device)
+            self.ddp_model = distributed.wrap_ddp(model, self.device)
         self._release_source_weights()
 
     def _release_source_weights(self) -> None:
@@ -337,7 +314,7 @@ class Trainer:
 
     def checkpoint_dirs(self) -> list[Path]:
         """This run's complete checkpoints, oldest first."""
-        return checkpoint_dirs(self.output_dir)
+        return checkpointing.checkpoint_dirs(self.output_dir)
 
     def save_checkpoint(self) -> Path:
         """Rank 0 writes ``checkpoints/step-N`` atomically; every rank waits for it."""
@@ -345,7 +322,7 @@ class Trainer:
         model_state = self.full_model_state()
         optimizer_state = {}
         if self.fsdp or self.dist.main:  # a collective under FSDP; otherwise only rank 0 needs it
-            optimizer_state = full_optimizer_state(self.model, self.optimizer)
+            optimizer_state = checkpointing.full_optimizer_state(self.model, self.optimizer)
         if self.dist.main:
             epoch, index = self.plan.position(self.step)
             state = {
@@ -356,22 +333,23 @@ class Trainer:
                 "trainable_names": self.trainable,
                 "optimizer": optimizer_state,
                 "scheduler": self.scheduler.state_dict(),
-                "rng": rng_state(),
+                "rng": checkpointing.rng_state(),
                 "world_size": self.dist.world_size,
                 "micro_batches_per_step": self.plan.per_step,
                 "recipe": self.recipe.to_dict(),
             }
-            write_checkpoint(self.output_dir, self.step, state, self.recipe.to_yaml(), self.recipe.keep_checkpoints)
-        barrier(self.dist)
-        return checkpoint_dir(self.output_dir, self.step)
+            checkpointing.write_checkpoint(self.output_dir, self.step, state, self.recipe.to_yaml(),
+                                           self.recipe.keep_checkpoints)
+        distributed.barrier(self.dist)
+        return checkpointing.checkpoint_dir(self.output_dir, self.step)
 
     def load_checkpoint(self, path: Path) -> None:
         """Continue from checkpoint folder ``path`` exactly where it stopped (weights, optimizer, RNGs, data)."""
-        state = read_checkpoint_state(path)
-        check_resumable(state, path, self.plan, self.trainable, self.dist.world_size)
-        load_model_and_optimizer(self.model, self.optimizer, state, path)
+        state = checkpointing.read_checkpoint_state(path)
+        checkpointing.check_resumable(state, path, self.plan, self.trainable, self.dist.world_size)
+        checkpointing.load_model_and_optimizer(self.model, self.optimizer, state, path)
         self.scheduler.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"])
+        checkpointing.set_rng_state(state["rng"])
         self.step = int(state["step"])
         if self.dist.main:
             log.info("resumed from %s at step %d (epoch %d, batch %d)", path, self.step, state["epoch"],
@@ -382,7 +360,7 @@ class Trainer:
     def _backward_plan(self, micro: list[list[TrainingExample]]) -> tuple[list[bool], list[bool]]:
         """(backward, keep_adapter) per micro-batch of this step, agreed between the ranks (:func:`backward_plan`)."""
         audio = [any(e.audio_features is not None for e in examples) for examples in micro]
-        return backward_plan(audio, self.trainable, self.dist, self.device)
+        return distributed.backward_plan(audio, self.trainable, self.dist, self.device)
 
     def _reshard(self) -> None:
         """After a forward without backward, FSDP leaves the root's gathered weights in place; drop them so
@@ -410,7 +388,7 @@ class Trainer:
             if real:
                 sums += torch.tensor([float(value), *(float(parts[k]) for k in STREAMS), 1.0], dtype=torch.float64)
         self._reshard()
-        sums = sum_over_ranks(sums, self.dist, self.device)
+        sums = distributed.sum_over_ranks(sums, self.dist, self.device)
         count = float(sums[-1])
         return float(sums[0]) / count, {k: float(v) / count for k, v in zip(STREAMS, sums[1:-1].tolist(), strict=True)}
 
@@ -460,7 +438,7 @@ class Trainer:
         self.scheduler.step()
         if self.dist.enabled:  # report the global mean loss and token count
             values = torch.tensor([total, *parts_sum.values(), float(tokens)], dtype=torch.float64)
-            values = sum_over_ranks(values, self.dist, self.device)
+            values = distributed.sum_over_ranks(values, self.dist, self.device)
             world = self.dist.world_size
             total = float(values[0]) / world
             parts_sum = {k: float(v) / world for k, v in zip(STREAMS, values[1:-1].tolist(), strict=True)}
@@ -516,19 +494,19 @@ class Trainer:
                 if state is not None:
                     self.export(self.output_dir / "export", state)
                     self.write_bundle(self.output_dir / "model.safetensors", state)
-        barrier(self.dist)
+        distributed.barrier(self.dist)
         return self.history
 
     # ------------------------------------------------------------------ export
 
     def full_model_state(self) -> dict[str, torch.Tensor]:
         """The whole model state dict on the CPU, on rank 0 (other ranks get {}); under FSDP every rank must call it."""
-        return full_model_state(self.model, self.dist, self.fsdp, self.parts.config.tie_word_embeddings)
+        return distributed.full_model_state(self.model, self.dist, self.fsdp, self.parts.config.tie_word_embeddings)
 
     def model_state(self, state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """Float32 weights for export (the tied head dropped); ``state`` from :meth:`full_model_state`."""
         state = self.full_model_state() if state is None else state
-        return export_weights(state, self.parts.config.tie_word_embeddings)
+        return checkpointing.export_weights(state, self.parts.config.tie_word_embeddings)
 
     def export(self, directory: Path, state: dict[str, torch.Tensor] | None = None) -> Path:
         """The published layout (``miniomni generate --checkpoint DIR`` loads it), written atomically.
@@ -536,11 +514,12 @@ class Trainer:
         Without ``state`` it gathers :meth:`full_model_state` itself, which under FSDP every rank must
         call; distributed callers gather on all ranks and pass ``state`` on rank 0.
         """
-        return export_layout(Path(directory), self.parts, self.model_state(state), Path(self.recipe.model))
+        weights = self.model_state(state)
+        return checkpointing.export_layout(Path(directory), self.parts, weights, Path(self.recipe.model))
 
     def write_bundle(self, path: Path, state: dict[str, torch.Tensor] | None = None) -> Path:
         """The same as one ``.safetensors`` bundle."""
-        return export_bundle(path, self.parts, self.model_state(state))
+        return checkpointing.export_bundle(path, self.parts, self.model_state(state))
 
 
 def train(recipe: Recipe, resume: bool | None = None, progress: bool = True) -> Trainer:
