@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .cooperative import Steps, run
 from .errors import ConfigError
 from .models.llm import KVCache
 from .models.omni import OmniModel
@@ -240,23 +241,30 @@ def prefill(model: OmniModel, prompts: torch.Tensor, inputs: DecodeInput, cache:
     the A1A2-batch rows differ only at their last position, so the prefix runs once
     and its keys and values are copied to the other row.
     """
+    return run(prefill_steps(model, prompts, inputs, cache))
+
+
+def prefill_steps(model: OmniModel, prompts: torch.Tensor, inputs: DecodeInput, cache: KVCache) -> Steps[torch.Tensor]:
+    """:func:`prefill` one block at a time (see :mod:`miniomni.cooperative`)."""
     device = prompts.device
     rows, _, length = prompts.shape
     features = inputs.audio_features.to(device) if inputs.audio_features is not None else None
     lengths = inputs.audio_lengths or None
     shared = _shared_prefix(prompts, features, lengths)
     if shared == 0:
-        return model.hidden_states(prompts, torch.arange(length, device=device), cache, features, lengths,
-                                   kv_len=length)[:, -1:]
-    model.hidden_states(prompts[:1, :, :shared], torch.arange(shared, device=device), cache.rows(slice(0, 1)),
-                        None if features is None else features[:1], None if lengths is None else lengths[:1],
-                        kv_len=shared)
+        hidden = yield from model.hidden_states_steps(prompts, torch.arange(length, device=device), cache, features,
+                                                      lengths, kv_len=length)
+        return hidden[:, -1:]
+    yield from model.hidden_states_steps(prompts[:1, :, :shared], torch.arange(shared, device=device),
+                                         cache.rows(slice(0, 1)), None if features is None else features[:1],
+                                         None if lengths is None else lengths[:1], kv_len=shared)
     for keys, values in zip(cache.keys, cache.values):
         keys[1:, :, :shared] = keys[:1, :, :shared]
         values[1:, :, :shared] = values[:1, :, :shared]
     # The injected Whisper frames sit at positions 1..T, all inside the shared prefix.
-    return model.hidden_states(prompts[:, :, shared:], torch.arange(shared, length, device=device), cache,
-                               kv_len=length)[:, -1:]
+    hidden = yield from model.hidden_states_steps(prompts[:, :, shared:], torch.arange(shared, length, device=device),
+                                                  cache, kv_len=length)
+    return hidden[:, -1:]
 
 
 def _shared_prefix(prompts: torch.Tensor, features: torch.Tensor | None, lengths: list[int] | None) -> int:

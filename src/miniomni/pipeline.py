@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -18,6 +19,7 @@ from typing_extensions import Unpack
 from .audio import OUTPUT_SAMPLE_RATE, load_audio, log_mel_spectrogram, trim_to_30s, whisper_frame_count
 from .checkpoints import CheckpointParts, check_state_dict, convert_model_state, read_checkpoint
 from .codec import Codec
+from .cooperative import Steps, run, within
 from .devices import autocast, resolve_device, resolve_dtype
 from .errors import CheckpointError, MiniOmniError
 from .generate import MAX_POSITIONS, DecodeInput, SamplingOptions, Step, answer_text_ids, decode
@@ -142,17 +144,29 @@ class MiniOmni:
 
     # ------------------------------------------------------------------ inputs
 
-    @torch.inference_mode()
     def encode_audio(self, audio_16k: np.ndarray) -> torch.Tensor:
         """16 kHz mono waveform (<= 30 s) -> (1, T, whisper_dim) Whisper features (T: :func:`whisper_frame_count`)."""
+        return run(self.encode_audio_steps(audio_16k))
+
+    def encode_audio_steps(self, audio_16k: np.ndarray) -> Steps[torch.Tensor]:
+        """:meth:`encode_audio` one encoder block at a time (see :mod:`miniomni.cooperative`)."""
         frames = whisper_frame_count(len(audio_16k))
-        # On the CPU, as the reference does: a GPU FFT differs in the low bits.
-        mel = log_mel_spectrogram(audio_16k).to(self.device)
-        if self.fast_encoder:  # opt-in: encode only the frames that are kept, not 30 s
-            mel = mel[:, : 2 * frames]
-        with autocast(self.device, self.dtype):
-            features = self.encoder(mel.unsqueeze(0), allow_short=self.fast_encoder)
-        return features[:, :frames].float()
+        with torch.inference_mode():
+            # On the CPU, as the reference does: a GPU FFT differs in the low bits.
+            mel = log_mel_spectrogram(audio_16k).to(self.device)
+            if self.fast_encoder:  # opt-in: encode only the frames that are kept, not 30 s
+                mel = mel[:, : 2 * frames]
+        yield
+        features = yield from within(self._encoder_context, self.encoder.forward_steps(mel.unsqueeze(0),
+                                                                                        allow_short=self.fast_encoder))
+        with torch.inference_mode():
+            return features[:, :frames].float()
+
+    def _encoder_context(self) -> contextlib.ExitStack:
+        stack = contextlib.ExitStack()
+        stack.enter_context(torch.inference_mode())
+        stack.enter_context(autocast(self.device, self.dtype))
+        return stack
 
     def encode_text(self, text: str) -> list[int]:
         ids = self.tokenizer.encode(text, add_special_tokens=False).ids
@@ -168,6 +182,16 @@ class MiniOmni:
         sample_rate: int | None = None,
     ) -> DecodeInput:
         """Build the prompt rows (and Whisper features) of a task from audio or text input."""
+        return run(self.prepare_steps(task, audio, text, sample_rate))
+
+    def prepare_steps(
+        self,
+        task: Task | str | None = None,
+        audio: Any = None,
+        text: str | None = None,
+        sample_rate: int | None = None,
+    ) -> Steps[DecodeInput]:
+        """:meth:`prepare` in units of work: reading the audio, then each encoder block."""
         if audio is not None and text is not None:
             raise MiniOmniError("give either audio or text input, not both")
         if audio is None and text is None:
@@ -181,7 +205,8 @@ class MiniOmni:
             raise MiniOmniError(f"task {task.value} takes text input; pass --text")
         if task.audio_input:
             waveform, _ = trim_to_30s(load_audio(audio, sample_rate))
-            features = self.encode_audio(waveform)
+            yield
+            features = yield from self.encode_audio_steps(waveform)
             frames = features.shape[1]
             if task == Task.A1A2_BATCH:
                 prompts = torch.stack([audio_prompt(frames, Task.A1A2), audio_prompt(frames, Task.A1T2)])

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import OmniConfig
+from ..cooperative import Steps, run
 
 
 class RMSNorm(nn.Module):
@@ -202,6 +203,16 @@ class Transformer(nn.Module):
         values are written there and each query attends to cached positions <= its own.
         ``kv_len`` (the number of cache positions to read) defaults to max(positions) + 1.
         """
+        return run(self.forward_hidden_steps(x, positions, cache, kv_len))
+
+    def forward_hidden_steps(
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        kv_len: int | None = None,
+    ) -> Steps[torch.Tensor]:
+        """:meth:`forward_hidden` one block at a time (see :mod:`miniomni.cooperative`)."""
         batch, length, _ = x.shape
         if positions is None:
             positions = torch.arange(length, device=x.device)
@@ -226,6 +237,7 @@ class Transformer(nn.Module):
         for index, block in enumerate(self.layers):
             layer_cache = None if cache is None else (cache.keys[index], cache.values[index])
             x = block(x, cos, sin, mask, positions, layer_cache, kv_len)
+            yield
         return self.final_norm(x)
 
     def forward(

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from ..config import OmniConfig
+from ..cooperative import Steps, run
 from ..tokens import NUM_AUDIO_LAYERS, NUM_STREAMS
 from .llm import KVCache, SwiGLU, Transformer, linear_rows
 
@@ -79,8 +80,20 @@ class OmniModel(nn.Module):
         kv_len: int | None = None,
     ) -> torch.Tensor:
         """Final-norm hidden states (B, T, C), before the heads."""
+        return run(self.hidden_states_steps(streams, positions, cache, audio_features, audio_lengths, kv_len))
+
+    def hidden_states_steps(
+        self,
+        streams: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        audio_features: torch.Tensor | None = None,
+        audio_lengths: Sequence[int] | None = None,
+        kv_len: int | None = None,
+    ) -> Steps[torch.Tensor]:
+        """:meth:`hidden_states` one block at a time (see :mod:`miniomni.cooperative`)."""
         x = self.embed_streams(streams, audio_features, audio_lengths)
-        return self.llm.forward_hidden(x, positions, cache, kv_len)
+        return (yield from self.llm.forward_hidden_steps(x, positions, cache, kv_len))
 
     def forward(
         self,

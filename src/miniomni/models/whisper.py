@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..cooperative import Steps, run
 from ..errors import CheckpointError
 
 __all__ = [
@@ -187,6 +188,10 @@ class WhisperEncoder(nn.Module):
         ``allow_short`` accepts fewer frames (the opt-in fast path: attention sees only the
         real audio instead of 30 s with padding, which changes the features slightly).
         """
+        return run(self.forward_steps(mel, allow_short))
+
+    def forward_steps(self, mel: Tensor, allow_short: bool = False) -> Steps[Tensor]:
+        """:meth:`forward` one block at a time (see :mod:`miniomni.cooperative`)."""
         dims = self.dims
         if mel.ndim != 3:
             raise ValueError(
@@ -211,8 +216,10 @@ class WhisperEncoder(nn.Module):
         x = F.gelu(self.conv2(x))
         x = x.transpose(1, 2)
         x = (x + self.positional_embedding[:positions]).to(x.dtype)
+        yield
         for block in self.blocks:
             x = block(x)
+            yield
         return self.ln_post(x)
 
     @classmethod
