@@ -132,7 +132,8 @@ class MiniOmni:
         model.requires_grad_(False)
         encoder = WhisperEncoder.from_state_dict(parts.whisper_dims, parts.whisper_state, device=device)
         encoder.requires_grad_(False)
-        codec = Codec.from_state_dict(parts.snac_config, parts.snac_state, device)
+        # The codec streams in the model's precision: bfloat16 halves its cost where the model runs in it.
+        codec = Codec.from_state_dict(parts.snac_config, parts.snac_state, device, stream_dtype=dtype)
         try:
             tokenizer = Tokenizer.from_str(parts.tokenizer_json)
         except Exception as exc:  # the tokenizers library raises plain Exception
