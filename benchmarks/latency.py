@@ -31,20 +31,10 @@ import time
 import numpy as np
 import torch
 
-SNAC_24KHZ = {
-    "sampling_rate": 24000, "encoder_dim": 48, "encoder_rates": [2, 4, 8, 8], "decoder_dim": 1024,
-    "decoder_rates": [8, 8, 4, 2], "attn_window_size": None, "codebook_size": 4096, "codebook_dim": 8,
-    "vq_strides": [4, 2, 1], "noise": True, "depthwise": True,
-}
-WHISPER_SMALL = dict(n_mels=80, n_audio_ctx=1500, n_audio_state=768, n_audio_head=12, n_audio_layer=12)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from fullsize import SNAC_24KHZ, speech_like  # noqa: E402  (a sibling script, not a package)
+
 MODES = {"float32": ("float32", None), "bfloat16": ("bfloat16", None), "int8": ("bfloat16", "int8")}
-
-
-def speech_like(seconds: float, sample_rate: int = 16000) -> np.ndarray:
-    t = np.arange(int(seconds * sample_rate)) / sample_rate
-    pitch = 120 + 30 * np.sin(2 * np.pi * 0.7 * t)
-    voice = sum(np.sin(k * 2 * np.pi * np.cumsum(pitch) / sample_rate) / k for k in range(1, 6))
-    return (0.2 * voice * (0.5 + 0.5 * np.sin(2 * np.pi * 3 * t) ** 2)).astype(np.float32)
 
 
 def rss_mb(field: str) -> float:
@@ -64,43 +54,11 @@ def reset_peak_rss() -> bool:
         return False
 
 
-def build(mode: str, device: str, fast_encoder: bool):
-    from snac import SNAC
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+def build(mode: str, device: str, fast_encoder: bool):  # noqa: ANN201
+    import fullsize
 
-    from miniomni.codec import Codec
-    from miniomni.config import OmniConfig
-    from miniomni.models.omni import OmniModel
-    from miniomni.models.whisper import WhisperDims, WhisperEncoder
-    from miniomni.pipeline import MiniOmni
-    from miniomni.quantize import quantize_int8
-
-    dtype_name, quantize = MODES[mode]
-    dtype = getattr(torch, dtype_name)
-    torch.manual_seed(0)
-    config = OmniConfig()
-    with torch.device("meta"):
-        model = OmniModel(config)
-    model = model.to(dtype).to_empty(device=device)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("norm.weight"):
-                param.fill_(1.0)
-            else:
-                param.normal_(0.0, 0.02)
-        for layer in range(7):  # no audio specials: every step is a speech frame
-            start = config.text_vocab_size + layer * config.audio_vocab_size
-            model.llm.lm_head.weight[start + 4096 : start + config.audio_vocab_size] = 0
-    model.llm.init_rope(device)
-    model.eval().requires_grad_(False)
-    if quantize == "int8":
-        quantize_int8(model.llm)
-    encoder = WhisperEncoder(WhisperDims(**WHISPER_SMALL)).to(device).eval().requires_grad_(False)
-    codec = Codec(SNAC(**SNAC_24KHZ), device)
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel()
-    tokenizer.train_from_iterator(["hello world"], trainer=trainers.BpeTrainer(vocab_size=300))
-    return MiniOmni(model, encoder, codec, tokenizer, torch.device(device), dtype, fast_encoder=fast_encoder)
+    dtype, quantize = MODES[mode]
+    return fullsize.build(dtype, quantize, device, fast_encoder)
 
 
 def end_text_after(model, steps: int) -> None:  # noqa: ANN001

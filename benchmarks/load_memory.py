@@ -15,7 +15,6 @@ import json
 import subprocess
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -31,58 +30,18 @@ def peak_mb() -> float:
     return float("nan")
 
 
-def write_full_checkpoint(directory: Path) -> None:
-    import json as _json
-
-    from snac import SNAC
-
-    from miniomni.checkpoints import state_dict_to_litgpt
-    from miniomni.config import OmniConfig
-    from miniomni.models.omni import OmniModel
-    from miniomni.models.whisper import WhisperDims, WhisperEncoder
-
-    sys.path.insert(0, str(HERE))
-    import latency
-
-    directory.mkdir(parents=True, exist_ok=True)
-    config = OmniConfig()
-    config.to_yaml(directory / "model_config.yaml")
-    torch.manual_seed(0)
-    with torch.device("meta"):
-        model = OmniModel(config)
-    model = model.to_empty(device="cpu")
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            param.fill_(1.0) if name.endswith("norm.weight") else param.normal_(0.0, 0.02)
-    torch.save(state_dict_to_litgpt(model.state_dict(), config), directory / "lit_model.pth")
-    del model
-    dims = WhisperDims(**latency.WHISPER_SMALL)
-    encoder = WhisperEncoder(dims)
-    torch.save({"dims": asdict(dims), "model_state_dict": {f"encoder.{k}": v for k, v in encoder.state_dict().items()}},
-               directory / "small.pt")
-    (directory / "snac").mkdir(exist_ok=True)
-    (directory / "snac" / "config.json").write_text(_json.dumps(latency.SNAC_24KHZ))
-    torch.save(SNAC(**latency.SNAC_24KHZ).state_dict(), directory / "snac" / "pytorch_model.bin")
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel()
-    tokenizer.train_from_iterator(["hello world"], trainer=trainers.BpeTrainer(vocab_size=300))
-    (directory / "tokenizer.json").write_text(tokenizer.to_str())
-
-
 def worker(source: str, dtype: str, quantize: str | None) -> None:
     torch.set_num_threads(2)
     import miniomni
 
     sys.path.insert(0, str(HERE))
-    import latency
+    from fullsize import speech_like
 
     started = time.perf_counter()
     omni = miniomni.load(source, device="cpu", dtype=dtype, quantize=quantize)
     load_s = time.perf_counter() - started
     load_peak = peak_mb()
-    *_, done = omni.stream(audio=latency.speech_like(3.0), sample_rate=16000, max_new_tokens=30)
+    *_, done = omni.stream(audio=speech_like(3.0), sample_rate=16000, max_new_tokens=30)
     print(json.dumps({"load_s": load_s, "load_peak_mb": load_peak, "run_peak_mb": peak_mb(),
                       "steps": done.timings.steps}))
 
@@ -98,9 +57,11 @@ def main() -> None:
         return
     workdir = Path(args.workdir)
     checkpoint = workdir / "checkpoint"
-    if not (checkpoint / "lit_model.pth").is_file():
-        print(f"writing a full-size random checkpoint to {checkpoint} ...", flush=True)
-        write_full_checkpoint(checkpoint)
+    print(f"full-size random checkpoint in {checkpoint} ...", flush=True)
+    sys.path.insert(0, str(HERE))
+    from fullsize import write_checkpoint
+
+    write_checkpoint(checkpoint)
     bundles = {}
     for dtype, quantize in (("float32", "none"), ("bfloat16", "none"), ("bfloat16", "int8")):
         name = f"{dtype}-{quantize}.safetensors"

@@ -30,6 +30,7 @@ import uvicorn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import latency  # noqa: E402
+from fullsize import speech_like  # noqa: E402
 
 from miniomni.server.app import create_app
 from miniomni.server.settings import ServerSettings  # noqa: E402
@@ -38,7 +39,7 @@ from miniomni.server.engine import Engine  # noqa: E402
 
 def question_body(seconds: float, steps: int) -> dict:
     buffer = io.BytesIO()
-    sf.write(buffer, latency.speech_like(seconds), 16000, format="WAV", subtype="PCM_16")
+    sf.write(buffer, speech_like(seconds), 16000, format="WAV", subtype="PCM_16")
     return {"audio": base64.b64encode(buffer.getvalue()).decode(), "stream_stride": 16, "max_tokens": steps}
 
 
