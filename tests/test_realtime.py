@@ -314,6 +314,47 @@ def test_server_vad_commits_answers_and_lets_speech_interrupt(port, engine, voic
     assert wait_idle(engine)
 
 
+def spoken_answer(port, turn: bytes, steps: int = 12) -> tuple[bytes, str, list[str]]:
+    """Stream ``turn`` in 20 ms chunks with server VAD on; the answer's audio, transcript and event types."""
+
+    async def run():
+        async with raw_connect(port) as ws:
+            conn = Raw(ws)
+            await conn.until("session.created")
+            await conn.send({"type": "session.update", "session": {"max_output_tokens": steps, "audio": {"input": {
+                "turn_detection": {"type": "server_vad", "silence_duration_ms": 500, "prefix_padding_ms": 100}}}}})
+            await conn.until("session.updated")
+            for piece in chunks(turn, 480 * 2):
+                await conn.send({"type": "input_audio_buffer.append", "audio": b64(piece)})
+            done, seen = await conn.until("response.done")
+            assert done["response"]["status"] == "completed"
+            audio = b"".join(base64.b64decode(e["delta"]) for e in seen if e["type"] == "response.output_audio.delta")
+            transcript = next(e["transcript"] for e in seen if e["type"] == "response.output_audio_transcript.done")
+            return audio, transcript, [e["type"] for e in seen]
+
+    return asyncio.run(run())
+
+
+def test_an_answer_prepared_during_the_silence_is_the_answer_without_it(engine):
+    """Speculation changes when the answer is ready, never what the model hears or says."""
+    # A pause shorter than the VAD's silence: an answer is started, then dropped as the talk goes on.
+    turn = pcm16(np.concatenate([quiet(0.3), voiced_speech(1.0), quiet(0.3), voiced_speech(0.8, seed=1), quiet(1.2)]))
+    with serving(create_app(engine, ServerSettings(speculate=False))) as port:
+        plain = spoken_answer(port, turn)
+    stats = engine.stats
+    started, used, dropped = stats.speculative_started, stats.speculative_used, stats.speculative_dropped
+    with serving(create_app(engine, ServerSettings(speculate=True))) as port:
+        speculative = spoken_answer(port, turn)
+    assert speculative[0] == plain[0] and len(plain[0]) == (12 - 7) * 2048 * 2
+    assert speculative[1] == plain[1]
+    assert stats.speculative_used == used + 1  # the answer given was the one prepared in the silence
+    assert stats.speculative_dropped >= dropped + 1 and stats.speculative_started >= started + 2
+    order = [t for t in speculative[2] if t in ("input_audio_buffer.speech_stopped", "input_audio_buffer.committed",
+                                                  "response.created", "response.output_audio.delta")]
+    assert order[:3] == ["input_audio_buffer.speech_stopped", "input_audio_buffer.committed", "response.created"]
+    assert wait_idle(engine)
+
+
 def test_vad_buffer_stays_bounded_in_silence_and_in_a_monologue(engine):
     threads = torch.get_num_threads()
     with serving(create_app(engine, ServerSettings(max_audio_seconds=1))) as port:

@@ -6,17 +6,20 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
 import numpy as np
 
 from .audio import OUTPUT_SAMPLE_RATE, float_to_pcm16
+from .devices import resolve_device
 from .errors import MiniOmniError
 from .quantize import QUANTIZE_MODES
 from .streaming import AudioChunk, TextDelta
-from .tokens import Task
+from .tokens import SAMPLES_PER_FRAME, Task
 
 log = logging.getLogger("miniomni")
 
@@ -227,8 +230,14 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ssl-keyfile", default=None)
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--quantize", choices=QUANTIZE_MODES, default="none")
-    p.add_argument("--fast-encoder", action="store_true")
+    p.add_argument("--quantize", choices=("auto", *QUANTIZE_MODES), default="auto",
+                   help="auto (default): int8 on a CPU, where float32 cannot keep a conversation in real time, "
+                        "none elsewhere; none: the float32 weights as published (bit-faithful, slow on a CPU)")
+    p.add_argument("--fast-encoder", action="store_true",
+                   help="run Whisper on the real audio only, not 30 s (much quicker first answers; changes the "
+                        "features slightly)")
+    p.add_argument("--no-speculation", action="store_true",
+                   help="do not start answering while the VAD makes sure a spoken turn has ended")
     p.set_defaults(func=_cmd_serve)
 
 
@@ -245,18 +254,57 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     if bool(args.ssl_certfile) != bool(args.ssl_keyfile):
         raise MiniOmniError("give both --ssl-certfile and --ssl-keyfile, or neither")
-    omni = load(args.checkpoint, device=args.device, dtype=args.dtype, quantize=args.quantize,
+    quantize = args.quantize
+    if quantize == "auto":
+        quantize = "int8" if resolve_device(args.device).type == "cpu" else "none"
+    omni = load(args.checkpoint, device=args.device, dtype=args.dtype, quantize=quantize,
                 fast_encoder=args.fast_encoder)
-    engine = Engine(omni, max_sessions=args.max_sessions)
+    engine = Engine(omni, max_sessions=args.max_sessions, start=False)
+    _report_speed(engine.warm_up(), quantize, args.fast_encoder)
     settings = ServerSettings(api_key=args.api_key, cors_origins=args.cors_origin,
-                              max_audio_seconds=args.max_audio_seconds)
-    app = create_app(engine, settings)
+                              max_audio_seconds=args.max_audio_seconds, speculate=not args.no_speculation)
+    server = uvicorn.Server(uvicorn.Config(create_app(engine, settings), host=args.host, port=args.port,
+                                           ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile,
+                                           log_level="info"))
+    # The HTTP side runs on a thread of its own; the main thread computes (see server/engine.py).
+    http = threading.Thread(target=_serve_http, args=(server, engine), name="miniomni-http", daemon=True)
+
+    def stop(signum: int, frame: object) -> None:
+        server.should_exit = True
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, stop)
+    http.start()
     try:
-        uvicorn.run(app, host=args.host, port=args.port, ssl_certfile=args.ssl_certfile,
-                    ssl_keyfile=args.ssl_keyfile, log_level="info")
+        engine.run_forever()
     finally:
-        engine.close()
+        server.should_exit = True
+        http.join(timeout=10)
     return 0
+
+
+def _report_speed(timings: object, quantize: str | None, fast_encoder: bool) -> None:
+    """Say plainly whether this machine keeps a spoken answer in real time, and what to pass if not."""
+    frame_ms = 1000 * SAMPLES_PER_FRAME / OUTPUT_SAMPLE_RATE
+    frames = max(1.0, timings.audio_seconds * 1000 / frame_ms)
+    cost = timings.step_ms_median + timings.codec_ms / frames
+    measured = (f"a frame of speech ({frame_ms:.0f} ms) costs {cost:.0f} ms here (decode step "
+                f"{timings.step_ms_median:.0f} ms, codec {timings.codec_ms / frames:.0f} ms)")
+    if cost < 0.9 * frame_ms:
+        log.info("real time: %s", measured)
+        return
+    advice = ("pass --quantize int8" if quantize in (None, "none") else
+              "this is already the fastest setting here: use a faster machine or a GPU")
+    log.warning("this machine cannot keep a spoken answer in real time with these settings: %s, so listeners will "
+                "hear gaps; %s%s", measured, advice,
+                "" if fast_encoder else " (--fast-encoder also makes first answers quicker)")
+
+
+def _serve_http(server: object, engine: object) -> None:
+    try:
+        server.run()
+    finally:
+        engine.close()  # the server has stopped (or failed to start): the compute loop ends too
 
 
 def _add_data(sub: argparse._SubParsersAction) -> None:

@@ -43,6 +43,7 @@ class Timings:
     step_ms_median: float = 0.0
     audio_seconds: float = 0.0
     real_time_factor: float | None = None  # total compute time / audio duration
+    codec_ms: float = 0.0  # time in the codec (SNAC decode), all chunks
 
     def as_dict(self) -> dict[str, float | int | None]:
         return dict(self.__dict__)
@@ -177,7 +178,9 @@ class AnswerEvents:
     def _chunk(self, final: bool) -> list[StreamEvent]:
         began = time.perf_counter()
         chunk = self.decoder.pull(final=final)
-        self._codec_seconds += time.perf_counter() - began
+        spent = time.perf_counter() - began
+        self._codec_seconds += spent
+        self.timings.codec_ms += spent * 1000
         if chunk is None or len(chunk) == 0:
             return []
         if self.timings.first_audio_ms is None:

@@ -177,4 +177,10 @@ def render_metrics(engine: Engine) -> str:
     for result, value in (("finished", stats.answers_finished), ("failed", stats.answers_failed),
                           ("rejected_busy", stats.rejected_busy)):
         metric("miniomni_answers_total", "counter", "Answers by outcome.", value, f'{{result="{result}"}}')
+    metric("miniomni_preparation_seconds_total", "counter", "Time spent preparing questions (Whisper, prefill).",
+           stats.job_seconds_total)
+    for result, value in (("started", stats.speculative_started), ("used", stats.speculative_used),
+                          ("dropped", stats.speculative_dropped)):
+        metric("miniomni_speculative_answers_total", "counter",
+               "Answers prepared while the VAD made sure a turn had ended, by outcome.", value, f'{{result="{result}"}}')
     return "\n".join(lines) + "\n"

@@ -1,36 +1,54 @@
-"""Many answers on one loaded model: their decode steps run together in batched forward passes.
+"""Many answers on one loaded model, scheduled on one compute thread.
 
-One decode thread owns the model and a KV cache of ``2 * max_sessions`` rows; session k
-holds rows 2k and 2k+1 (a batch-parallel answer uses both, others one). Every step runs
-one forward pass over the rows up to the highest busy slot (idle rows among them are fed
-padding at position 0) with each row at its own position,
-then each answer samples from its own rows. Sessions join (after their prefill) and leave
-between steps; a cancelled session is dropped before the next step and its rows are free
-again. Question preparation (audio decoding, Whisper) and answer post-processing (text
-deltas, SNAC decoding) run on a helper thread so the decode thread only decodes.
+Every piece of model work runs on a single compute thread that uses all of the machine's
+cores for each operation, so no two computations ever fight over the cores. It interleaves:
+
+* **decode steps**: one forward pass over the rows of every decoding answer (the KV cache
+  has ``2 * max_sessions`` rows; answer k holds rows 2k and 2k + 1, a batch-parallel
+  answer uses both), each row at its own position; then each answer samples from its own
+  rows and turns the step into events (text deltas, audio: SNAC runs here too);
+* **preparation jobs**: reading a question's audio, the Whisper encoder and the prompt's
+  prefill, one encoder or decoder block at a time (prefill fills a separate staging cache
+  whose rows are copied into the answer's slot when it is done).
+
+A job's next block runs only when every playing answer has enough audio ahead of real time
+to absorb it (``lead_floor`` seconds after the block's expected cost), so a newcomer's
+preparation never makes a running answer stutter; answers that have not spoken yet are
+stepped first. Sessions join between steps; a cancelled session is dropped before the
+next one and its rows are free again.
+
+A session opened with ``hold=True`` is speculative: it is prepared and decoded like any
+other, but its events wait until :meth:`Session.release`; :meth:`Session.cancel` drops it
+without a word. The server uses this to answer while the voice activity detector is
+still making sure the user has finished.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
-import queue
 import threading
 import time
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
+from ..cooperative import within
 from ..errors import MiniOmniError
-from ..generate import MAX_POSITIONS, AnswerState, DecodeInput, SamplingOptions, prefill
+from ..generate import MAX_POSITIONS, AnswerState, SamplingOptions, Step, prefill_steps
 from ..pipeline import MiniOmni
-from ..streaming import AnswerEvents, Done, StreamEvent
+from ..streaming import AnswerEvents, AudioChunk, Done, StreamEvent, Timings
 from ..tokens import padding_ids
 
 log = logging.getLogger(__name__)
+
+# How much audio every playing answer must have ahead of real time, after a preparation
+# block's expected cost, before that block may run (seconds).
+LEAD_FLOOR = 0.35
 
 
 class EngineBusy(MiniOmniError):
@@ -46,7 +64,7 @@ class ErrorEvent:
 
 @dataclass
 class AnswerRequest:
-    """One question: audio (16 kHz mono array) or text, and how to answer."""
+    """One question: audio (an array at ``sample_rate``, bytes or a file) or text, and how to answer."""
 
     task: str | None = None
     audio: Any = None
@@ -58,27 +76,72 @@ class AnswerRequest:
 
 
 class Session:
-    """A running answer. Events arrive through ``emit`` (called from the engine's threads)."""
+    """A running answer. Events reach ``emit`` from the compute thread (held ones: from :meth:`release`)."""
 
     _ids = itertools.count(1)
 
-    def __init__(self, engine: Engine, request: AnswerRequest, emit: Callable[[StreamEvent | ErrorEvent], None]) -> None:
+    def __init__(self, engine: Engine, request: AnswerRequest, emit: Callable[[StreamEvent | ErrorEvent], None],
+                 hold: bool = False) -> None:
         self.id = next(self._ids)
         self.engine = engine
         self.request = request
-        self.emit = emit
-        self.started = time.perf_counter()
+        self._emit = emit
+        self.started = engine.clock()
         self.cancelled = threading.Event()
         self.closed = threading.Event()  # set once the last event has been emitted
         self.slot: int | None = None
-        self.inputs: DecodeInput | None = None
+        self.slot_free = False  # the slot went back to the engine (the rows stay valid until dropped)
+        self.job: Generator | None = None
         self.state: AnswerState | None = None
         self.events: AnswerEvents | None = None
+        self.held = hold
+        self._held_events: list[StreamEvent | ErrorEvent] = []
+        self._lock = threading.Lock()
+        self.released_at: float | None = None if hold else self.started
+        self.finished_while_held = False
+        self.first_audio_at: float | None = None  # when the first audio reached emit
+        self.audio_out = 0.0  # seconds of audio that reached emit
 
     def cancel(self) -> None:
-        """Stop within one decode step and free the rows."""
+        """Stop within one decode step (or one preparation block); the slot is free for a new answer at once.
+
+        (Its rows are only written again by the compute thread once this session has been dropped.)
+        """
         self.cancelled.set()
+        self.engine._release_slot(self)
         self.engine._wake()
+
+    def release(self) -> None:
+        """A held session goes public: its waiting events are emitted, later ones flow as they come."""
+        with self._lock:
+            if not self.held:
+                return
+            self.held = False
+            self.released_at = self.engine.clock()
+            waiting, self._held_events = self._held_events, []
+            for event in waiting:
+                self._deliver(event)
+        self.engine._on_release(self)
+
+    def lead(self, now: float) -> float:
+        """Seconds of audio the listener has beyond real time (inf before the first audio)."""
+        if self.first_audio_at is None:
+            return float("inf")
+        return self.audio_out - (now - self.first_audio_at)
+
+    def emit(self, event: StreamEvent | ErrorEvent) -> None:
+        with self._lock:
+            if self.held:
+                self._held_events.append(event)
+            else:
+                self._deliver(event)
+
+    def _deliver(self, event: StreamEvent | ErrorEvent) -> None:
+        if isinstance(event, AudioChunk):
+            if self.first_audio_at is None:
+                self.first_audio_at = self.engine.clock()
+            self.audio_out += len(event.audio) / event.sample_rate
+        self._emit(event)
 
 
 @dataclass
@@ -86,36 +149,53 @@ class EngineStats:
     steps: int = 0
     step_seconds_total: float = 0.0
     last_step_ms: float = 0.0
+    job_seconds_total: float = 0.0
     first_audio_ms_total: float = 0.0
     first_audio_count: int = 0
     answers_started: int = 0
     answers_finished: int = 0
     answers_failed: int = 0
     rejected_busy: int = 0
+    speculative_started: int = 0
+    speculative_used: int = 0
+    speculative_dropped: int = 0
 
 
 class Engine:
-    """Owns the model while serving; ``open`` starts an answer and returns its :class:`Session`."""
+    """Owns the model while serving; ``open`` starts an answer and returns its :class:`Session`.
 
-    def __init__(self, omni: MiniOmni, max_sessions: int = 4) -> None:
+    With ``start=True`` the compute thread starts at once; with ``start=False`` the caller runs
+    :meth:`run_forever` on a thread of its own (``miniomni serve`` uses the main thread, where
+    PyTorch's many small operations run measurably faster than on other threads) or drives
+    it with :meth:`run_once` (tests, with a scripted ``clock``).
+    """
+
+    def __init__(self, omni: MiniOmni, max_sessions: int = 4, lead_floor: float = LEAD_FLOOR,
+                 clock: Callable[[], float] = time.perf_counter, start: bool = True) -> None:
         if max_sessions < 1:
             raise ValueError("max_sessions must be >= 1")
         self.omni = omni
         self.max_sessions = max_sessions
+        self.lead_floor = lead_floor
+        self.clock = clock
         self.device = omni.device
         self.cache = omni.model.new_cache(2 * max_sessions, max_length=MAX_POSITIONS)
+        self.staging = omni.model.new_cache(2, max_length=MAX_POSITIONS)  # prefill runs here
         self.free_slots = list(range(max_sessions))
         self.sessions: dict[int, Session] = {}  # every open session
-        self.ready: queue.Queue[Session] = queue.Queue()  # prepared, waiting for prefill
-        self.active: list[Session] = []  # decoding (decode thread only)
+        self.preparing: deque[Session] = deque()  # waiting for or in preparation (compute thread)
+        self.active: list[Session] = []  # decoding (compute thread)
         self.stats = EngineStats()
+        self.unit_cost = 0.05  # expected seconds of a preparation block (a running average)
+        self._incoming: deque[Session] = deque()
         self._lock = threading.Lock()
         self._wakeup = threading.Event()
         self._stop = threading.Event()
-        self._helper = ThreadPoolExecutor(max_workers=1, thread_name_prefix="miniomni-helper")
-        self._thread = threading.Thread(target=self._run, name="miniomni-decode", daemon=True)
-        self._thread.start()
         self._idle_ids = padding_ids(self.device)
+        self._thread: threading.Thread | None = None
+        if start:
+            self._thread = threading.Thread(target=self.run_forever, name="miniomni-compute", daemon=True)
+            self._thread.start()
 
     # ------------------------------------------------------------------ public
 
@@ -127,150 +207,159 @@ class Engine:
     def queued_sessions(self) -> int:
         return sum(1 for s in list(self.sessions.values()) if s.state is None)
 
-    def open(self, request: AnswerRequest, emit: Callable[[StreamEvent | ErrorEvent], None]) -> Session:
+    def open(self, request: AnswerRequest, emit: Callable[[StreamEvent | ErrorEvent], None],
+             hold: bool = False) -> Session:
         """Start answering; raises :class:`EngineBusy` when ``max_sessions`` answers are running."""
         with self._lock:
             if not self.free_slots:
-                self.stats.rejected_busy += 1
-                raise EngineBusy(
-                    f"all {self.max_sessions} sessions are busy; try again when one has finished"
-                )
-            session = Session(self, request, emit)
+                if not hold:
+                    self.stats.rejected_busy += 1
+                raise EngineBusy(f"all {self.max_sessions} sessions are busy; try again when one has finished")
+            session = Session(self, request, emit, hold=hold)
             session.slot = self.free_slots.pop(0)
             self.sessions[session.id] = session
-            self.stats.answers_started += 1
-        self._helper.submit(self._prepare, session)
+            if hold:
+                self.stats.speculative_started += 1
+            else:
+                self.stats.answers_started += 1
+            self._incoming.append(session)
+        self._wake()
         return session
 
     def close(self) -> None:
-        """Stop the threads; open sessions are cancelled."""
+        """Stop computing (:meth:`run_forever` returns); open sessions are cancelled."""
         for session in list(self.sessions.values()):
             session.cancel()
         self._stop.set()
         self._wake()
-        self._thread.join(timeout=10)
-        self._helper.shutdown(wait=True, cancel_futures=True)
+        if self._thread is not None:
+            self._thread.join(timeout=10)
 
-    # ----------------------------------------------------------------- helper thread
+    def warm_up(self, seconds: float = 1.0, steps: int = 40) -> Timings:
+        """Answer a short silent question on this thread (``start=False`` only) and return its timings.
 
-    def _prepare(self, session: Session) -> None:
-        request = session.request
-        try:
-            if session.cancelled.is_set():
-                self._release(session)
-                return
-            inputs = self.omni.prepare(request.task, audio=request.audio, text=request.text,
-                                       sample_rate=request.sample_rate)
-            session.inputs = inputs
-            session.events = self.omni.answer_events(inputs, session.started, max_chunk=request.max_chunk)
-            self.ready.put(session)
-            self._wake()
-        except Exception as exc:  # noqa: BLE001 - every failure becomes the client's error event
-            self._fail(session, exc)
+        The first answer pays for one-time set-up in PyTorch's kernels; this one takes that cost
+        and measures what a step and the codec cost on this machine. The counters start afresh.
+        """
+        if self._thread is not None:
+            raise RuntimeError("warm_up runs the engine on the calling thread: create the engine with start=False")
+        events: list[StreamEvent | ErrorEvent] = []
+        self.open(AnswerRequest(task="A1A2-batch", audio=np.zeros(int(seconds * 16000), dtype=np.float32),
+                                sample_rate=16000, max_new_tokens=steps, max_chunk=4), events.append)
+        while self.run_once():
+            pass
+        self.stats = EngineStats()
+        if not events or not isinstance(events[-1], Done):
+            raise MiniOmniError(f"the warm-up answer failed: {events[-1] if events else 'no event'}")
+        return events[-1].timings
 
-    def _post(self, session: Session, step: Any, when: float, finished: bool) -> None:
-        if session.cancelled.is_set():
-            return
-        try:
-            events = session.events.on_step(step, when)
-            if finished:
-                events += session.events.finish()
-            for event in events:
-                session.emit(event)
-                if isinstance(event, Done):
-                    timings = session.events.timings
-                    if timings.first_audio_ms is not None:
-                        self.stats.first_audio_ms_total += timings.first_audio_ms
-                        self.stats.first_audio_count += 1
-            if finished:
-                self.stats.answers_finished += 1
-                session.closed.set()
-        except Exception as exc:  # noqa: BLE001
-            session.cancel()
-            self._fail(session, exc)
+    def run_forever(self) -> None:
+        """Compute until :meth:`close`: decode steps and preparation blocks, or wait for work."""
+        torch.set_grad_enabled(False)
+        while not self._stop.is_set():
+            if not self.run_once():
+                self._wakeup.wait(timeout=0.5)
+                self._wakeup.clear()
 
-    def _fail(self, session: Session, exc: Exception) -> None:
-        message = str(exc) if isinstance(exc, (MiniOmniError, ValueError)) else f"internal error: {exc!r}"
-        if not isinstance(exc, (MiniOmniError, ValueError)):
-            log.exception("session %d failed", session.id)
-        self.stats.answers_failed += 1
-        try:
-            session.emit(ErrorEvent(message))
-        finally:
-            session.closed.set()
-            if session.state is None:  # never reached the decode thread
-                self._release(session)
-
-    def _release(self, session: Session) -> None:
-        with self._lock:
-            if self.sessions.pop(session.id, None) is not None and session.slot is not None:
-                self.free_slots.append(session.slot)
-                self.free_slots.sort()
-        session.closed.set()
-
-    # ----------------------------------------------------------------- decode thread
+    # ------------------------------------------------------------------ the compute thread
 
     def _wake(self) -> None:
         self._wakeup.set()
 
-    def _run(self) -> None:
-        torch.set_grad_enabled(False)
-        while not self._stop.is_set():
-            try:
-                self._admit()
-                self._drop_cancelled()
-                if not self.active:
-                    self._wakeup.wait(timeout=0.5)
-                    self._wakeup.clear()
-                    continue
+    def run_once(self) -> bool:
+        """One scheduling decision: a decode step, a preparation block, or nothing (returns False)."""
+        try:
+            self._admit()
+            self._drop_cancelled()
+            job = self.preparing[0] if self.preparing else None
+            if self.active and (job is None or not self._job_may_run()):
                 self._step()
-            except Exception:  # noqa: BLE001 - keep serving; fail the sessions of this step
-                log.exception("decode step failed")
-                for session in list(self.active):
-                    self.active.remove(session)
-                    self._fail(session, RuntimeError("the decode step failed"))
-                    self._release(session)
+            elif job is not None:
+                self._advance(job)
+            else:
+                return False
+        except Exception:  # noqa: BLE001 - keep serving; fail the sessions of this step
+            log.exception("decode step failed")
+            for session in list(self.active):
+                self.active.remove(session)
+                self._fail(session, RuntimeError("the decode step failed"))
+        return True
 
-    def _rows(self, session: Session) -> slice:
-        return slice(2 * session.slot, 2 * session.slot + session.state.rows)
+    def _job_may_run(self) -> bool:
+        """Whether a preparation block fits now without making a playing answer run out of audio."""
+        now = self.clock()
+        for session in self.active:
+            if not session.events.samples_out:
+                return False  # an answer that has not spoken yet comes first
+            if session.held:
+                continue  # its first audio waits for the listener: nothing urgent
+            if session.lead(now) - self.unit_cost < self.lead_floor:
+                return False
+        return True
 
     def _admit(self) -> None:
-        while True:
-            try:
-                session = self.ready.get_nowait()
-            except queue.Empty:
-                return
-            if session.cancelled.is_set():
-                self._release(session)
-                continue
-            inputs = session.inputs
-            try:
-                with torch.inference_mode():
-                    state = AnswerState(inputs, session.request.options, session.request.max_new_tokens, self.device)
-                    rows = slice(2 * session.slot, 2 * session.slot + state.rows)
-                    hidden = prefill(self.omni.model, inputs.prompts.to(self.device), inputs, self.cache.rows(rows))
-                    session.state = state
-                    self._sample([session], {session.id: hidden})
-            except Exception as exc:  # noqa: BLE001
-                session.state = None
-                self._fail(session, exc)
-                continue
-            if session.state.finished:
-                self._release_after_post(session)
-            else:
-                self.active.append(session)
+        with self._lock:
+            while self._incoming:
+                session = self._incoming.popleft()
+                session.job = within(torch.inference_mode, self._prepare(session))
+                self.preparing.append(session)
 
     def _drop_cancelled(self) -> None:
-        for session in list(self.active):
-            if session.cancelled.is_set():
-                self.active.remove(session)
-                self._release(session)
+        for session in [s for s in self.preparing if s.cancelled.is_set()]:
+            self.preparing.remove(session)
+            self._release_slot(session)
+            self._forget(session)
+        for session in [s for s in self.active if s.cancelled.is_set()]:
+            self.active.remove(session)
+            self._release_slot(session)
+            self._forget(session)
+
+    def _prepare(self, session: Session) -> Generator[None, None, torch.Tensor]:
+        """The preparation job: the prompt (Whisper included), then its prefill into the staging cache."""
+        request = session.request
+        inputs = yield from self.omni.prepare_steps(request.task, audio=request.audio, text=request.text,
+                                                    sample_rate=request.sample_rate)
+        session.state = AnswerState(inputs, request.options, request.max_new_tokens, self.device)
+        session.events = self.omni.answer_events(inputs, session.started, max_chunk=request.max_chunk)
+        rows = session.state.rows
+        hidden = yield from prefill_steps(self.omni.model, inputs.prompts.to(self.device), inputs,
+                                          self.staging.rows(slice(0, rows)))
+        length = inputs.prompt_length
+        target = self.cache.rows(slice(2 * session.slot, 2 * session.slot + rows))
+        for source, destination in zip(self.staging.keys + self.staging.values, target.keys + target.values):
+            destination[:, :, :length] = source[:rows, :, :length]
+        return hidden
+
+    def _advance(self, session: Session) -> None:
+        began = self.clock()
+        try:
+            next(session.job)
+            done, hidden = False, None
+        except StopIteration as finished:
+            done, hidden = True, finished.value
+        except Exception as exc:  # noqa: BLE001 - a bad question fails its own session only
+            self.preparing.remove(session)
+            self._fail(session, exc)
+            return
+        finally:
+            cost = self.clock() - began
+            self.stats.job_seconds_total += cost
+            self.unit_cost = 0.8 * self.unit_cost + 0.2 * cost
+        if not done:
+            return
+        self.preparing.popleft()
+        with torch.inference_mode():
+            self._sample([session], {session.id: hidden})
+        if session.state.finished:
+            self._finish(session)
+        else:
+            self.active.append(session)
 
     @torch.inference_mode()
     def _step(self) -> None:
-        began = time.perf_counter()
-        # Only the rows up to the highest busy slot take part (slots are handed out lowest
-        # first): the int8 kernel's cost grows with the rows (0.14 ms per matrix at 2, 0.33 at 8).
+        began = self.clock()
+        # Only the rows up to the highest busy slot take part (the int8 kernel's cost grows with
+        # the rows); idle rows among them are fed padding at position 0 of their own slot.
         total_rows = 2 * (max(session.slot for session in self.active) + 1)
         ids = self._idle_ids.repeat(total_rows, 1)
         positions = torch.zeros(total_rows, 1, dtype=torch.long, device=self.device)
@@ -279,20 +368,22 @@ class Engine:
             ids[rows] = session.state.next_ids()
             positions[rows] = session.state.position
         kv_len = int(positions.max()) + 1
-        cache = self.cache.rows(slice(0, total_rows))
-        hidden = self.omni.model.hidden_states(ids.unsqueeze(-1), positions, cache, kv_len=kv_len)
+        hidden = self.omni.model.hidden_states(ids.unsqueeze(-1), positions, self.cache.rows(slice(0, total_rows)),
+                                               kv_len=kv_len)
         self._sample(list(self.active), {s.id: hidden[self._rows(s)] for s in self.active})
-        for session in list(self.active):
-            if session.state.finished:
-                self.active.remove(session)
-                self._release_after_post(session)
-        elapsed = time.perf_counter() - began
+        for session in [s for s in self.active if s.state.finished]:
+            self.active.remove(session)
+            self._finish(session)
+        elapsed = self.clock() - began
         self.stats.steps += 1
         self.stats.step_seconds_total += elapsed
         self.stats.last_step_ms = elapsed * 1000
 
+    def _rows(self, session: Session) -> slice:
+        return slice(2 * session.slot, 2 * session.slot + session.state.rows)
+
     def _sample(self, sessions: list[Session], hidden: dict[int, torch.Tensor]) -> None:
-        """One sampled step for each session, the head rows of all of them in one product each."""
+        """One sampled step for each session (the head rows of all of them in one product each), then its events."""
         model = self.omni.model
         text = [s for s in sessions if s.state.needs_text_head]
         audio = [s for s in sessions if s.state.needs_audio_head]
@@ -300,7 +391,7 @@ class Engine:
         audio_logits = model.audio_logits(torch.cat([hidden[s.id][0, -1:] for s in audio])) if audio else None
         text_index = {s.id: i for i, s in enumerate(text)}
         audio_index = {s.id: i for i, s in enumerate(audio)}
-        now = time.perf_counter()
+        now = self.clock()
         for session in sessions:
             t = text_index.get(session.id)
             a = audio_index.get(session.id)
@@ -308,18 +399,72 @@ class Engine:
                 None if t is None else text_logits[t : t + 1],
                 None if a is None else audio_logits[a],
             )
-            self._helper.submit(self._post, session, step, now, session.state.finished)
+            self._post(session, step, now)
 
-    def _release_after_post(self, session: Session) -> None:
-        # Rows can be reused at once (post-processing holds no reference to the cache); the
-        # session stays listed until its Done has been emitted.
+    def _post(self, session: Session, step: Step, when: float) -> None:
+        """The step's events (text delta, audio once frames complete), and the end of the answer."""
+        if session.cancelled.is_set():
+            return
+        try:
+            events = session.events.on_step(step, when)
+            if session.state.finished:
+                events += session.events.finish()
+                self._count_finished(session)  # before Done goes out: a client may stop the session on it
+            for event in events:
+                session.emit(event)
+        except Exception as exc:  # noqa: BLE001 - e.g. an emit that fails: this session only
+            session.cancel()
+            self._fail(session, exc)
+
+    def _count_finished(self, session: Session) -> None:
+        with session._lock:
+            if session.held:  # counted if it is released (see _on_release)
+                session.finished_while_held = True
+                return
+        self.stats.answers_finished += 1
+        timings = session.events.timings
+        if timings.first_audio_ms is not None:
+            # From the answer's start, or from its release for one prepared in advance (then often 0).
+            released = session.released_at if session.released_at is not None else self.clock()
+            waited = max(0.0, timings.first_audio_ms / 1000 - (released - session.started))
+            self.stats.first_audio_ms_total += waited * 1000
+            self.stats.first_audio_count += 1
+
+    def _finish(self, session: Session) -> None:
+        session.closed.set()
+        self._release_slot(session)
+        self._forget(session)
+
+    def _on_release(self, session: Session) -> None:
         with self._lock:
-            if session.slot is not None and session.slot not in self.free_slots and session.id in self.sessions:
+            self.stats.speculative_used += 1
+            self.stats.answers_started += 1
+            if session.finished_while_held:
+                self.stats.answers_finished += 1
+                self.stats.first_audio_count += 1  # its audio was all there at release: 0 s to wait
+
+    def _fail(self, session: Session, exc: Exception) -> None:
+        message = str(exc) if isinstance(exc, (MiniOmniError, ValueError)) else f"internal error: {exc!r}"
+        if not isinstance(exc, (MiniOmniError, ValueError)):
+            log.error("session %d failed: %r", session.id, exc, exc_info=exc)
+        self.stats.answers_failed += 1
+        try:
+            session.emit(ErrorEvent(message))
+        finally:
+            session.closed.set()
+            self._release_slot(session)
+            self._forget(session)
+
+    def _release_slot(self, session: Session) -> None:
+        with self._lock:
+            if session.slot is not None and not session.slot_free:
+                session.slot_free = True
                 self.free_slots.append(session.slot)
                 self.free_slots.sort()
-                session.slot = None
-        self._helper.submit(self._forget, session)
 
     def _forget(self, session: Session) -> None:
         with self._lock:
-            self.sessions.pop(session.id, None)
+            if self.sessions.pop(session.id, None) is not None and session.held and session.cancelled.is_set():
+                self.stats.speculative_dropped += 1
+        session.closed.set()
+

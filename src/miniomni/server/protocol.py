@@ -229,6 +229,7 @@ class UserInput:
     item_id: str
     text: str | None = None
     audio: np.ndarray | None = None
+    pcm: bytes | None = None  # the audio as it arrived (16-bit PCM), for a committed spoken turn
 
 
 def parse_message(item: Any, param: str, max_audio_bytes: int,

@@ -14,3 +14,4 @@ class ServerSettings:
     max_audio_seconds: float = 30.0
     max_request_bytes: int = 64 * 1024 * 1024
     max_tokens_limit: int = 2048
+    speculate: bool = True  # answer a spoken turn while the VAD makes sure it has ended (see turns.py)

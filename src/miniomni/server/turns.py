@@ -2,7 +2,11 @@
 
 Audio arrives as 16-bit PCM at 24 kHz. Without turn detection it collects until the client
 commits or clears it. With server VAD, speech detected by the VAD opens a turn (starting
-``prefix_padding_ms`` early) and enough silence closes it: the turn's audio is committed.
+``prefix_padding_ms`` early) and ``silence_duration_ms`` of silence closes it. The turn's
+audio ends :data:`TURN_TAIL_MS` after the silence began, so it is known the moment that
+much silence has arrived: :class:`TurnMayEnd` offers it then, while the VAD is still
+making sure, and :class:`TurnResumed` withdraws it if speech comes back. The committed
+turn (:class:`TurnEnded`) holds exactly the audio that was offered.
 No socket and no model here: the VAD's events come in as data, turn events go out as data,
 so the whole state machine can be driven by arrays in tests.
 """
@@ -14,6 +18,9 @@ from dataclasses import dataclass
 
 from .protocol import PROTOCOL_SAMPLE_RATE, ClientError, TurnDetection, new_id
 from .vad import VAD_SAMPLE_RATE, VADEvent
+
+# The silence kept at the end of a spoken turn (at most silence_duration_ms).
+TURN_TAIL_MS = 100
 
 
 @dataclass
@@ -36,7 +43,22 @@ class TurnEnded:
     pcm: bytes
 
 
-TurnEvent = SpeechStarted | SpeechStopped | TurnEnded
+@dataclass
+class TurnMayEnd:
+    """The silence has begun: if it lasts, the turn will be exactly this audio."""
+
+    item_id: str
+    pcm: bytes
+
+
+@dataclass
+class TurnResumed:
+    """Speech came back before the silence was long enough: the offered turn goes on."""
+
+    item_id: str
+
+
+TurnEvent = SpeechStarted | SpeechStopped | TurnEnded | TurnMayEnd | TurnResumed
 
 
 def _ms(samples: int) -> int:
@@ -60,6 +82,8 @@ class InputTurns:
         self.vad_base = 0  # stream position where the VAD started listening
         self.speech_start: int | None = None  # stream position where the current turn starts
         self.speech_item_id: str | None = None
+        self.turn_end: int | None = None  # where the turn ends if the current silence lasts
+        self.offered = False  # a TurnMayEnd for turn_end went out
 
     @property
     def detecting(self) -> bool:
@@ -70,7 +94,8 @@ class InputTurns:
         self.turn_detection = turn_detection
         if turn_detection is None:
             self.vad = None
-            self.speech_start = self.speech_item_id = None
+            self.speech_start = self.speech_item_id = self.turn_end = None
+            self.offered = False
         elif self.vad is not None:
             self.vad.configure(turn_detection.threshold, turn_detection.silence_duration_ms)
 
@@ -95,17 +120,35 @@ class InputTurns:
                            self.stream_samples)
             if event.kind == "speech_started":
                 out += self._speech_started(position)
+            elif event.kind == "silence_started":
+                if self.speech_start is not None:
+                    self.turn_end = position + self._tail_samples()
+            elif event.kind == "speech_resumed":
+                if self.offered:
+                    out.append(TurnResumed(self.speech_item_id))
+                self.turn_end, self.offered = None, False
             else:
                 out += self._speech_stopped(position)
+        if self.turn_end is not None and not self.offered and self.stream_samples >= self.turn_end:
+            self.offered = True
+            out.append(TurnMayEnd(self.speech_item_id, self._turn_audio(self.turn_end)))
         if self.speech_start is not None and \
                 self.stream_samples - max(self.speech_start, self.buffer_start) >= self.max_buffer_bytes // 2:
             self.vad.end_speech()  # a monologue past max_audio_seconds: take the turn now
-            out += self._speech_stopped(self.stream_samples)
+            out += self._speech_stopped(self.stream_samples, self.stream_samples)
         if self.speech_start is None and len(self.buffer) > self.max_buffer_bytes:
             drop = len(self.buffer) - self.max_buffer_bytes  # no speech going on: keep a rolling window
             del self.buffer[:drop]
             self.buffer_start += drop // 2
         return out
+
+    def _tail_samples(self) -> int:
+        return min(TURN_TAIL_MS, self.turn_detection.silence_duration_ms) * PROTOCOL_SAMPLE_RATE // 1000
+
+    def _turn_audio(self, end: int) -> bytes:
+        """The buffered audio from the turn's start to stream position ``end``."""
+        begin = (max(self.speech_start, self.buffer_start) - self.buffer_start) * 2
+        return bytes(self.buffer[begin : max(begin, (end - self.buffer_start) * 2)])
 
     def _speech_started(self, position: int) -> list[TurnEvent]:
         start = max(0, position - self.turn_detection.prefix_padding_ms * PROTOCOL_SAMPLE_RATE // 1000)
@@ -113,17 +156,18 @@ class InputTurns:
         self.speech_item_id = new_id("item")
         return [SpeechStarted(self.speech_item_id, _ms(start))]
 
-    def _speech_stopped(self, position: int) -> list[TurnEvent]:
+    def _speech_stopped(self, position: int, turn_end: int | None = None) -> list[TurnEvent]:
+        """The turn ends at ``turn_end`` (default: the offered end, else ``position``); the buffer up to ``position`` goes."""
         if self.speech_start is None:
             return []
         item_id = self.speech_item_id or new_id("item")
-        start = max(self.speech_start, self.buffer_start)
-        self.speech_start = self.speech_item_id = None
+        if turn_end is None:
+            turn_end = self.turn_end if self.turn_end is not None else position
+        pcm = self._turn_audio(min(turn_end, position))
+        self.speech_start = self.speech_item_id = self.turn_end = None
+        self.offered = False
         out: list[TurnEvent] = [SpeechStopped(item_id, _ms(position))]
-        begin = (start - self.buffer_start) * 2
-        end = max(begin, (position - self.buffer_start) * 2)
-        pcm = bytes(self.buffer[begin:end])
-        del self.buffer[:end]
+        del self.buffer[: max(0, (position - self.buffer_start) * 2)]
         self.buffer_start = max(position, self.buffer_start)
         if pcm:
             out.append(TurnEnded(item_id, pcm))
@@ -146,7 +190,8 @@ class InputTurns:
         item_id = self.speech_item_id
         self.buffer_start += len(self.buffer) // 2
         self.buffer.clear()
-        self.speech_start = self.speech_item_id = None
+        self.speech_start = self.speech_item_id = self.turn_end = None
+        self.offered = False
         if self.vad is not None:
             self.vad.end_speech()
         return item_id

@@ -1,10 +1,16 @@
 """Server-side voice activity detection for ``/v1/realtime``: Silero VAD over streamed 24 kHz PCM.
 
-The model is the TorchScript Silero VAD shipped inside the ``silero-vad`` package (no
-download). It scores 512-sample windows of 16 kHz audio; incoming 24 kHz audio is
-resampled with a streaming soxr resampler, so chunk boundaries leave no seams.
-Speech starts when a window's probability reaches ``threshold`` and stops after
-``silence_duration_ms`` of windows below ``threshold - 0.15`` (Silero's own hysteresis).
+The weights are those of the TorchScript Silero VAD shipped inside the ``silero-vad``
+package (no download). The network is small (an STFT, four convolutions, an LSTM cell)
+and runs here in NumPy, on the event loop: the compute thread is then the only one that
+runs PyTorch, so nothing competes with it for PyTorch's worker threads. It scores
+512-sample windows of 16 kHz audio, each seen with the 64 samples before it, and carries
+a recurrent state from window to window; its probabilities equal the TorchScript model's
+within 1e-5 (tested). The weights are loaded once per process and shared: each stream
+keeps only its own state and context (a few kB). Incoming 24 kHz audio is resampled with a
+streaming soxr resampler, so chunk boundaries leave no seams. Speech starts when a
+window's probability reaches ``threshold`` and stops after ``silence_duration_ms`` of
+windows below ``threshold - 0.15`` (Silero's own hysteresis).
 """
 
 from __future__ import annotations
@@ -19,35 +25,82 @@ import torch
 
 VAD_SAMPLE_RATE = 16000
 WINDOW = 512  # samples at 16 kHz: 32 ms
+CONTEXT = 64  # samples of the previous window the model sees with each window
+STATE_SHAPE = (2, 1, 128)  # the model's recurrent state, per stream
 HYSTERESIS = 0.15  # speech goes on while the probability stays above threshold - 0.15
 
 _import_lock = threading.Lock()
+_shared: SileroNetwork | None = None
 
 
 class VADUnavailable(RuntimeError):
     """The silero-vad package is not installed."""
 
 
-def load_silero() -> torch.jit.ScriptModule:
-    """A fresh Silero VAD model (it keeps state between windows: one per stream).
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-x))
 
-    Importing ``silero_vad`` calls ``torch.set_num_threads(1)`` for the whole process; the
-    thread count is put back so the decode engine keeps its threads.
+
+class SileroNetwork:
+    """Silero VAD's 16 kHz network: ``(windows with context (B, 576), state (2, B, 128)) -> (probabilities (B,), state)``."""
+
+    def __init__(self, weights: dict[str, np.ndarray]) -> None:
+        self.stft = weights["stft.forward_basis_buffer"][:, 0, :].T.copy()  # (256, 258): real, then imaginary rows
+        self.convs = []
+        for index, stride in enumerate((1, 2, 2, 1)):
+            weight = weights[f"encoder.{index}.reparam_conv.weight"]
+            out_channels, in_channels, kernel = weight.shape
+            # (out, in, k) -> (out, k * in), to multiply with the k shifted copies of the input stacked
+            self.convs.append((weight.transpose(0, 2, 1).reshape(out_channels, kernel * in_channels),
+                               weights[f"encoder.{index}.reparam_conv.bias"][:, None], kernel, stride))
+        self.w_ih, self.w_hh = weights["decoder.rnn.weight_ih"].T.copy(), weights["decoder.rnn.weight_hh"].T.copy()
+        self.b_lstm = weights["decoder.rnn.bias_ih"] + weights["decoder.rnn.bias_hh"]
+        self.w_out = weights["decoder.decoder.2.weight"][:, :, 0].T.copy()
+        self.b_out = weights["decoder.decoder.2.bias"]
+
+    def __call__(self, x: np.ndarray, state: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        x = np.pad(x, ((0, 0), (0, 64)), mode="reflect")
+        frames = np.lib.stride_tricks.sliding_window_view(x, 256, axis=1)[:, ::128]  # (B, 4, 256)
+        spectrum = frames @ self.stft
+        h = np.sqrt(spectrum[..., :129] ** 2 + spectrum[..., 129:] ** 2).transpose(0, 2, 1)  # (B, 129, 4)
+        for weight, bias, kernel, stride in self.convs:
+            pad, length = kernel // 2, h.shape[-1]
+            padded = np.pad(h, ((0, 0), (0, 0), (pad, pad)))
+            shifted = np.concatenate([padded[:, :, j : j + length : stride] for j in range(kernel)], axis=1)
+            h = np.maximum(weight @ shifted + bias, 0.0)
+        h = h[:, :, 0]  # (B, 128): one step in time left
+        hx, cx = state[0], state[1]
+        gates = h @ self.w_ih + hx @ self.w_hh + self.b_lstm
+        i, f, g, o = np.split(gates, 4, axis=1)
+        c = _sigmoid(f) * cx + _sigmoid(i) * np.tanh(g)
+        hx = _sigmoid(o) * np.tanh(c)
+        probability = _sigmoid(np.maximum(hx, 0.0) @ self.w_out + self.b_out)[:, 0]
+        return probability, np.stack([hx, c])
+
+
+def shared_silero() -> SileroNetwork:
+    """The process's Silero VAD network, loaded once from the silero-vad package.
+
+    Importing ``silero_vad`` calls ``torch.set_num_threads(1)``; the thread count is put back.
     """
+    global _shared
     with _import_lock:
-        threads = torch.get_num_threads()
-        try:
-            from silero_vad import load_silero_vad
-        except ImportError as exc:  # pragma: no cover - depends on the environment
-            raise VADUnavailable(
-                "server VAD needs the silero-vad package: pip install 'miniomni[server]'"
-            ) from exc
-        finally:
-            if torch.get_num_threads() != threads:
-                torch.set_num_threads(threads)
-    with warnings.catch_warnings():  # its loader uses APIs that importlib and torch now deprecate
-        warnings.simplefilter("ignore", DeprecationWarning)
-        return load_silero_vad()
+        if _shared is None:
+            threads = torch.get_num_threads()
+            try:
+                from silero_vad import load_silero_vad
+            except ImportError as exc:  # pragma: no cover - depends on the environment
+                raise VADUnavailable(
+                    "server VAD needs the silero-vad package: pip install 'miniomni[server]'"
+                ) from exc
+            finally:
+                if torch.get_num_threads() != threads:
+                    torch.set_num_threads(threads)
+            with warnings.catch_warnings():  # its loader uses APIs that importlib and torch now deprecate
+                warnings.simplefilter("ignore", DeprecationWarning)
+                network = load_silero_vad()._model  # the 16 kHz network inside the stateful wrapper
+            _shared = SileroNetwork({k: v.detach().numpy().astype(np.float32) for k, v in network.state_dict().items()})
+        return _shared
 
 
 def vad_available() -> bool:
@@ -61,12 +114,17 @@ def vad_available() -> bool:
 
 @dataclass
 class VADEvent:
-    """``kind`` is "speech_started" or "speech_stopped"; ``sample`` is a 16 kHz sample index
-    from the start of the stream (speech start: the first speech window; stop: where the
-    silence period ended)."""
+    """What the VAD heard, at ``sample`` (a 16 kHz sample index from the start of the stream).
+
+    ``speech_started``: the first speech window. ``silence_started``: the first quiet window
+    after speech (the turn may be ending). ``speech_resumed``: speech again before the
+    silence was long enough. ``speech_stopped``: the silence lasted ``silence_duration_ms``;
+    ``sample`` is where it ended and ``silence_start`` where it began.
+    """
 
     kind: str
     sample: int
+    silence_start: int | None = None
 
     @property
     def ms(self) -> int:
@@ -77,17 +135,19 @@ class StreamingVAD:
     """Feed float32 audio chunks at ``input_rate``; get speech start/stop events back.
 
     Not thread-safe: call :meth:`process` from one thread at a time (the server awaits each
-    call before the next). ``model`` defaults to a freshly loaded Silero VAD.
+    call before the next). ``model`` defaults to the process's shared Silero network.
     """
 
     def __init__(self, threshold: float = 0.5, silence_duration_ms: int = 500, input_rate: int = 24000,
-                 model: torch.jit.ScriptModule | None = None) -> None:
+                 model: SileroNetwork | None = None) -> None:
         self.threshold = float(threshold)
         self.silence_samples = int(silence_duration_ms) * VAD_SAMPLE_RATE // 1000
         self.input_rate = input_rate
-        self.model = model if model is not None else load_silero()
+        self.model = model if model is not None else shared_silero()
         self._resampler = self._new_resampler()
         self._pending = np.zeros(0, dtype=np.float32)
+        self._state = np.zeros(STATE_SHAPE, dtype=np.float32)
+        self._context = np.zeros((1, CONTEXT), dtype=np.float32)
         self.position = 0  # 16 kHz samples scored so far
         self.speaking = False
         self._silence_start: int | None = None
@@ -104,7 +164,8 @@ class StreamingVAD:
 
     def reset(self) -> None:
         """Forget the speech state (not the stream position): after a buffer clear or a commit."""
-        self.model.reset_states()
+        self._state[:] = 0.0
+        self._context[:] = 0.0
         self.speaking = False
         self._silence_start = None
 
@@ -113,7 +174,13 @@ class StreamingVAD:
         self.speaking = False
         self._silence_start = None
 
-    @torch.inference_mode()
+    def probability(self, window: np.ndarray) -> float:
+        """Speech probability of the next 512-sample window (16 kHz), advancing the stream's state."""
+        samples = np.concatenate([self._context, np.asarray(window, dtype=np.float32).reshape(1, WINDOW)], axis=1)
+        out, self._state = self.model(samples, self._state)
+        self._context = samples[:, -CONTEXT:]
+        return float(out[0])
+
     def process(self, audio: np.ndarray) -> list[VADEvent]:
         """Score the new audio; events in order of their position in the stream."""
         audio = np.asarray(audio, dtype=np.float32)
@@ -123,13 +190,14 @@ class StreamingVAD:
         events: list[VADEvent] = []
         offset = 0
         while self._pending.size - offset >= WINDOW:
-            window = torch.from_numpy(np.ascontiguousarray(self._pending[offset : offset + WINDOW]))
+            probability = self.probability(self._pending[offset : offset + WINDOW])
             offset += WINDOW
-            probability = float(self.model(window, VAD_SAMPLE_RATE).item())
             self.last_probability = probability
             start = self.position
             self.position += WINDOW
             if probability >= self.threshold:
+                if self._silence_start is not None:
+                    events.append(VADEvent("speech_resumed", start))
                 self._silence_start = None
                 if not self.speaking:
                     self.speaking = True
@@ -137,9 +205,10 @@ class StreamingVAD:
             elif self.speaking and probability < self.threshold - HYSTERESIS:
                 if self._silence_start is None:
                     self._silence_start = start
+                    events.append(VADEvent("silence_started", start))
                 if self.position - self._silence_start >= self.silence_samples:
+                    events.append(VADEvent("speech_stopped", self.position, self._silence_start))
                     self.speaking = False
                     self._silence_start = None
-                    events.append(VADEvent("speech_stopped", self.position))
         self._pending = self._pending[offset:].copy() if offset else self._pending
         return events

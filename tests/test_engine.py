@@ -1,0 +1,175 @@
+"""The serving engine driven step by step with a scripted clock: scheduling, held answers, slots."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from miniomni.audio import float_to_pcm16
+from miniomni.server.engine import AnswerRequest, Engine, EngineBusy
+from miniomni.streaming import AudioChunk, Done, TextDelta
+
+from conftest import speech_like
+
+
+class Clock:
+    """Time that moves only when a test says so."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def question(seconds: float = 1.0, steps: int = 24, seed: int = 0) -> AnswerRequest:
+    return AnswerRequest(task="A1A2-batch", audio=speech_like(seconds, seed=seed), sample_rate=16000,
+                         max_new_tokens=steps, max_chunk=4)
+
+
+def drain(engine: Engine, limit: int = 10_000) -> None:
+    for _ in range(limit):
+        if not engine.run_once():
+            return
+    raise AssertionError("the engine never went idle")
+
+
+def audio_of(events: list) -> bytes:
+    return b"".join(float_to_pcm16(e.audio) for e in events if isinstance(e, AudioChunk))
+
+
+@pytest.fixture
+def clock():
+    return Clock()
+
+
+@pytest.fixture
+def engine(omni, clock):
+    engine = Engine(omni, max_sessions=3, clock=clock, start=False)
+    yield engine
+    engine.close()
+
+
+def test_engine_answer_equals_a_local_stream(omni, engine):
+    request = question()
+    local = list(omni.stream("A1A2-batch", audio=request.audio, sample_rate=16000, max_new_tokens=24, max_chunk=4))
+    events: list = []
+    engine.open(request, events.append)
+    drain(engine)
+    assert audio_of(events) == audio_of(local) and audio_of(events)
+    assert events[-1].text_tokens == local[-1].text_tokens and events[-1].audio_tokens == local[-1].audio_tokens
+
+
+def test_a_held_answer_waits_for_release_and_then_equals_an_open_one(engine):
+    alone: list = []
+    engine.open(question(), alone.append)
+    drain(engine)
+    held_events: list = []
+    held = engine.open(question(), held_events.append, hold=True)
+    drain(engine)  # prepared, decoded and finished while held
+    assert held_events == [] and engine.stats.speculative_started == 1
+    started = engine.stats.answers_started
+    held.release()
+    assert audio_of(held_events) == audio_of(alone)
+    assert held_events[-1].text_tokens == alone[-1].text_tokens
+    assert engine.stats.speculative_used == 1 and engine.stats.answers_started == started + 1
+
+
+def test_a_cancelled_held_answer_says_nothing_and_frees_its_slot_at_once(engine):
+    events: list = []
+    sessions = [engine.open(question(), events.append, hold=True) for _ in range(3)]
+    with pytest.raises(EngineBusy):
+        engine.open(question(), events.append)
+    engine.run_once()
+    engine.run_once()  # its preparation is under way
+    sessions[0].cancel()
+    assert 0 in engine.free_slots  # free for the next answer before the compute thread looks
+    engine.open(question(), events.append)
+    for session in sessions[1:]:
+        session.cancel()
+    drain(engine)
+    assert events and all(not isinstance(e, Done) or e.text_tokens for e in events)
+    assert engine.stats.speculative_dropped == 3 and engine.stats.speculative_used == 0
+    assert engine.active_sessions == 0 and sorted(engine.free_slots) == [0, 1, 2]
+
+
+def playing_answer(engine: Engine, clock: Clock) -> tuple[object, list]:
+    """An answer that has started to speak (its first audio delivered)."""
+    events: list = []
+    session = engine.open(question(steps=400), events.append)
+    while not any(isinstance(e, AudioChunk) for e in events):
+        assert engine.run_once()
+    return session, events
+
+
+def test_a_newcomer_waits_while_a_playing_answer_is_short_of_audio(engine, clock):
+    session, _ = playing_answer(engine, clock)
+    newcomer = engine.open(question(seed=1), lambda e: None)
+    # The listener has played all that was sent: nothing ahead, so only decode steps run.
+    clock.now = session.first_audio_at + session.audio_out
+    for _ in range(3):
+        steps, jobs = engine.stats.steps, engine.stats.job_seconds_total
+        engine.run_once()
+        assert engine.stats.steps == steps + 1 and engine.stats.job_seconds_total == jobs
+        clock.now = session.first_audio_at + session.audio_out  # still nothing ahead
+    assert newcomer.state is None
+    # Seconds ahead: the newcomer's preparation goes on, block by block, between steps as needed.
+    clock.now = session.first_audio_at + session.audio_out - 5.0
+    steps = engine.stats.steps
+    while newcomer.state is None or newcomer not in engine.active:
+        assert session.lead(clock.now) - engine.unit_cost >= engine.lead_floor
+        engine.run_once()
+    assert engine.stats.steps == steps  # no step was needed meanwhile
+    session.cancel()
+    newcomer.cancel()
+    drain(engine)
+
+
+def test_a_block_never_runs_into_the_lead_floor(engine, clock):
+    """Whatever the clock says, a preparation block only starts when the lead covers it."""
+    session, _ = playing_answer(engine, clock)
+    engine.open(question(seed=2), lambda e: None)
+    rng = np.random.default_rng(0)
+    for _ in range(60):
+        clock.now = session.first_audio_at + session.audio_out - rng.uniform(-0.5, 1.5)
+        lead, cost = session.lead(clock.now), engine.unit_cost
+        jobs = engine.stats.job_seconds_total
+        engine.run_once()
+        ran_a_block = engine.stats.job_seconds_total != jobs
+        assert not ran_a_block or lead - cost >= engine.lead_floor
+    for open_session in list(engine.sessions.values()):
+        open_session.cancel()
+    drain(engine)
+
+
+def test_an_answer_that_has_not_spoken_comes_before_preparation(engine, clock):
+    first: list = []
+    session = engine.open(question(), first.append)
+    while session.state is None or session not in engine.active:
+        engine.run_once()
+    newcomer = engine.open(question(seed=3), lambda e: None)
+    while not any(isinstance(e, AudioChunk) for e in first):
+        engine.run_once()
+        assert newcomer.state is None  # not a single block before the first answer spoke
+    newcomer.cancel()
+    drain(engine)
+
+
+def test_preparation_between_other_steps_gives_the_same_answer(omni, engine, clock):
+    alone: list = []
+    engine.open(question(seed=4), alone.append)
+    drain(engine)
+    session, _ = playing_answer(engine, clock)
+    interleaved: list = []
+    engine.open(question(seed=4), interleaved.append)
+    rng = np.random.default_rng(1)
+    while not any(isinstance(e, Done) for e in interleaved):
+        clock.now = session.first_audio_at + session.audio_out - rng.uniform(-0.5, 2.0)
+        engine.run_once()
+    assert interleaved[-1].text_tokens == alone[-1].text_tokens
+    assert interleaved[-1].audio_tokens == alone[-1].audio_tokens
+    assert audio_of(interleaved) == audio_of(alone)
+    text = "".join(e.text for e in interleaved if isinstance(e, TextDelta))
+    assert text == interleaved[-1].text
+    session.cancel()
+    drain(engine)
