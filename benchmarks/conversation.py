@@ -343,6 +343,7 @@ def main() -> None:
     parser.add_argument("--before", default=None, metavar="SRC",
                         help="also run every configuration with the miniomni package in SRC (e.g. an older "
                              "checkout's src/), first, labelled 'before'")
+    parser.add_argument("--before-talkers", default="1", help="values of K for the --before runs")
     parser.add_argument("--details", default=None, help="write every answer's arrival times here (JSON)")
     parser.add_argument("--stop-when-failing", action="store_true",
                         help="go to the next configuration after the first K whose 200 ms player ran dry")
@@ -371,13 +372,14 @@ def main() -> None:
         log_path = workdir / f"server-{len(details)}-{len(lines)}.log"
         print(f"\nserver flags: {config or '(none)'}{' (before)' if source else ''}  (log: {log_path})", flush=True)
         started = time.perf_counter()
-        server = Server(checkpoint, config.split(), max(ks), log_path, source)
+        run_ks = parse_range(args.before_talkers) if source else ks
+        server = Server(checkpoint, config.split(), max(run_ks), log_path, source)
         print(f"  started in {time.perf_counter() - started:.0f} s", flush=True)
         try:
             run_k(server, 1, argparse.Namespace(**{**vars(args), "rounds": 1, "answer_steps": 12}), questions)
-            for k in ks:
+            for k in run_ks:
                 r = run_k(server, k, args, questions)
-                details.append({"config": config, **r})
+                details.append({"config": config, "before": bool(source), **r})
                 lines.append(row(label, r))
                 print(lines[-1], flush=True)
                 if r["errors"]:
