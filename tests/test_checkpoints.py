@@ -176,7 +176,8 @@ def test_int8_and_bfloat16_bundles(checkpoint_dir, tmp_path, question_wav):
     assert a.tokens_json() == b.tokens_json()
     assert miniomni.load(bf16_path, device="cpu", dtype="bfloat16").generate(text="Hi", task="T1T2", max_new_tokens=3)
     with pytest.raises(CheckpointError, match="already quantized"):
-        checkpoints.write_bundle(checkpoints.read_bundle(int8_path), tmp_path / "again.safetensors", dtype=torch.float32)
+        checkpoints.write_bundle(checkpoints.read_bundle(int8_path), tmp_path / "again.safetensors",
+                                 dtype=torch.float32)
 
 
 @pytest.mark.parametrize("name, content, words", [

@@ -7,11 +7,10 @@ import json
 import numpy as np
 import pytest
 import soundfile as sf
+from conftest import speech_like
 
 from miniomni.cli import main
 from miniomni.tokens import EOA, EOT
-
-from conftest import speech_like
 
 
 def run(capsys, *argv):
@@ -22,7 +21,8 @@ def run(capsys, *argv):
 
 @pytest.mark.parametrize("task", ["A1A2-batch", "A1A2", "A1T2", "asr", "T1A2", "T1T2"])
 def test_generate_every_task_writes_tokens_and_audio(capsys, checkpoint_dir, question_wav, tmp_path, task):
-    source = ["--audio", str(question_wav)] if task in ("A1A2-batch", "A1A2", "A1T2", "asr") else ["--text", "What is your name?"]
+    spoken = task in ("A1A2-batch", "A1A2", "A1T2", "asr")
+    source = ["--audio", str(question_wav)] if spoken else ["--text", "What is your name?"]
     out, tokens_out = tmp_path / "answer.wav", tmp_path / "tokens.json"
     code, stdout, stderr = run(capsys, "generate", "--checkpoint", str(checkpoint_dir), "--task", task, *source,
                                "--out", str(out), "--tokens-out", str(tokens_out), "--max-new-tokens", "14",
@@ -128,8 +128,9 @@ def test_stream_writes_the_same_tokens_and_a_full_wav(capsys, checkpoint_dir, qu
     for mode in ("offline", "stream"):
         out, tokens_out = tmp_path / f"{mode}.wav", tmp_path / f"{mode}.json"
         extra = ["--stream"] if mode == "stream" else []
-        code, stdout, stderr = run(capsys, "generate", "--checkpoint", str(checkpoint_dir), "--audio", str(question_wav),
-                                   "--max-new-tokens", "20", "--out", str(out), "--tokens-out", str(tokens_out), *extra)
+        code, stdout, stderr = run(capsys, "generate", "--checkpoint", str(checkpoint_dir),
+                                   "--audio", str(question_wav), "--max-new-tokens", "20", "--out", str(out),
+                                   "--tokens-out", str(tokens_out), *extra)
         assert code == 0, stderr
         outputs[mode] = (json.loads(tokens_out.read_text()), sf.read(out, dtype="int16")[0], stdout.strip())
     assert outputs["offline"][0] == outputs["stream"][0]
@@ -137,6 +138,7 @@ def test_stream_writes_the_same_tokens_and_a_full_wav(capsys, checkpoint_dir, qu
     assert outputs["offline"][2] == outputs["stream"][2] != ""
 
 
+@pytest.mark.slow
 def test_out_dash_writes_raw_pcm_to_stdout(checkpoint_dir, tmp_path):
     import subprocess
     import sys

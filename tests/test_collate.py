@@ -172,7 +172,7 @@ def test_forced_inference_feeds_exactly_the_training_layout(task):
         ex = build_example(task, answer, speech, question_ids=[3, 4, 5])
     fed, ends = forced_feed(ex, task)
     P, L = ex.prompt_length, ex.answer_length
-    assert L == (6 + 8 if task.audio_output else 5 + 1)
+    assert (6 + 8 if task.audio_output else 5 + 1) == L
     # Generation stops exactly at the last answer column (layer 6 _eoa, or _eot) ...
     assert len(ends) == L and ends[-1] == ("eoa" if task.audio_output else "eot")
     # ... and every earlier sampled step is fed back exactly as the training input holds it (row 0).
@@ -230,6 +230,7 @@ def test_padding_in_a_batch_does_not_change_the_loss(tiny_model):
     assert torch.allclose(parts["text"], expected, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_loss_decreases_when_overfitting_one_example():
     model = random_omni(tiny_config(), seed=4).train()
     model.requires_grad_(True)
@@ -301,20 +302,22 @@ def test_voiceassistant_parquet_records_collate_and_cache(tmp_path, omni):
     assert (cache.hits, cache.misses) == (0, 2)
     second = [collate_record(r, omni.tokenizer, cache) for r in read_voiceassistant(tmp_path)]
     assert (cache.hits, cache.misses) == (2, 2)
-    for a, b in zip(first, second):
+    for a, b in zip(first, second, strict=True):
         assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.audio_features, b.audio_features)
     lazy = FeatureCache(omni.encode_audio, tmp_path / "features", namespace="tiny", lazy=True)
     held = [collate_record(r, omni.tokenizer, lazy) for r in records]
     assert (lazy.hits, lazy.misses) == (2, 0) and all(isinstance(e.audio_features, CachedFeatures) for e in held)
     eager_batch, lazy_batch = collate_batch(first), collate_batch(held)
     assert torch.equal(eager_batch.audio_features, lazy_batch.audio_features)
-    assert torch.equal(eager_batch.input_ids, lazy_batch.input_ids) and eager_batch.audio_lengths == lazy_batch.audio_lengths
+    assert torch.equal(eager_batch.input_ids, lazy_batch.input_ids)
+    assert eager_batch.audio_lengths == lazy_batch.audio_lengths
     damaged = held[0].audio_features.path
     damaged.write_bytes(damaged.read_bytes()[:100])  # e.g. a full disk: the entry is computed again
     with pytest.raises(MiniOmniError, match="delete that file"):
         held[0].audio_features.load()
     again = collate_record(records[0], omni.tokenizer, lazy)
-    assert lazy.misses == 1 and torch.equal(collate_batch([again]).audio_features[0], eager_batch.audio_features[0, :26])
+    assert lazy.misses == 1
+    assert torch.equal(collate_batch([again]).audio_features[0], eager_batch.audio_features[0, :26])
     ex = first[0]
     assert ex.audio_length == 26 and ex.audio_features.shape == (26, 32)  # int(500 ms / 20) + 1
     answer_ids = omni.encode_text("My name is Omni.")

@@ -92,7 +92,7 @@ def test_round_trip_schema_audio_and_codes(tmp_path, snac_dir):
 
     records = list(read_voiceassistant(tmp_path / "out" / "data", task=Task.A1A2))
     assert [r.answer_text for r in records] == [a for _, a in PAIRS[:3]]
-    for record, row in zip(records, rows):
+    for record, row in zip(records, rows, strict=True):
         assert record.question_audio is not None and record.question_audio.size > 16000 * 0.3
         assert torch.equal(record.answer_layers, answer_snac_to_layers(row["answer_snac"]))
 
@@ -122,6 +122,7 @@ def test_resume_after_crash_makes_every_row_once(tmp_path, snac_dir):
     assert len(read_rows(out)) == 5
 
 
+@pytest.mark.slow
 def test_shards_cover_every_row_once(tmp_path, snac_dir):
     qa = write_jsonl(tmp_path / "qa.jsonl", PAIRS)
     out = tmp_path / "out"
@@ -148,6 +149,7 @@ def test_bad_rows_are_skipped_and_listed(tmp_path, snac_dir):
     assert (manifest["written"], manifest["failed"]) == (1, 3)
 
 
+@pytest.mark.slow
 def test_piper_backend_speaks_with_the_joe_voice(tmp_path, snac_dir):
     assert joe_voice_path().name == "en_US-joe-medium.onnx"
     backend = get_backend("piper")
@@ -184,6 +186,7 @@ def test_cli_synth_and_inspect(tmp_path, snac_dir, capsys):
                  "--shard", "2/2"]) == 2
 
 
+@pytest.mark.slow
 def test_killed_process_then_rerun_makes_every_row_once(tmp_path, snac_dir):
     """A real crash: the synth process is killed (SIGKILL) once its first shard is on disk."""
     import signal

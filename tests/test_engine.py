@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import speech_like
 
 from miniomni.audio import float_to_pcm16
 from miniomni.server.engine import AnswerRequest, Engine, EngineBusy
 from miniomni.streaming import AudioChunk, Done, TextDelta
-
-from conftest import speech_like
 
 
 class Clock:

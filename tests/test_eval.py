@@ -148,6 +148,7 @@ def questions(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_eval_asr_end_to_end(checkpoint_dir: Path, librispeech_dir: Path, tmp_path: Path, capsys) -> None:
     prefix = tmp_path / "asr"
     args = _parse(["eval", "asr", "--checkpoint", str(checkpoint_dir), "--data", str(librispeech_dir),

@@ -1,4 +1,4 @@
-"""Decoding rules (SPEC section 3) on a scripted model, and the real tiny model end to end."""
+"""Decoding rules (docs/decoding.md) on a scripted model, and the real tiny model end to end."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import torch
 
 from miniomni import tokens as tk
 from miniomni.errors import ConfigError
-from miniomni.models.llm import KVCache
 from miniomni.generate import DecodeInput, SamplingOptions, decode, max_new_tokens_for, sample
+from miniomni.models.llm import KVCache
 from miniomni.tokens import Task
 
 
@@ -240,7 +240,8 @@ def test_eoa_step_text_is_not_part_of_the_answer(omni):
     inputs = DecodeInput(Task.T1A2, tk.text_prompt([3], Task.T1A2).unsqueeze(0))
     steps = list(decode(ScriptedModel(script, inputs.prompt_length), inputs))
     assert [s.end for s in steps] == [None, None, "eoa"]
-    assert omni.decode_text([s.text for s in steps], Task.T1A2, ended_on_eoa=True) == omni.tokenizer.decode([40, 41]).strip()
+    expected = omni.tokenizer.decode([40, 41]).strip()
+    assert omni.decode_text([s.text for s in steps], Task.T1A2, ended_on_eoa=True) == expected
 
 
 def test_embedding_is_the_mean_of_eight_streams_with_whisper_at_1_to_T(omni):

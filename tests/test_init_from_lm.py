@@ -114,11 +114,12 @@ def test_init_model_command(parts: dict[str, Path]) -> None:
     parser = argparse.ArgumentParser()
     add_init_command(parser.add_subparsers(dest="command"))
     out = parts["root"] / "omni-cli"
-    args = parser.parse_args(["init-model", "--from", str(source), "--out", str(out), "--whisper", str(parts["whisper"]),
-                              "--snac", str(parts["snac"]), "--tokenizer", str(tokenizer), "--dtype", "bfloat16",
-                              "--link"])
+    args = parser.parse_args(["init-model", "--from", str(source), "--out", str(out),
+                              "--whisper", str(parts["whisper"]), "--snac", str(parts["snac"]),
+                              "--tokenizer", str(tokenizer), "--dtype", "bfloat16", "--link"])
     assert args.func(args) == 0
-    assert {p.name for p in out.iterdir()} >= {"model_config.yaml", "lit_model.pth", "tokenizer.json", "small.pt", "snac"}
+    published = {"model_config.yaml", "lit_model.pth", "tokenizer.json", "small.pt", "snac"}
+    assert {p.name for p in out.iterdir()} >= published
     assert (out / "snac").is_symlink()
     state = torch.load(out / "lit_model.pth", weights_only=True)
     assert state["transformer.wte.weight"].dtype == torch.bfloat16
@@ -197,6 +198,7 @@ def smollm2_grown(smollm2):
     return tokenizer, model, ids, logits
 
 
+@pytest.mark.slow
 def test_smollm2_gguf_loads_grows_and_predicts(smollm2, smollm2_grown) -> None:
     _, lm = smollm2
     cfg = lm.config
@@ -216,6 +218,7 @@ def test_smollm2_gguf_loads_grows_and_predicts(smollm2, smollm2_grown) -> None:
     assert tokenizer.decode([int(logits[-1].argmax())]) == " Paris"
 
 
+@pytest.mark.slow
 def test_smollm2_logits_match_transformers_gguf_reader(smollm2, smollm2_grown) -> None:
     """transformers' own GGUF reader (its dequantization and q/k un-permutation) gives the same logits."""
     from transformers import LlamaConfig, LlamaForCausalLM

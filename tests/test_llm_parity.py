@@ -124,7 +124,8 @@ def split_grouped_qkv(fused: torch.Tensor, config: OmniConfig) -> tuple[torch.Te
 
 
 def litgpt_to_hf(sd: dict[str, torch.Tensor], config: OmniConfig) -> dict[str, torch.Tensor]:
-    out = {"model.embed_tokens.weight": sd["transformer.wte.weight"], "model.norm.weight": sd["transformer.ln_f.weight"]}
+    out = {"model.embed_tokens.weight": sd["transformer.wte.weight"],
+           "model.norm.weight": sd["transformer.ln_f.weight"]}
     out["lm_head.weight"] = sd["lm_head.weight"]
     for i in range(config.n_layer):
         src, dst = f"transformer.h.{i}.", f"model.layers.{i}."
@@ -187,7 +188,7 @@ def load_hf(model: torch.nn.Module, state: dict[str, torch.Tensor], tied: bool) 
         assert torch.equal(params[key], tensor), key
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def models(name: str):
     """(config, litgpt dict, our Transformer, HF model) for a variant, built once."""
     arch, _ = VARIANTS[name]
@@ -210,7 +211,7 @@ def token_ids(batch: int, length: int, seed: int) -> torch.Tensor:
     return torch.randint(0, VOCAB, (batch, length), generator=gen)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def hf_reference(name: str, batch: int, length: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     _, _, _, hf = models(name)
     ids = token_ids(batch, length, seed)

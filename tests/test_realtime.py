@@ -16,16 +16,15 @@ import soundfile as sf
 import soxr
 import torch
 import websockets
+from conftest import serving, speech_like, wait_idle
 from openai import AsyncOpenAI
 
 from miniomni.audio import float_to_pcm16
 from miniomni.server import connection
 from miniomni.server.app import create_app
-from miniomni.server.settings import ServerSettings
 from miniomni.server.engine import AnswerRequest, Engine
+from miniomni.server.settings import ServerSettings
 from miniomni.streaming import AudioChunk
-
-from conftest import serving, speech_like, wait_idle
 
 MAX_SESSIONS = 2
 RATE = 24000
@@ -84,7 +83,8 @@ def voiced_speech(seconds: float, rate: int = RATE, seed: int = 0) -> np.ndarray
         size = len(segment) + rate // 20  # room for the resonances to ring out
         z = np.exp(-1j * np.linspace(0, np.pi, size // 2 + 1))
         response = np.zeros_like(z)
-        for formant, bandwidth, gain in zip(vowels[rng.integers(len(vowels))], (90, 110, 150), (1.0, 0.6, 0.3)):
+        vowel = vowels[rng.integers(len(vowels))]
+        for formant, bandwidth, gain in zip(vowel, (90, 110, 150), (1.0, 0.6, 0.3), strict=True):
             r = np.exp(-np.pi * bandwidth / rate)  # a two-pole resonator, applied in the frequency domain
             response += gain * (1 - r) / (1 - 2 * r * np.cos(2 * np.pi * formant / rate) * z + r * r * z * z)
         filtered = np.fft.irfft(np.fft.rfft(segment, size) * response, size)
@@ -536,6 +536,7 @@ def test_client_that_disconnects_mid_answer_stops_it(port, engine):
     assert wait_idle(engine, timeout=3)
 
 
+@pytest.mark.slow
 def test_client_that_stops_reading_is_cut_off_and_others_are_served(port, engine, monkeypatch):
     monkeypatch.setattr(connection, "MAX_PENDING_BYTES", 64 * 1024)
 

@@ -11,15 +11,14 @@ import httpx
 import numpy as np
 import pytest
 import soundfile as sf
+from conftest import serving, speech_like, wait_idle
 from fastapi.testclient import TestClient
 
 from miniomni.audio import float_to_pcm16
 from miniomni.server.app import PCM_MEDIA_TYPE, create_app
-from miniomni.server.settings import ServerSettings
 from miniomni.server.engine import AnswerRequest, Engine
+from miniomni.server.settings import ServerSettings
 from miniomni.streaming import AudioChunk
-
-from conftest import serving, speech_like, wait_idle
 
 MAX_SESSIONS = 3
 
@@ -214,6 +213,7 @@ def test_serve_cli_refuses_half_ssl_options(capsys, checkpoint_dir):
     assert "both --ssl-certfile and --ssl-keyfile" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_serve_command_warms_up_reports_its_speed_serves_and_stops_on_sigterm(checkpoint_dir, tmp_path):
     """The real command in its own process: compute on its main thread, HTTP on another."""
     import signal

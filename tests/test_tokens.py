@@ -1,4 +1,4 @@
-"""Token layout: ids, prompts (SPEC section 2, token by token), SNAC frame round trips."""
+"""Token layout: ids, prompts (every task, token by token, against docs/decoding.md), SNAC frame round trips."""
 
 import pytest
 import torch
@@ -16,7 +16,7 @@ def test_special_ids_match_spec():
     assert tk.unshift(tk.layershift(123, 4), 4) == 123
 
 
-def a(local, layer):  # spelled out here on purpose: SPEC's formula, not the package's
+def a(local, layer):  # spelled out here on purpose: the documented formula, not the package's
     return local + 152000 + 4160 * layer
 
 
@@ -79,7 +79,7 @@ def test_codes_layers_depth_first_order():
             c0[k], c1[2 * k], c2[4 * k], c2[4 * k + 1], c1[2 * k + 1], c2[4 * k + 2], c2[4 * k + 3]
         ]
     back = tk.layers_to_codes(layers)
-    for original, restored in zip(codes, back):
+    for original, restored in zip(codes, back, strict=True):
         assert torch.equal(original, restored)
 
 

@@ -18,6 +18,8 @@ from miniomni.train.checkpointing import STATE_FILE
 from miniomni.train.recipe import Recipe, select_trainable
 from miniomni.train.trainer import Trainer
 
+pytestmark = pytest.mark.slow  # training runs, and processes under torchrun
+
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes"
 
@@ -46,7 +48,10 @@ def _wav_bytes(audio: np.ndarray) -> bytes:
 
 @pytest.fixture(scope="module")
 def voice_parquet(tmp_path_factory, checkpoint_dir) -> tuple[Path, list[dict]]:
-    """Two VoiceAssistant-400K-style rows: questions spoken by espeak-ng, answers encoded by the tiny SNAC (a sine each)."""
+    """Two VoiceAssistant-400K-style rows: questions spoken by espeak-ng, answers encoded by the tiny SNAC.
+
+    Each answer is a sine.
+    """
     import pyarrow as pa
     import pyarrow.parquet as pq
     import soxr
@@ -75,11 +80,11 @@ def voice_parquet(tmp_path_factory, checkpoint_dir) -> tuple[Path, list[dict]]:
 
 
 def _recipe(checkpoint_dir, out, sources, **extra) -> Recipe:
-    data = {"sources": sources, "batch_tokens": extra.pop("batch_tokens", 60), "max_batch_size": extra.pop("max_batch_size", 1),
-                "grad_accum": extra.pop("grad_accum", 1)}
-    base = {"model": str(checkpoint_dir), "output_dir": str(out), "train": ["llm.*"], "steps": 4, "checkpoint_every": 100,
-                "data": data, "optim": {"lr": 1e-3, "weight_decay": 0.01}, "schedule": {"warmup_steps": 1, "min_lr": 1e-5},
-                "device": "cpu", "export": False, "seed": 7}
+    data = {"sources": sources, "batch_tokens": extra.pop("batch_tokens", 60),
+            "max_batch_size": extra.pop("max_batch_size", 1), "grad_accum": extra.pop("grad_accum", 1)}
+    base = {"model": str(checkpoint_dir), "output_dir": str(out), "train": ["llm.*"], "steps": 4,
+            "checkpoint_every": 100, "data": data, "optim": {"lr": 1e-3, "weight_decay": 0.01},
+            "schedule": {"warmup_steps": 1, "min_lr": 1e-5}, "device": "cpu", "export": False, "seed": 7}
     base.update(extra)
     return Recipe.from_dict(base)
 
@@ -291,6 +296,7 @@ FSDP_DRIVER = """
 import sys
 from miniomni.train.recipe import Recipe
 from miniomni.train.trainer import Trainer
+
 recipe = Recipe.from_yaml(sys.argv[1], sys.argv[3:])
 trainer = Trainer(recipe, progress=False)
 trainer.fit(stop_at=int(sys.argv[2]) or None)
@@ -347,7 +353,8 @@ def test_fsdp_matches_one_process_and_resumes_exactly(checkpoint_dir, qa_jsonl, 
     single = Trainer(single_recipe, progress=False)
     history = single.fit()
     assert fsdp == pytest.approx([r.loss for r in history], rel=1e-5)
-    validated = [json.loads(line).get("val_loss") for line in (tmp_path / "full" / "log.jsonl").read_text().splitlines()]
+    lines = (tmp_path / "full" / "log.jsonl").read_text().splitlines()
+    validated = [json.loads(line).get("val_loss") for line in lines]
     assert validated[0] is None and validated[2] is None
     assert validated[1::2] == pytest.approx([history[1].val_loss, history[3].val_loss], rel=1e-5)
     state = torch.load(tmp_path / "full" / "checkpoints" / "step-00000004" / STATE_FILE, weights_only=True)
@@ -356,7 +363,8 @@ def test_fsdp_matches_one_process_and_resumes_exactly(checkpoint_dir, qa_jsonl, 
     config = single.parts.config
     # The key bias has a zero gradient in exact arithmetic (softmax ignores a constant per query), so
     # AdamW turns rounding noise into steps there that differ between runs; compare q and v only.
-    keys = torch.zeros(config.n_query_groups * config.head_size * 2 + config.n_head * config.head_size, dtype=torch.bool)
+    rows = config.n_query_groups * config.head_size * 2 + config.n_head * config.head_size
+    keys = torch.zeros(rows, dtype=torch.bool)
     keys[config.n_head * config.head_size : (config.n_head + config.n_query_groups) * config.head_size] = True
     for name, tensor in single.model.state_dict().items():
         rows = ~keys if name.endswith("qkv.bias") else slice(None)

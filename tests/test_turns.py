@@ -13,8 +13,15 @@ import soxr
 import torch
 
 from miniomni.server.protocol import TurnDetection
-from miniomni.server.turns import TURN_TAIL_MS, InputTurns, SpeechStarted, SpeechStopped, TurnEnded, TurnMayEnd, \
-    TurnResumed
+from miniomni.server.turns import (
+    TURN_TAIL_MS,
+    InputTurns,
+    SpeechStarted,
+    SpeechStopped,
+    TurnEnded,
+    TurnMayEnd,
+    TurnResumed,
+)
 from miniomni.server.vad import WINDOW, StreamingVAD, VADEvent, shared_silero
 
 RATE = 24000

@@ -9,12 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
+from conftest import serving
 
 from miniomni.server.app import create_app
-from miniomni.server.settings import ServerSettings
 from miniomni.server.engine import Engine
+from miniomni.server.settings import ServerSettings
 
-from conftest import serving
+pytestmark = pytest.mark.slow  # a real browser
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 OUTPUT = Path(__file__).resolve().parent.parent / "test-output"
@@ -66,7 +67,8 @@ def test_page_speaks_and_shows_the_answer(page_server, tmp_path):
             page.click("#connect")
             page.wait_for_selector(".turn .latency:has-text('first audio')", timeout=90_000)
             page.wait_for_function(
-                "() => document.querySelector('.turn .text') && document.querySelector('.turn .text').textContent.length > 0",
+                "() => document.querySelector('.turn .text')"
+                " && document.querySelector('.turn .text').textContent.length > 0",
                 timeout=90_000,
             )
             transcript = page.inner_text(".turn .text")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -152,7 +153,7 @@ def test_missing_file(tmp_path) -> None:
 
 
 def test_truncated_file(ckpt_path: str, tmp_path) -> None:
-    data = open(ckpt_path, "rb").read()
+    data = Path(ckpt_path).read_bytes()
     half = tmp_path / "small.pt"
     half.write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError) as info:

@@ -11,9 +11,9 @@ import io
 import logging
 import math
 import os
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
-from typing import BinaryIO, Union
+from typing import BinaryIO
 
 import numpy as np
 import soundfile as sf
@@ -38,7 +38,7 @@ MAX_WHISPER_FRAMES = N_FRAMES // 2  # 1500 encoder positions
 
 _SUPPORTED_FORMATS = "WAV, FLAC, OGG/Vorbis, OGG/Opus and MP3"
 
-AudioSource = Union[str, os.PathLike, bytes, bytearray, memoryview, np.ndarray, torch.Tensor]
+AudioSource = str | os.PathLike | bytes | bytearray | memoryview | np.ndarray | torch.Tensor
 
 __all__ = [
     "WHISPER_SAMPLE_RATE",
@@ -81,7 +81,7 @@ def _check_sample_rate(sample_rate: object, what: str) -> int:
     return rate
 
 
-def _read_with_soundfile(data: Union[str, BinaryIO], what: str) -> tuple[np.ndarray, int]:
+def _read_with_soundfile(data: str | BinaryIO, what: str) -> tuple[np.ndarray, int]:
     """Decode an audio file with soundfile into a (frames, channels) float32 array."""
     try:
         samples, rate = sf.read(data, dtype="float32", always_2d=True)
@@ -94,7 +94,7 @@ def _read_with_soundfile(data: Union[str, BinaryIO], what: str) -> tuple[np.ndar
     return samples, rate
 
 
-def _array_to_2d(source: Union[np.ndarray, torch.Tensor], what: str) -> np.ndarray:
+def _array_to_2d(source: np.ndarray | torch.Tensor, what: str) -> np.ndarray:
     """Convert an array/tensor input to a (frames, channels) float32 numpy array."""
     if isinstance(source, torch.Tensor):
         tensor = source.detach().cpu()
@@ -278,12 +278,12 @@ def mel_filters(n_mels: int = N_MELS, sample_rate: int = WHISPER_SAMPLE_RATE, n_
     return torch.from_numpy(_mel_filters_numpy(n_mels, sample_rate, n_fft))
 
 
-@lru_cache(maxsize=None)
+@cache
 def _cached_filters(device: str, n_mels: int) -> torch.Tensor:
     return mel_filters(n_mels).to(device)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _cached_window(device: str) -> torch.Tensor:
     return torch.hann_window(N_FFT, periodic=True).to(device)
 

@@ -269,7 +269,8 @@ def download(directory: str | Path, revision: str | None = None) -> Path:
             raise CheckpointError(
                 f"could not download {filename} from the Hugging Face Hub repo {repo_id} "
                 f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}). "
-                f"This machine may be offline or unable to reach huggingface.co. " + _manual_download_hint(directory, plan)
+                "This machine may be offline or unable to reach huggingface.co. "
+                + _manual_download_hint(directory, plan)
             ) from exc
     return directory
 
@@ -402,9 +403,10 @@ def read_bundle(path: str | Path) -> CheckpointParts:
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}
             if metadata.get("format") != BUNDLE_FORMAT:
-                raise CheckpointError(f"{path} is a safetensors file but not a miniomni bundle; create one with `miniomni convert`")
+                raise CheckpointError(f"{path} is a safetensors file but not a miniomni bundle; "
+                                      "create one with `miniomni convert`")
             tokenizer_json = bytes(handle.get_tensor("tokenizer_json").numpy()).decode("utf-8")
-            for key in handle.keys():
+            for key in handle.keys():  # noqa: SIM118 - a safetensors handle has no __iter__
                 for prefix, group in groups.items():
                     if key.startswith(prefix):
                         group[key[len(prefix) :]] = handle.get_tensor(key)

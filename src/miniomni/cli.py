@@ -44,7 +44,8 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--fast-encoder", action="store_true",
                    help="run Whisper on the real audio only, not 30 s (faster; changes the features slightly)")
     p.add_argument("--tokens-out", help="write every sampled token as JSON here")
-    p.add_argument("--max-new-tokens", type=int, default=None, help="cap on sampled steps (default: up to 2048 positions)")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="cap on sampled steps (default: up to 2048 positions)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=1.0)
@@ -188,7 +189,8 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="miniomni", description="Mini-Omni: talk to a language model that talks back.")
+    parser = argparse.ArgumentParser(prog="miniomni",
+                                     description="Mini-Omni: talk to a language model that talks back.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -246,8 +248,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         import uvicorn
 
         from .server.app import create_app
-        from .server.settings import ServerSettings
         from .server.engine import Engine
+        from .server.settings import ServerSettings
     except ImportError as exc:
         raise MiniOmniError(f"serving needs the server extra ({exc}); pip install 'miniomni[server]'") from exc
     from .pipeline import load

@@ -205,7 +205,8 @@ class _TransposedConv(_Op):
             state["carry"] = second[:, -1:]
             pieces.append(blocks.reshape(batch, -1, self.out_channels).transpose(1, 2))
         if final and "carry" in state:  # the last input alone reaches one more block; the offline crop ends there
-            pieces.append(state.pop("carry").reshape(batch, s, self.out_channels).transpose(1, 2)[..., : s - self.padding])
+            last = state.pop("carry").reshape(batch, s, self.out_channels).transpose(1, 2)
+            pieces.append(last[..., : s - self.padding])
         if not pieces:
             return x.new_zeros(batch, self.out_channels, 0)
         y = torch.cat(pieces, -1)
@@ -236,7 +237,7 @@ class _Residual(_Op):
     def run(self, x: torch.Tensor, state: dict, final: bool, noise: _Noise) -> torch.Tensor:
         slots = state.setdefault("branch", [{} for _ in self.branch])
         y = x
-        for op, slot in zip(self.branch, slots):
+        for op, slot in zip(self.branch, slots, strict=True):
             y = op.run(y, slot, final, noise)
         waiting = torch.cat([state["skip"], x], -1) if "skip" in state else x
         state["skip"] = waiting[..., y.shape[-1]:]
@@ -331,7 +332,7 @@ class SNACStream:
         else:
             channels = self.codec.model.quantizer.quantizers[0].out_proj.out_channels
             x = torch.zeros(1, channels, 0, device=self.codec.device, dtype=dtype)
-        for op, slot in zip(self.plan, state):
+        for op, slot in zip(self.plan, state, strict=True):
             x = op.run(x, slot, final, noise)
         return x.reshape(-1).float().cpu().numpy()
 
@@ -351,7 +352,8 @@ def _lag(ops: list[_Op]) -> int:
 
 
 def _clone_state(slot: dict) -> dict:
-    return {key: ([_clone_state(s) for s in value] if isinstance(value, list) else value) for key, value in slot.items()}
+    return {key: [_clone_state(s) for s in value] if isinstance(value, list) else value
+            for key, value in slot.items()}
 
 
 class StreamingDecoder:

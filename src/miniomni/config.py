@@ -90,8 +90,10 @@ class OmniConfig:
         }
         for key, wanted in unsupported.items():
             if key in data and bool(data.pop(key)) != wanted:
-                raise ConfigError(f"model_config.yaml sets {key}, which Mini-Omni does not use and miniomni does not support")
-        for key, wanted in {"norm_class_name": "RMSNorm", "mlp_class_name": "LLaMAMLP", "asr_adapter": "llamamlp"}.items():
+                raise ConfigError(f"model_config.yaml sets {key}, which Mini-Omni does not use and miniomni "
+                                  "does not support")
+        required = {"norm_class_name": "RMSNorm", "mlp_class_name": "LLaMAMLP", "asr_adapter": "llamamlp"}
+        for key, wanted in required.items():
             if key in data and data[key] is not None and data.pop(key) != wanted:
                 raise ConfigError(f"model_config.yaml: only {key}: {wanted} is supported")
             data.pop(key, None)

@@ -258,7 +258,7 @@ def prefill_steps(model: OmniModel, prompts: torch.Tensor, inputs: DecodeInput, 
     yield from model.hidden_states_steps(prompts[:1, :, :shared], torch.arange(shared, device=device),
                                          cache.rows(slice(0, 1)), None if features is None else features[:1],
                                          None if lengths is None else lengths[:1], kv_len=shared)
-    for keys, values in zip(cache.keys, cache.values):
+    for keys, values in zip(cache.keys, cache.values, strict=True):
         keys[1:, :, :shared] = keys[:1, :, :shared]
         values[1:, :, :shared] = values[:1, :, :shared]
     # The injected Whisper frames sit at positions 1..T, all inside the shared prefix.

@@ -20,7 +20,8 @@ def _half_written(what: str, path: Path, detail: str, fix: str) -> CheckpointErr
     )
 
 
-def load_torch_file(path: str | os.PathLike, what: str, fix: str = "download again with `miniomni download DIR`") -> Any:
+def load_torch_file(path: str | os.PathLike, what: str,
+                    fix: str = "download again with `miniomni download DIR`") -> Any:
     """Load a ``torch.save`` file holding only tensors and plain containers.
 
     ``what`` names the file for the user ("Whisper checkpoint"); ``fix`` says how to get a good copy.

@@ -148,7 +148,7 @@ def codes_to_layers(codes: Sequence[torch.Tensor]) -> torch.Tensor:
     """SNAC codes ``[c0 (N,), c1 (2N,), c2 (4N,)]`` (batch dim of 1 allowed) -> (7, N) layer tokens."""
     flat = [c.reshape(-1) for c in codes]
     num_frames = flat[0].numel()
-    for c, rate in zip(flat, CODEBOOK_RATE):
+    for c, rate in zip(flat, CODEBOOK_RATE, strict=True):
         if c.numel() != rate * num_frames:
             raise ValueError(
                 f"SNAC codebooks have {[x.numel() for x in flat]} codes; expected N, 2N, 4N"
@@ -156,7 +156,7 @@ def codes_to_layers(codes: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.stack(
         [
             flat[cb].view(num_frames, CODEBOOK_RATE[cb])[:, off]
-            for cb, off in zip(LAYER_CODEBOOK, LAYER_OFFSET)
+            for cb, off in zip(LAYER_CODEBOOK, LAYER_OFFSET, strict=True)
         ]
     )
 
@@ -167,7 +167,7 @@ def layers_to_codes(layers: torch.Tensor) -> list[torch.Tensor]:
         raise ValueError(f"expected (7, N) audio layers, got shape {tuple(layers.shape)}")
     num_frames = layers.shape[1]
     codes = [layers.new_empty(num_frames, rate) for rate in CODEBOOK_RATE]
-    for layer, (cb, off) in enumerate(zip(LAYER_CODEBOOK, LAYER_OFFSET)):
+    for layer, (cb, off) in enumerate(zip(LAYER_CODEBOOK, LAYER_OFFSET, strict=True)):
         codes[cb][:, off] = layers[layer]
     return [c.reshape(1, -1) for c in codes]
 

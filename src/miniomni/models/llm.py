@@ -138,7 +138,7 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(config.n_embd, config.norm_eps)
         self.mlp = SwiGLU(config.n_embd, config.intermediate_size, config.n_embd, bias=config.bias)
 
-    def forward(self, x, cos, sin, mask, positions, cache, kv_len) -> torch.Tensor:  # noqa: ANN001
+    def forward(self, x, cos, sin, mask, positions, cache, kv_len) -> torch.Tensor:
         x = x + self.attn(self.attn_norm(x), cos, sin, mask, positions, cache, kv_len)
         return x + self.mlp(self.mlp_norm(x))
 
@@ -163,7 +163,7 @@ class Transformer(nn.Module):
         self.register_buffer("rope_cos", cos.to(device), persistent=False)
         self.register_buffer("rope_sin", sin.to(device), persistent=False)
 
-    def _apply(self, fn, recurse=True):  # noqa: ANN001, ANN202 - nn.Module's signature
+    def _apply(self, fn, recurse=True):
         # .to(bfloat16) / .half() would round the RoPE tables; keep them float32.
         super()._apply(fn, recurse)
         if self.rope_cos.dtype != torch.float32:

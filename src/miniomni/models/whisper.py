@@ -8,8 +8,9 @@ Parameter names match the ``encoder.*`` entries of an openai-whisper checkpoint'
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -45,7 +46,7 @@ class WhisperDims:
     n_text_layer: int | None = None
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "WhisperDims":
+    def from_dict(cls, d: Mapping[str, Any]) -> WhisperDims:
         """Build from a dict, ignoring unknown keys; CheckpointError when an audio field is missing or invalid."""
         if not isinstance(d, Mapping):
             raise CheckpointError(f"Whisper 'dims' must be a dict of dimensions, got {type(d).__name__}.")
@@ -230,7 +231,7 @@ class WhisperEncoder(nn.Module):
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
         source: str = "state dict",
-    ) -> "WhisperEncoder":
+    ) -> WhisperEncoder:
         """Build an encoder from encoder tensors (keys with or without the 'encoder.' prefix); strict.
 
         Tensors already on ``device`` in ``dtype`` are used without a copy, so the

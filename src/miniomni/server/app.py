@@ -60,7 +60,7 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
 
     # This middleware sees HTTP only: /v1/realtime checks the key (header or subprotocol) itself.
     @app.middleware("http")
-    async def require_api_key(request: Request, call_next):  # noqa: ANN001, ANN202
+    async def require_api_key(request: Request, call_next):
         if settings.api_key and request.method != "OPTIONS" and not is_public(request.url.path):
             if not bearer_ok(request.headers, settings.api_key):
                 return error_response(401, "missing or wrong API key: send 'Authorization: Bearer KEY'",
@@ -101,7 +101,8 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
         max_tokens = payload.get("max_tokens", settings.max_tokens_limit)
         if not isinstance(stride, int) or isinstance(stride, bool) or not 1 <= stride <= 64:
             return error_response(400, "stream_stride must be an integer from 1 to 64 (frames of 85 ms per chunk)")
-        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or not 1 <= max_tokens <= settings.max_tokens_limit:
+        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or \
+                not 1 <= max_tokens <= settings.max_tokens_limit:
             return error_response(400, f"max_tokens must be an integer from 1 to {settings.max_tokens_limit}")
         try:
             data = base64.b64decode(payload["audio"], validate=True)
@@ -124,7 +125,7 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
         except EngineBusy as exc:
             return error_response(503, str(exc), "server_busy")
 
-        async def body_stream():  # noqa: ANN202
+        async def body_stream():
             try:
                 if format == "wav":
                     yield wav_stream_header()
@@ -166,13 +167,16 @@ def render_metrics(engine: Engine) -> str:
             lines.append(f"# TYPE {name} {kind}")
         lines.append(f"{name}{labels} {value:g}")
 
-    metric("miniomni_active_sessions", "gauge", "Answers being prepared, decoded or finished off.", engine.active_sessions)
-    metric("miniomni_queued_sessions", "gauge", "Answers waiting for their prompt to be prepared.", engine.queued_sessions)
+    metric("miniomni_active_sessions", "gauge", "Answers being prepared, decoded or finished off.",
+           engine.active_sessions)
+    metric("miniomni_queued_sessions", "gauge", "Answers waiting for their prompt to be prepared.",
+           engine.queued_sessions)
     metric("miniomni_max_sessions", "gauge", "Concurrent answers allowed.", engine.max_sessions)
     metric("miniomni_decode_steps_total", "counter", "Batched decode steps run.", stats.steps)
     metric("miniomni_decode_step_seconds_total", "counter", "Time spent in decode steps.", stats.step_seconds_total)
     metric("miniomni_decode_step_last_seconds", "gauge", "Duration of the last decode step.", stats.last_step_ms / 1000)
-    metric("miniomni_first_audio_seconds_sum", "counter", "Sum of times to first audio.", stats.first_audio_ms_total / 1000)
+    metric("miniomni_first_audio_seconds_sum", "counter", "Sum of times to first audio.",
+           stats.first_audio_ms_total / 1000)
     metric("miniomni_first_audio_seconds_count", "counter", "Answers that produced audio.", stats.first_audio_count)
     for result, value in (("finished", stats.answers_finished), ("failed", stats.answers_failed),
                           ("rejected_busy", stats.rejected_busy)):
@@ -182,5 +186,6 @@ def render_metrics(engine: Engine) -> str:
     for result, value in (("started", stats.speculative_started), ("used", stats.speculative_used),
                           ("dropped", stats.speculative_dropped)):
         metric("miniomni_speculative_answers_total", "counter",
-               "Answers prepared while the VAD made sure a turn had ended, by outcome.", value, f'{{result="{result}"}}')
+               "Answers prepared while the VAD made sure a turn had ended, by outcome.", value,
+               f'{{result="{result}"}}')
     return "\n".join(lines) + "\n"

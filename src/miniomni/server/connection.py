@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import logging
 from dataclasses import dataclass, field
@@ -185,10 +186,8 @@ class RealtimeConnection:
             self.response = None
             sender.cancel()
             if self.close_reason is not None and self.ws.application_state == WebSocketState.CONNECTED:
-                try:
+                with contextlib.suppress(Exception):  # the client may be gone already
                     await asyncio.wait_for(self.ws.close(*self.close_reason), timeout=2)
-                except Exception:  # noqa: BLE001 - the client may be gone already
-                    pass
 
     # ------------------------------------------------------------------ dispatch
 
@@ -228,7 +227,7 @@ class RealtimeConnection:
                 self.error(exc.message, exc.code, exc.param, exc.kind, event_id)
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:  # noqa: BLE001 - keep the connection; say what failed
+            except Exception as exc:
                 log.exception("realtime session %s: %s failed", self.session_id, kind)
                 self.error(f"internal error handling {kind}: {exc!r}", code="internal_error", kind="server_error",
                            event_id=event_id)

@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..audio import WHISPER_SAMPLE_RATE
 from ..cooperative import within
 from ..errors import MiniOmniError
 from ..generate import MAX_POSITIONS, AnswerState, SamplingOptions, Step, prefill_steps
@@ -244,8 +245,9 @@ class Engine:
         if self._thread is not None:
             raise RuntimeError("warm_up runs the engine on the calling thread: create the engine with start=False")
         events: list[StreamEvent | ErrorEvent] = []
-        self.open(AnswerRequest(task="A1A2-batch", audio=np.zeros(int(seconds * 16000), dtype=np.float32),
-                                sample_rate=16000, max_new_tokens=steps, max_chunk=4), events.append)
+        silence = np.zeros(int(seconds * WHISPER_SAMPLE_RATE), dtype=np.float32)
+        self.open(AnswerRequest(task="A1A2-batch", audio=silence, sample_rate=WHISPER_SAMPLE_RATE,
+                                max_new_tokens=steps, max_chunk=4), events.append)
         while self.run_once():
             pass
         self.stats = EngineStats()
@@ -278,7 +280,7 @@ class Engine:
                 self._advance(job)
             else:
                 return False
-        except Exception:  # noqa: BLE001 - keep serving; fail the sessions of this step
+        except Exception:
             log.exception("decode step failed")
             for session in list(self.active):
                 self.active.remove(session)
@@ -326,7 +328,8 @@ class Engine:
                                           self.staging.rows(slice(0, rows)))
         length = inputs.prompt_length
         target = self.cache.rows(slice(2 * session.slot, 2 * session.slot + rows))
-        for source, destination in zip(self.staging.keys + self.staging.values, target.keys + target.values):
+        for source, destination in zip(self.staging.keys + self.staging.values, target.keys + target.values,
+                                       strict=True):
             destination[:, :, :length] = source[:rows, :, :length]
         return hidden
 
@@ -387,7 +390,9 @@ class Engine:
         model = self.omni.model
         text = [s for s in sessions if s.state.needs_text_head]
         audio = [s for s in sessions if s.state.needs_audio_head]
-        text_logits = model.text_logits(torch.cat([hidden[s.id][s.state.text_row, -1:] for s in text])) if text else None
+        text_logits = None
+        if text:
+            text_logits = model.text_logits(torch.cat([hidden[s.id][s.state.text_row, -1:] for s in text]))
         audio_logits = model.audio_logits(torch.cat([hidden[s.id][0, -1:] for s in audio])) if audio else None
         text_index = {s.id: i for i, s in enumerate(text)}
         audio_index = {s.id: i for i, s in enumerate(audio)}

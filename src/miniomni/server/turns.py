@@ -157,7 +157,10 @@ class InputTurns:
         return [SpeechStarted(self.speech_item_id, _ms(start))]
 
     def _speech_stopped(self, position: int, turn_end: int | None = None) -> list[TurnEvent]:
-        """The turn ends at ``turn_end`` (default: the offered end, else ``position``); the buffer up to ``position`` goes."""
+        """The turn ends at ``turn_end`` (default: the offered end, else ``position``).
+
+        The buffer up to ``position`` goes with it.
+        """
         if self.speech_start is None:
             return []
         item_id = self.speech_item_id or new_id("item")

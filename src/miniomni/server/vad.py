@@ -42,7 +42,10 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
 
 
 class SileroNetwork:
-    """Silero VAD's 16 kHz network: ``(windows with context (B, 576), state (2, B, 128)) -> (probabilities (B,), state)``."""
+    """Silero VAD's 16 kHz network.
+
+    ``(windows with their context (B, 576), state (2, B, 128)) -> (probabilities (B,), state)``.
+    """
 
     def __init__(self, weights: dict[str, np.ndarray]) -> None:
         self.stft = weights["stft.forward_basis_buffer"][:, 0, :].T.copy()  # (256, 258): real, then imaginary rows
@@ -138,7 +141,7 @@ class StreamingVAD:
     call before the next). ``model`` defaults to the process's shared Silero network.
     """
 
-    def __init__(self, threshold: float = 0.5, silence_duration_ms: int = 500, input_rate: int = 24000,
+    def __init__(self, threshold: float = 0.5, silence_duration_ms: int = 500, input_rate: int = VAD_SAMPLE_RATE,
                  model: SileroNetwork | None = None) -> None:
         self.threshold = float(threshold)
         self.silence_samples = int(silence_duration_ms) * VAD_SAMPLE_RATE // 1000
