@@ -174,12 +174,17 @@ def question_wav(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @contextlib.contextmanager
 def serving(app, **options):
-    """Run an ASGI app with uvicorn on a free 127.0.0.1 port; yields the port."""
+    """Run an ASGI app with uvicorn on a free 127.0.0.1 port, with the limits of its settings; yields the port."""
     import socket
     import threading
     import time
 
     import uvicorn
+
+    from miniomni.server.app import uvicorn_options
+
+    settings = getattr(app.state, "settings", None)
+    options = {**(uvicorn_options(settings) if settings is not None else {}), **options}
 
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

@@ -125,7 +125,8 @@ def test_a_newcomer_waits_while_a_playing_answer_is_short_of_audio(engine, clock
 
 
 def test_a_block_never_runs_into_the_lead_floor(engine, clock):
-    """Whatever the clock says, a preparation block only starts when the lead covers it."""
+    """Whatever the clock says, a preparation block only starts when the lead covers it (no waiting rule)."""
+    engine.max_wait = float("inf")
     session, _ = playing_answer(engine, clock)
     engine.open(question(seed=2), lambda e: None)
     rng = np.random.default_rng(0)
@@ -138,6 +139,27 @@ def test_a_block_never_runs_into_the_lead_floor(engine, clock):
         assert not ran_a_block or lead - cost >= engine.lead_floor
     for open_session in list(engine.sessions.values()):
         open_session.cancel()
+    drain(engine)
+
+
+def test_a_starved_newcomer_gets_every_other_turn_after_waiting(engine, clock):
+    """On a machine too busy to keep answers ahead, a question waits at most max_wait, then shares the compute."""
+    session, _ = playing_answer(engine, clock)
+    newcomer = engine.open(question(seed=5), lambda e: None)
+    clock.now = session.first_audio_at + session.audio_out  # the listener is never ahead
+    engine.run_once()  # admitted now
+    decisions = []
+    while newcomer not in engine.active and len(decisions) < 500:
+        clock.now = session.first_audio_at + session.audio_out + (0.5 if len(decisions) < 4 else 2.0)
+        steps = engine.stats.steps
+        engine.run_once()
+        decisions.append("step" if engine.stats.steps > steps else "block")
+    assert newcomer in engine.active
+    assert set(decisions[:4]) == {"step"}  # within max_wait: steps only
+    later = decisions[4:]
+    assert "block" in later and all(a != b for a, b in zip(later, later[1:], strict=False))  # then alternating
+    session.cancel()
+    newcomer.cancel()
     drain(engine)
 
 

@@ -32,6 +32,7 @@ N_MELS = 80
 CHUNK_SECONDS = 30
 N_SAMPLES = CHUNK_SECONDS * WHISPER_SAMPLE_RATE  # 480000
 N_FRAMES = N_SAMPLES // HOP_LENGTH  # 3000
+MIN_SAMPLE_RATE = 1000  # below this a "recording" is not speech, and resampling it would multiply its size
 MAX_SAMPLE_RATE = 384000
 MAX_CHANNELS = 8
 MAX_WHISPER_FRAMES = N_FRAMES // 2  # 1500 encoder positions
@@ -73,18 +74,35 @@ def _check_sample_rate(sample_rate: object, what: str) -> int:
     if not math.isfinite(float(sample_rate)) or float(sample_rate) != int(sample_rate):
         raise AudioError(f"{what}: sample rate {sample_rate!r} is not a whole number of Hz.")
     rate = int(sample_rate)
-    if rate <= 0 or rate > MAX_SAMPLE_RATE:
+    if rate < MIN_SAMPLE_RATE or rate > MAX_SAMPLE_RATE:
         raise AudioError(
-            f"{what}: sample rate {rate} Hz is not usable (must be between 1 and {MAX_SAMPLE_RATE} Hz); "
-            "check the file header or the sample_rate you passed."
+            f"{what}: sample rate {rate} Hz is not usable (must be between {MIN_SAMPLE_RATE} and {MAX_SAMPLE_RATE} "
+            "Hz); check the file header or the sample_rate you passed."
         )
     return rate
 
 
-def _read_with_soundfile(data: str | BinaryIO, what: str) -> tuple[np.ndarray, int]:
-    """Decode an audio file with soundfile into a (frames, channels) float32 array."""
+class AudioTooLong(AudioError):
+    """The audio lasts longer than the caller accepts."""
+
+
+def _check_length(frames: int, rate: int, what: str, max_seconds: float | None) -> None:
+    """Refuse audio over ``max_seconds`` from its header, before any decoding or resampling."""
+    if max_seconds is not None and frames > 0 and frames / rate > max_seconds:
+        raise AudioTooLong(f"{what} is {frames / rate:.1f} s long; at most {max_seconds:g} s is accepted")
+
+
+def _read_with_soundfile(data: str | BinaryIO, what: str, max_seconds: float | None = None) -> tuple[np.ndarray, int]:
+    """Decode an audio file with soundfile into a (frames, channels) float32 array, its header checked first."""
     try:
-        samples, rate = sf.read(data, dtype="float32", always_2d=True)
+        with sf.SoundFile(data) as handle:
+            rate = _check_sample_rate(handle.samplerate, what)
+            _check_length(handle.frames, rate, what, max_seconds)
+            if handle.channels > MAX_CHANNELS:
+                raise AudioError(f"{what} has {handle.channels} channels; at most {MAX_CHANNELS} are accepted.")
+            samples = handle.read(dtype="float32", always_2d=True)
+    except AudioError:
+        raise
     except (sf.LibsndfileError, sf.SoundFileError, RuntimeError, TypeError, ValueError, EOFError) as exc:
         raise AudioError(
             f"{what}: the audio format could not be read ({exc}). "
@@ -133,13 +151,14 @@ def _array_to_2d(source: np.ndarray | torch.Tensor, what: str) -> np.ndarray:
     )
 
 
-def load_audio(source: AudioSource, sample_rate: int | None = None) -> np.ndarray:
+def load_audio(source: AudioSource, sample_rate: int | None = None, max_seconds: float | None = None) -> np.ndarray:
     """Load audio as a 16 kHz mono float32 1-D numpy array.
 
     ``source`` is a path, the raw bytes of an audio file, or a numpy array / torch
     tensor of samples (then ``sample_rate`` is required). For files the rate in the
     file header is used and ``sample_rate`` is ignored. Raises AudioError when the
-    input is missing, unreadable, empty or not finite.
+    input is missing, unreadable, empty or not finite, and :class:`AudioTooLong` when it
+    lasts over ``max_seconds`` (checked from the header, before any decoding).
     """
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
@@ -152,20 +171,21 @@ def load_audio(source: AudioSource, sample_rate: int | None = None) -> np.ndarra
             raise AudioError(f"{what} is empty (0 bytes); record or send some audio.")
         if sample_rate is not None:
             logger.debug("load_audio: ignoring sample_rate=%s for %s (the file header is used)", sample_rate, path)
-        samples, rate = _read_with_soundfile(str(path), what)
+        samples, rate = _read_with_soundfile(str(path), what, max_seconds)
     elif isinstance(source, (bytes, bytearray, memoryview)):
         what = "audio bytes"
         if len(source) == 0:
             raise AudioError("audio bytes are empty (0 bytes); send the contents of an audio file.")
-        samples, rate = _read_with_soundfile(io.BytesIO(bytes(source)), what)
+        samples, rate = _read_with_soundfile(io.BytesIO(bytes(source)), what, max_seconds)
     elif isinstance(source, (np.ndarray, torch.Tensor)):
         what = "audio array"
         if sample_rate is None:
             raise AudioError(
                 f"{what}: sample_rate is required when passing samples, e.g. load_audio(x, sample_rate=16000)."
             )
-        rate = sample_rate
+        rate = _check_sample_rate(sample_rate, what)
         samples = _array_to_2d(source, what)
+        _check_length(samples.shape[0], rate, what, max_seconds)
     else:
         raise AudioError(
             f"cannot load audio from a {type(source).__name__}; pass a path, file bytes, or a numpy array/torch "
@@ -173,6 +193,7 @@ def load_audio(source: AudioSource, sample_rate: int | None = None) -> np.ndarra
         )
 
     rate = _check_sample_rate(rate, what)
+    _check_length(samples.shape[0], rate, what, max_seconds)  # headers can understate (MP3)
     if samples.size == 0 or samples.shape[0] == 0:
         raise AudioError(f"{what} is empty (0 samples); record or send some audio.")
     finite = np.isfinite(samples)

@@ -225,9 +225,21 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default loopback only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-sessions", type=int, default=4, help="concurrent answers; more get HTTP 503")
-    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every request")
+    p.add_argument("--api-key-file", default=None,
+                   help="require 'Authorization: Bearer KEY' on every request, KEY being this file's first line "
+                        "(or set MINIOMNI_API_KEY)")
+    p.add_argument("--api-key", default=None, help="the key itself (visible to every user of `ps`: prefer the file "
+                                                   "or the environment variable)")
     p.add_argument("--cors-origin", action="append", default=[], help="allow this browser origin (repeatable)")
     p.add_argument("--max-audio-seconds", type=float, default=30.0, help="longest question accepted")
+    p.add_argument("--max-connections", type=int, default=64,
+                   help="open Realtime WebSocket connections, idle ones included (default 64)")
+    p.add_argument("--max-message-mb", type=float, default=4.0, help="largest WebSocket message (default 4 MB)")
+    p.add_argument("--max-request-mb", type=float, default=64.0, help="largest HTTP request body (default 64 MB)")
+    p.add_argument("--idle-timeout", type=float, default=300.0,
+                   help="close a connection after this many seconds without an event while no answer runs")
+    p.add_argument("--max-events-per-second", type=float, default=200.0,
+                   help="per connection, in bursts of up to twice as many (default 200)")
     p.add_argument("--ssl-certfile", default=None, help="serve HTTPS (browsers need it for the microphone)")
     p.add_argument("--ssl-keyfile", default=None)
     p.add_argument("--device", default="auto")
@@ -247,7 +259,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     try:
         import uvicorn
 
-        from .server.app import create_app
+        from .server.app import create_app, shut_down, uvicorn_options
         from .server.engine import Engine
         from .server.settings import ServerSettings
     except ImportError as exc:
@@ -261,17 +273,24 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         quantize = "int8" if resolve_device(args.device).type == "cpu" else "none"
     omni = load(args.checkpoint, device=args.device, dtype=args.dtype, quantize=quantize,
                 fast_encoder=args.fast_encoder)
+    settings = ServerSettings(api_key=_api_key(args), cors_origins=args.cors_origin,
+                              max_audio_seconds=args.max_audio_seconds, speculate=not args.no_speculation,
+                              max_connections=args.max_connections, idle_timeout=args.idle_timeout,
+                              max_message_bytes=int(args.max_message_mb * 1024 * 1024),
+                              max_request_bytes=int(args.max_request_mb * 1024 * 1024),
+                              max_events_per_second=args.max_events_per_second)
     engine = Engine(omni, max_sessions=args.max_sessions, start=False)
     _report_speed(engine.warm_up(), quantize, args.fast_encoder)
-    settings = ServerSettings(api_key=args.api_key, cors_origins=args.cors_origin,
-                              max_audio_seconds=args.max_audio_seconds, speculate=not args.no_speculation)
-    server = uvicorn.Server(uvicorn.Config(create_app(engine, settings), host=args.host, port=args.port,
-                                           ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile,
-                                           log_level="info"))
+    app = create_app(engine, settings)
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, ssl_certfile=args.ssl_certfile,
+                                           ssl_keyfile=args.ssl_keyfile, log_level="info",
+                                           timeout_graceful_shutdown=5, **uvicorn_options(settings)))
     # The HTTP side runs on a thread of its own; the main thread computes (see server/engine.py).
     http = threading.Thread(target=_serve_http, args=(server, engine), name="miniomni-http", daemon=True)
 
     def stop(signum: int, frame: object) -> None:
+        # Answers end with an error event, connections close with 1001, then uvicorn stops.
+        shut_down(app)
         server.should_exit = True
 
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -283,6 +302,25 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         server.should_exit = True
         http.join(timeout=10)
     return 0
+
+
+def _api_key(args: argparse.Namespace) -> str | None:
+    """The API key: --api-key-file, else MINIOMNI_API_KEY, else --api-key (which `ps` shows), else none."""
+    if args.api_key_file:
+        try:
+            lines = Path(args.api_key_file).read_text().splitlines()
+        except OSError as exc:
+            raise MiniOmniError(f"--api-key-file {args.api_key_file} could not be read ({exc})") from exc
+        key = lines[0].strip() if lines else ""
+        if not key:
+            raise MiniOmniError(f"--api-key-file {args.api_key_file} is empty; put the key on its first line")
+        return key
+    if os.environ.get("MINIOMNI_API_KEY"):
+        return os.environ["MINIOMNI_API_KEY"].strip()
+    if args.api_key:
+        log.warning("--api-key is visible to every user of this machine (ps); prefer --api-key-file or "
+                    "MINIOMNI_API_KEY")
+    return args.api_key
 
 
 def _report_speed(timings: object, quantize: str | None, fast_encoder: bool) -> None:

@@ -8,23 +8,28 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import json
+import contextlib
 import logging
 import struct
+from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect
 
-from ..audio import OUTPUT_SAMPLE_RATE, WHISPER_SAMPLE_RATE, float_to_pcm16, load_audio
+from ..audio import OUTPUT_SAMPLE_RATE, WHISPER_SAMPLE_RATE, AudioTooLong, float_to_pcm16, load_audio
 from ..errors import AudioError, MiniOmniError
 from ..generate import SamplingOptions
 from ..streaming import AudioChunk, Done
 from .access import bearer_ok, is_public
-from .connection import add_realtime_routes
+from .connection import add_realtime_routes, close_all
 from .engine import AnswerRequest, Engine, EngineBusy, ErrorEvent
+from .metrics import CONTENT_TYPE as METRICS_MEDIA_TYPE
+from .metrics import ServerMetrics
+from .protocol import ClientError, parse_json
 from .settings import ServerSettings
 from .web import add_web_routes
 
@@ -45,15 +50,45 @@ def wav_stream_header(sample_rate: int = OUTPUT_SAMPLE_RATE) -> bytes:
             byte_rate, 2, 16) + b"data" + struct.pack("<I", 0xFFFFFFFF))
 
 
+class BodyTooLarge(Exception):
+    """A request body over the limit (said before it is read whole)."""
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused as soon as it passes ``limit`` bytes (chunked uploads included)."""
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > limit:
+        raise BodyTooLarge(f"the request body of {length} bytes exceeds {limit} bytes")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise BodyTooLarge(f"the request body exceeds {limit} bytes")
+    return bytes(body)
+
+
+def uvicorn_options(settings: ServerSettings) -> dict[str, Any]:
+    """What uvicorn must enforce for these settings (the largest WebSocket message)."""
+    return {"ws_max_size": settings.max_message_bytes}
+
+
 def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAPI:
     """The FastAPI application around a running :class:`Engine`."""
     settings = settings or ServerSettings()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        app.state.loop = asyncio.get_running_loop()  # where a shutdown from another thread is carried out
+        yield
+
     app = FastAPI(
         title="miniomni",
         description="Mini-Omni speech-to-speech serving. POST /chat streams the spoken answer as raw PCM.",
+        lifespan=lifespan,
     )
     app.state.engine = engine
     app.state.settings = settings
+    app.state.metrics = ServerMetrics(engine)
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"],
                            allow_headers=["*"])
@@ -71,9 +106,9 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
     async def healthz() -> dict[str, Any]:
         return {"status": "ok", "active_sessions": engine.active_sessions, "max_sessions": engine.max_sessions}
 
-    @app.get("/metrics", response_class=PlainTextResponse)
-    async def metrics() -> str:
-        return render_metrics(engine)
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(app.state.metrics.render(), media_type=METRICS_MEDIA_TYPE)
 
     @app.post("/chat", responses={200: {"content": {PCM_MEDIA_TYPE: {}, "audio/wav": {}}}})
     async def chat(request: Request, format: str = "pcm") -> Response:  # noqa: A002 - the query parameter's name
@@ -85,16 +120,17 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
         """
         if format not in ("pcm", "wav"):
             return error_response(400, f"format must be pcm or wav, got {format!r}")
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > settings.max_request_bytes:
-            return error_response(413, f"request body of {length} bytes exceeds {settings.max_request_bytes}")
-        body = await request.body()
-        if len(body) > settings.max_request_bytes:
-            return error_response(413, f"request body exceeds {settings.max_request_bytes} bytes")
         try:
-            payload = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            return error_response(400, "the body must be JSON: {\"audio\": \"<base64 WAV>\"}")
+            body = await read_body(request, settings.max_request_bytes)
+        except BodyTooLarge as exc:
+            return error_response(413, str(exc))
+        except ClientDisconnect:
+            log.info("a /chat client went away during its upload")
+            return Response(status_code=400)
+        try:
+            payload = parse_json(body, "the body")
+        except ClientError as exc:
+            return error_response(400, f"{exc.message}: {{\"audio\": \"<base64 WAV>\"}}")
         if not isinstance(payload, dict) or not isinstance(payload.get("audio"), str):
             return error_response(400, "the JSON body needs \"audio\": a base64-encoded audio file")
         stride = payload.get("stream_stride", 4)
@@ -109,13 +145,12 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
         except (binascii.Error, ValueError):
             return error_response(400, "\"audio\" is not valid base64")
         try:
-            audio = await run_in_threadpool(load_audio, data)
+            # The header's length is checked before any decoding or resampling.
+            audio = await run_in_threadpool(load_audio, data, None, settings.max_audio_seconds)
+        except AudioTooLong as exc:
+            return error_response(413, str(exc))
         except AudioError as exc:
             return error_response(400, str(exc))
-        seconds = len(audio) / WHISPER_SAMPLE_RATE
-        if seconds > settings.max_audio_seconds:
-            return error_response(413, f"the question is {seconds:.1f} s long; at most "
-                                       f"{settings.max_audio_seconds:g} s is accepted")
         answer = AnswerRequest(task="A1A2-batch", audio=audio, sample_rate=WHISPER_SAMPLE_RATE,
                                max_new_tokens=max_tokens, options=SamplingOptions(), max_chunk=stride)
         events: asyncio.Queue = asyncio.Queue()
@@ -156,36 +191,9 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
     return app
 
 
-def render_metrics(engine: Engine) -> str:
-    """Prometheus text exposition of the engine's counters."""
-    stats = engine.stats
-    lines = []
-
-    def metric(name: str, kind: str, help_text: str, value: float, labels: str = "") -> None:
-        if not any(line.startswith(f"# HELP {name} ") for line in lines):
-            lines.append(f"# HELP {name} {help_text}")
-            lines.append(f"# TYPE {name} {kind}")
-        lines.append(f"{name}{labels} {value:g}")
-
-    metric("miniomni_active_sessions", "gauge", "Answers being prepared, decoded or finished off.",
-           engine.active_sessions)
-    metric("miniomni_queued_sessions", "gauge", "Answers waiting for their prompt to be prepared.",
-           engine.queued_sessions)
-    metric("miniomni_max_sessions", "gauge", "Concurrent answers allowed.", engine.max_sessions)
-    metric("miniomni_decode_steps_total", "counter", "Batched decode steps run.", stats.steps)
-    metric("miniomni_decode_step_seconds_total", "counter", "Time spent in decode steps.", stats.step_seconds_total)
-    metric("miniomni_decode_step_last_seconds", "gauge", "Duration of the last decode step.", stats.last_step_ms / 1000)
-    metric("miniomni_first_audio_seconds_sum", "counter", "Sum of times to first audio.",
-           stats.first_audio_ms_total / 1000)
-    metric("miniomni_first_audio_seconds_count", "counter", "Answers that produced audio.", stats.first_audio_count)
-    for result, value in (("finished", stats.answers_finished), ("failed", stats.answers_failed),
-                          ("rejected_busy", stats.rejected_busy)):
-        metric("miniomni_answers_total", "counter", "Answers by outcome.", value, f'{{result="{result}"}}')
-    metric("miniomni_preparation_seconds_total", "counter", "Time spent preparing questions (Whisper, prefill).",
-           stats.job_seconds_total)
-    for result, value in (("started", stats.speculative_started), ("used", stats.speculative_used),
-                          ("dropped", stats.speculative_dropped)):
-        metric("miniomni_speculative_answers_total", "counter",
-               "Answers prepared while the VAD made sure a turn had ended, by outcome.", value,
-               f'{{result="{result}"}}')
-    return "\n".join(lines) + "\n"
+def shut_down(app: FastAPI, message: str = "the server is shutting down; reconnect in a moment") -> None:
+    """From any thread (a signal handler too): end every answer with an error and close every connection (1001)."""
+    app.state.engine.request_shutdown(message)
+    loop = getattr(app.state, "loop", None)
+    if loop is not None and not loop.is_closed():
+        asyncio.run_coroutine_threadsafe(close_all(app), loop)

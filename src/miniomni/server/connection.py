@@ -15,6 +15,7 @@ import base64
 import contextlib
 import json
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,6 +39,7 @@ from .protocol import (
     decode_pcm16,
     error_event,
     new_id,
+    parse_json,
     parse_message,
     parse_response_create,
     parse_session_update,
@@ -53,7 +55,8 @@ log = logging.getLogger(__name__)
 
 # Queued outgoing events of one connection, in bytes of JSON. A client that stops reading
 # lets it fill (the socket blocks first); past this its answer is stopped and it is closed.
-MAX_PENDING_BYTES = 8 * 1024 * 1024
+# (It holds several of the largest messages: items are echoed back, some twice.)
+MAX_PENDING_BYTES = 16 * 1024 * 1024
 AUDIO_CHUNK_FRAMES = 4  # frames (85 ms each) per audio delta once streaming is under way
 
 
@@ -108,6 +111,9 @@ class RealtimeConnection:
         self.closing = False
         self.close_reason: tuple[int, str] | None = None
         self.main_task: asyncio.Task | None = None
+        self.tokens = 2 * settings.max_events_per_second  # the rate limit's bucket
+        self.refilled = time.monotonic()
+        self.dropped = 0
         self.handlers = {
             "session.update": self.on_session_update,
             "input_audio_buffer.append": self.on_append,
@@ -124,7 +130,12 @@ class RealtimeConnection:
         """Queue a server event (a fresh ``event_id`` first); never blocks."""
         if self.closing:
             return
-        data = json.dumps({"event_id": new_id("event"), **event}, separators=(",", ":"))
+        try:
+            data = json.dumps({"event_id": new_id("event"), **event}, separators=(",", ":"))
+        except (TypeError, ValueError, RecursionError) as exc:  # never a client's fault: parse_json bounds them
+            log.exception("realtime session %s: an event could not be written", self.session_id)
+            data = json.dumps(error_event(f"internal error writing a {event.get('type')} event: {exc!r}",
+                                          "internal_error", kind="server_error"))
         if self.pending_bytes + len(data) > MAX_PENDING_BYTES:
             self.abort(1008, "the client is not reading its events")
             return
@@ -146,12 +157,30 @@ class RealtimeConnection:
         except Exception:  # noqa: BLE001 - the client went away; the receive side ends the session
             self.abort(None, None)
 
+    async def flush(self) -> None:
+        while not self.outbox.empty():
+            data = self.outbox.get_nowait()
+            self.pending_bytes -= len(data)
+            await self.ws.send_text(data)
+
+    def shut_down(self) -> None:
+        """The server is stopping: say so, end the running answer as failed, close with 1001 (going away)."""
+        if self.closing:
+            return
+        message = "the server is shutting down; reconnect in a moment"
+        self.error(message, code="server_shutting_down", kind="server_error")
+        if self.response is not None:
+            self.finish(self.response, "failed", details={"type": "failed", "error": {
+                "type": "server_error", "code": "server_shutting_down", "message": message}})
+        self.abort(1001, "the server is shutting down")
+
     def abort(self, code: int | None, reason: str | None) -> None:
         """Stop this connection: its answer is cancelled at once and the receive loop ends."""
         if self.closing:
             return
         if code is not None:
-            log.warning("realtime session %s: %s; closing it", self.session_id, reason)
+            log.log(logging.INFO if code in (1000, 1001) else logging.WARNING, "realtime session %s: %s; closing it",
+                    self.session_id, reason)
             self.close_reason = (code, reason or "")
         self.closing = True
         self.cancel_engine_session()
@@ -184,6 +213,10 @@ class RealtimeConnection:
             self.closing = True
             self.cancel_engine_session()
             self.response = None
+            if self.close_reason is not None and self.close_reason[0] in (1000, 1001):
+                # A normal close: what was said before it (the error, the failed response) still goes out.
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(self.flush(), timeout=2)
             sender.cancel()
             if self.close_reason is not None and self.ws.application_state == WebSocketState.CONNECTED:
                 with contextlib.suppress(Exception):  # the client may be gone already
@@ -191,23 +224,51 @@ class RealtimeConnection:
 
     # ------------------------------------------------------------------ dispatch
 
+    async def receive(self) -> dict[str, Any] | None:
+        """The next WebSocket message, or None when the connection ends (closed, or idle too long)."""
+        while True:
+            try:
+                return await asyncio.wait_for(self.ws.receive(), timeout=self.settings.idle_timeout)
+            except asyncio.TimeoutError:
+                if self.response is None:
+                    self.abort(1000, f"no event for {self.settings.idle_timeout:g} s: closing the idle connection")
+                    return None
+            except (WebSocketDisconnect, RuntimeError):
+                return None
+
+    def within_rate(self) -> bool:
+        """A token bucket of max_events_per_second, holding up to twice that."""
+        rate = self.settings.max_events_per_second
+        now = time.monotonic()
+        self.tokens = min(2 * rate, self.tokens + (now - self.refilled) * rate)
+        self.refilled = now
+        if self.tokens < 1:
+            return False
+        self.tokens -= 1
+        return True
+
     async def receive_loop(self) -> None:
         while not self.closing:
-            try:
-                message = await self.ws.receive()
-            except (WebSocketDisconnect, RuntimeError):
+            message = await self.receive()
+            if message is None or message["type"] == "websocket.disconnect":
                 return
-            if message["type"] == "websocket.disconnect":
-                return
+            if not self.within_rate():
+                self.dropped += 1
+                if self.dropped > 2 * self.settings.max_events_per_second:  # a flood, not a burst
+                    self.abort(1008, f"more than {self.settings.max_events_per_second:g} events per second")
+                    return
+                self.error(f"more than {self.settings.max_events_per_second:g} events per second: this event was "
+                           "dropped; send fewer, larger audio chunks", code="rate_limit_exceeded")
+                continue
             text = message.get("text")
             if text is None:
                 self.error("binary frames are not part of the protocol: send JSON events as text frames "
                            "(audio goes base64-encoded in input_audio_buffer.append)", code="binary_frame")
                 continue
             try:
-                event = json.loads(text)
-            except (json.JSONDecodeError, RecursionError):
-                self.error("the message is not valid JSON: send one JSON event per text frame", code="invalid_json")
+                event = parse_json(text)
+            except ClientError as exc:
+                self.error(f"{exc.message} (one JSON event per text frame)", code=exc.code)
                 continue
             if not isinstance(event, dict) or not isinstance(event.get("type"), str):
                 self.error("an event must be a JSON object with a string \"type\"", code="invalid_event")
@@ -457,14 +518,37 @@ class RealtimeConnection:
 
 
 def add_realtime_routes(app: FastAPI, engine: Engine, settings: ServerSettings) -> None:
+    connections: set[RealtimeConnection] = set()
+    app.state.connections = connections
+
     @app.websocket("/v1/realtime")
     async def realtime(websocket: WebSocket) -> None:
         """OpenAI Realtime protocol (GA event names); see docs/server.md."""
         offered = [p.strip() for p in websocket.headers.get("sec-websocket-protocol", "").split(",") if p.strip()]
         reason = websocket_refusal(websocket.headers, settings, offered)
+        code = 1008
+        if reason is None and len(connections) >= settings.max_connections:
+            reason, code = f"all {settings.max_connections} connections are in use; try again later", 1013
+        if reason is None and getattr(app.state, "stopping", False):
+            reason, code = "the server is shutting down", 1001
         await websocket.accept(subprotocol=choose_subprotocol(offered))
         if reason is not None:
-            await websocket.close(code=1008, reason=reason.encode()[:123].decode(errors="ignore"))
+            app.state.metrics.refused.labels(reason=str(code)).inc()
+            await websocket.close(code=code, reason=reason.encode()[:123].decode(errors="ignore"))
             return
         model = websocket.query_params.get("model") or "mini-omni"
-        await RealtimeConnection(websocket, engine, settings, model).run()
+        connection = RealtimeConnection(websocket, engine, settings, model)
+        connections.add(connection)
+        app.state.metrics.connections.inc()
+        try:
+            await connection.run()
+        finally:
+            connections.discard(connection)
+            app.state.metrics.connections.dec()
+
+
+async def close_all(app: FastAPI) -> None:
+    """Shutting down: every connection's answer ends with an error event, and the connection with code 1001."""
+    app.state.stopping = True
+    for connection in list(getattr(app.state, "connections", ())):
+        connection.shut_down()

@@ -50,6 +50,9 @@ log = logging.getLogger(__name__)
 # How much audio every playing answer must have ahead of real time, after a preparation
 # block's expected cost, before that block may run (seconds).
 LEAD_FLOOR = 0.35
+# When the machine is too busy for that (every answer short of audio), a question waiting
+# longer than this gets one block after each decode step, so it is not starved (seconds).
+MAX_WAIT = 1.0
 
 
 class EngineBusy(MiniOmniError):
@@ -100,6 +103,7 @@ class Session:
         self._lock = threading.Lock()
         self.released_at: float | None = None if hold else self.started
         self.finished_while_held = False
+        self.queued_at = self.started  # when its preparation could have begun
         self.first_audio_at: float | None = None  # when the first audio reached emit
         self.audio_out = 0.0  # seconds of audio that reached emit
 
@@ -172,13 +176,16 @@ class Engine:
     """
 
     def __init__(self, omni: MiniOmni, max_sessions: int = 4, lead_floor: float = LEAD_FLOOR,
-                 clock: Callable[[], float] = time.perf_counter, start: bool = True) -> None:
+                 max_wait: float = MAX_WAIT, clock: Callable[[], float] = time.perf_counter,
+                 start: bool = True) -> None:
         if max_sessions < 1:
             raise ValueError("max_sessions must be >= 1")
         self.omni = omni
         self.max_sessions = max_sessions
         self.lead_floor = lead_floor
+        self.max_wait = max_wait
         self.clock = clock
+        self._last_was_job = False
         self.device = omni.device
         self.cache = omni.model.new_cache(2 * max_sessions, max_length=MAX_POSITIONS)
         self.staging = omni.model.new_cache(2, max_length=MAX_POSITIONS)  # prefill runs here
@@ -188,7 +195,9 @@ class Engine:
         self.active: list[Session] = []  # decoding (compute thread)
         self.stats = EngineStats()
         self.unit_cost = 0.05  # expected seconds of a preparation block (a running average)
+        self.observers: list[Any] = []  # told of every step's duration and every answer's time to first audio
         self._incoming: deque[Session] = deque()
+        self._shutdown: str | None = None  # set by request_shutdown: the message every open answer ends with
         self._lock = threading.Lock()
         self._wakeup = threading.Event()
         self._stop = threading.Event()
@@ -212,6 +221,8 @@ class Engine:
              hold: bool = False) -> Session:
         """Start answering; raises :class:`EngineBusy` when ``max_sessions`` answers are running."""
         with self._lock:
+            if self._shutdown is not None:
+                raise EngineBusy(self._shutdown)
             if not self.free_slots:
                 if not hold:
                     self.stats.rejected_busy += 1
@@ -268,16 +279,29 @@ class Engine:
     def _wake(self) -> None:
         self._wakeup.set()
 
+    def request_shutdown(self, message: str) -> None:
+        """Every open answer ends with an :class:`ErrorEvent` saying ``message`` (safe from a signal handler)."""
+        self._shutdown = message
+        self._wake()
+
     def run_once(self) -> bool:
         """One scheduling decision: a decode step, a preparation block, or nothing (returns False)."""
+        if self._shutdown is not None:
+            self._admit()
+            for session in list(self.sessions.values()):
+                if not session.closed.is_set() and not session.cancelled.is_set():
+                    session.cancel()
+                    self._fail(session, MiniOmniError(self._shutdown))
         try:
             self._admit()
             self._drop_cancelled()
             job = self.preparing[0] if self.preparing else None
             if self.active and (job is None or not self._job_may_run()):
                 self._step()
+                self._last_was_job = False
             elif job is not None:
                 self._advance(job)
+                self._last_was_job = True
             else:
                 return False
         except Exception:
@@ -288,22 +312,32 @@ class Engine:
         return True
 
     def _job_may_run(self) -> bool:
-        """Whether a preparation block fits now without making a playing answer run out of audio."""
+        """Whether a preparation block runs now rather than a decode step.
+
+        Yes when it fits without making a playing answer run short of audio. Otherwise only
+        when the question has waited over ``max_wait`` seconds, and then every other time:
+        on a machine too busy to keep every answer ahead, a newcomer shares the compute
+        instead of waiting for the answers before it to end.
+        """
         now = self.clock()
-        for session in self.active:
-            if not session.events.samples_out:
-                return False  # an answer that has not spoken yet comes first
-            if session.held:
-                continue  # its first audio waits for the listener: nothing urgent
-            if session.lead(now) - self.unit_cost < self.lead_floor:
-                return False
-        return True
+        if all(self._lead_allows(session, now) for session in self.active):
+            return True
+        waiting = self.preparing[0]
+        return now - waiting.queued_at > self.max_wait and not self._last_was_job
+
+    def _lead_allows(self, session: Session, now: float) -> bool:
+        if not session.events.samples_out:
+            return False  # an answer that has not spoken yet comes first
+        if session.held:
+            return True  # its first audio waits for the listener: nothing urgent
+        return session.lead(now) - self.unit_cost >= self.lead_floor
 
     def _admit(self) -> None:
         with self._lock:
             while self._incoming:
                 session = self._incoming.popleft()
                 session.job = within(torch.inference_mode, self._prepare(session))
+                session.queued_at = self.clock()
                 self.preparing.append(session)
 
     def _drop_cancelled(self) -> None:
@@ -381,6 +415,8 @@ class Engine:
         self.stats.steps += 1
         self.stats.step_seconds_total += elapsed
         self.stats.last_step_ms = elapsed * 1000
+        for observer in self.observers:
+            observer.step(elapsed)
 
     def _rows(self, session: Session) -> slice:
         return slice(2 * session.slot, 2 * session.slot + session.state.rows)
@@ -432,8 +468,13 @@ class Engine:
             # From the answer's start, or from its release for one prepared in advance (then often 0).
             released = session.released_at if session.released_at is not None else self.clock()
             waited = max(0.0, timings.first_audio_ms / 1000 - (released - session.started))
-            self.stats.first_audio_ms_total += waited * 1000
-            self.stats.first_audio_count += 1
+            self._count_first_audio(waited)
+
+    def _count_first_audio(self, seconds: float) -> None:
+        self.stats.first_audio_ms_total += seconds * 1000
+        self.stats.first_audio_count += 1
+        for observer in self.observers:
+            observer.first_audio(seconds)
 
     def _finish(self, session: Session) -> None:
         session.closed.set()
@@ -446,7 +487,7 @@ class Engine:
             self.stats.answers_started += 1
             if session.finished_while_held:
                 self.stats.answers_finished += 1
-                self.stats.first_audio_count += 1  # its audio was all there at release: 0 s to wait
+                self._count_first_audio(0.0)  # its audio was all there at release
 
     def _fail(self, session: Session, exc: Exception) -> None:
         message = str(exc) if isinstance(exc, (MiniOmniError, ValueError)) else f"internal error: {exc!r}"

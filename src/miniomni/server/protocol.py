@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import binascii
 import copy
+import json
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,6 +22,8 @@ import numpy as np
 PROTOCOL_SAMPLE_RATE = 24000
 PCM_FORMAT = {"type": "audio/pcm", "rate": PROTOCOL_SAMPLE_RATE}
 API_KEY_PROTOCOL = "openai-insecure-api-key."
+MAX_JSON_DEPTH = 32  # events nest a few levels; deeper is not an event, and could not be echoed back
+MAX_TEXT_CHARS = 32_768  # far more than the 2048 positions of the context can hold
 UNSUPPORTED_EVENTS = {
     "conversation.item.delete": "deleting items",
     "conversation.item.retrieve": "retrieving items",
@@ -37,6 +40,35 @@ class ClientError(Exception):
                  kind: str = "invalid_request_error") -> None:
         super().__init__(message)
         self.message, self.code, self.param, self.kind = message, code, param, kind
+
+
+def parse_json(text: str | bytes, what: str = "the message") -> Any:
+    """JSON from a client, with errors that say what was wrong (never RecursionError or a digit-limit ValueError)."""
+    try:
+        value = json.loads(text)
+    except RecursionError:
+        raise ClientError(f"{what} is nested too deeply; at most {MAX_JSON_DEPTH} levels",
+                          code="invalid_json") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ClientError(f"{what} is not valid JSON: send one JSON object", code="invalid_json") from None
+    except ValueError as exc:  # e.g. an integer of more than 4300 digits
+        raise ClientError(f"{what} holds a value JSON cannot be read into ({exc})", code="invalid_json") from None
+    if _depth(value) > MAX_JSON_DEPTH:
+        raise ClientError(f"{what} is nested too deeply; at most {MAX_JSON_DEPTH} levels", code="invalid_json")
+    return value
+
+
+def _depth(value: Any) -> int:
+    """How deeply lists and objects nest in ``value`` (without recursion)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, (dict, list)):
+            deepest = max(deepest, level)
+            if level > MAX_JSON_DEPTH:
+                return level
+            stack.extend((child, level + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return deepest
 
 
 def new_id(prefix: str) -> str:
@@ -258,6 +290,9 @@ def parse_message(item: Any, param: str, max_audio_bytes: int,
             text = part.get("text")
             if not isinstance(text, str):
                 raise ClientError(f"{where}.text must be a string", param=f"{where}.text")
+            if len(text) > MAX_TEXT_CHARS:
+                raise ClientError(f"{where}.text is {len(text)} characters long; at most {MAX_TEXT_CHARS} fit the "
+                                  "model's context", code="input_text_too_long", param=f"{where}.text")
             texts.append(text)
             echoed["content"].append({"type": part_type, "text": text})
         elif part_type == "input_audio":

@@ -15,3 +15,7 @@ class ServerSettings:
     max_request_bytes: int = 64 * 1024 * 1024
     max_tokens_limit: int = 2048
     speculate: bool = True  # answer a spoken turn while the VAD makes sure it has ended (see turns.py)
+    max_connections: int = 64  # open Realtime WebSocket connections, idle ones included
+    max_message_bytes: int = 4 * 1024 * 1024  # the largest WebSocket message (30 s of PCM is under 2 MB)
+    idle_timeout: float = 300.0  # seconds without a client event while no answer runs
+    max_events_per_second: float = 200.0  # per connection, in bursts of up to twice that
