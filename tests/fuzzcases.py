@@ -34,7 +34,7 @@ ERROR_CODES = {
     "unsupported_audio_format", "invalid_audio", "input_audio_buffer_full", "input_audio_too_long",
     "input_audio_buffer_commit_empty", "response_no_input", "conversation_already_has_active_response",
     "response_cancel_not_active", "server_busy", "response_failed", "vad_unavailable", "input_text_too_long",
-    "rate_limit_exceeded",
+    "rate_limit_exceeded", "item_truncate_invalid_item_id", "item_truncate_invalid_audio_end_ms",
 }
 
 
@@ -64,6 +64,11 @@ def valid_events(rng: random.Random) -> list[dict]:
         {"type": "response.create", "response": {"max_output_tokens": 6, "metadata": {"k": "v"}}},
         {"type": "response.create"},
         {"type": "response.cancel"},
+        {"type": "conversation.item.truncate", "item_id": "item_x", "content_index": 0, "audio_end_ms": 100},
+        {"type": "session.update", "session": {"audio": {"input": {"transcription": {"model": "mini-omni"}}}}},
+        {"type": "transcription_session.update", "session": {"input_audio_transcription": {"model": "m"},
+                                                             "turn_detection": None}},
+        {"type": "session.update", "session": {"type": "realtime", "audio": {"input": {"transcription": None}}}},
     ]
 
 

@@ -7,7 +7,7 @@ import pytest
 from conftest import speech_like
 
 from miniomni.audio import float_to_pcm16
-from miniomni.server.engine import AnswerRequest, Engine, EngineBusy
+from miniomni.server.engine import TRANSCRIPT_TOKENS, AnswerRequest, Engine, EngineBusy
 from miniomni.streaming import AudioChunk, Done, TextDelta
 
 
@@ -194,3 +194,42 @@ def test_preparation_between_other_steps_gives_the_same_answer(omni, engine, clo
     assert text == interleaved[-1].text
     session.cancel()
     drain(engine)
+
+
+def test_a_transcript_row_beside_the_answer_equals_the_asr_task(omni, engine):
+    from miniomni.server.engine import TranscriptDelta, TranscriptDone
+
+    request = question(seed=6)
+    request.transcribe = True
+    events: list = []
+    engine.open(request, events.append)
+    assert len(engine.free_slots) == 1  # the answer's slot and the transcript's
+    drain(engine)
+    done = [e for e in events if isinstance(e, TranscriptDone)]
+    expected = omni.generate("asr", audio=request.audio, sample_rate=16000, max_new_tokens=TRANSCRIPT_TOKENS).text
+    assert len(done) == 1 and done[0].text == expected
+    assert "".join(e.text for e in events if isinstance(e, TranscriptDelta)) == expected
+    answer = [e for e in events if isinstance(e, Done)]
+    assert len(answer) == 1 and audio_of(events)  # the answer itself, as usual
+    assert engine.active_sessions == 0 and sorted(engine.free_slots) == [0, 1, 2]
+
+
+def test_a_transcript_outlives_its_interrupted_answer_and_dies_with_a_dropped_one(omni, engine):
+    from miniomni.server.engine import TranscriptDone
+
+    request = question(seed=7)
+    request.transcribe = True
+    events: list = []
+    session = engine.open(request, events.append)
+    while session not in engine.active:
+        engine.run_once()
+    session.cancel(keep_transcript=True)  # the listener interrupted the answer
+    drain(engine)
+    assert [e.text for e in events if isinstance(e, TranscriptDone)] == \
+        [omni.generate("asr", audio=request.audio, sample_rate=16000, max_new_tokens=TRANSCRIPT_TOKENS).text]
+    dropped: list = []
+    held = engine.open(request, dropped.append, hold=True)
+    engine.run_once()
+    held.cancel()  # a speculation dropped before it was prepared: its transcript row goes too
+    drain(engine)
+    assert dropped == [] and engine.active_sessions == 0 and sorted(engine.free_slots) == [0, 1, 2]

@@ -22,7 +22,7 @@ from openai import AsyncOpenAI
 from miniomni.audio import float_to_pcm16
 from miniomni.server import connection
 from miniomni.server.app import create_app
-from miniomni.server.engine import AnswerRequest, Engine
+from miniomni.server.engine import TRANSCRIPT_TOKENS, AnswerRequest, Engine
 from miniomni.server.settings import ServerSettings
 from miniomni.streaming import AudioChunk
 
@@ -399,7 +399,8 @@ BAD_INPUT = [
     (b"\x00\x01binary", "binary_frame"),
     ("[1, 2]", "invalid_event"),
     ({"type": "no.such.event"}, "unknown_event_type"),
-    ({"type": "conversation.item.truncate", "item_id": "x"}, "unsupported_event"),
+    ({"type": "conversation.item.delete", "item_id": "x"}, "unsupported_event"),
+    ({"type": "conversation.item.truncate", "item_id": "x", "audio_end_ms": 0}, "item_truncate_invalid_item_id"),
     ({"type": "input_audio_buffer.append", "audio": "%%% not base64 %%%"}, "invalid_audio"),
     ({"type": "input_audio_buffer.append", "audio": b64(b"\x00\x01\x02")}, "invalid_audio"),
     ({"type": "input_audio_buffer.commit"}, "input_audio_buffer_commit_empty"),
@@ -616,3 +617,142 @@ def test_browser_origin_must_be_this_server_or_allowed(port):
             assert closed.value.rcvd.code == 1008 and "origin" in closed.value.rcvd.reason
 
     asyncio.run(run())
+
+
+# ---------------------------------------------------------------------- both sides of the conversation
+
+
+@pytest.mark.slow
+def test_a_spoken_turn_gets_the_users_transcript_then_the_answer(port, engine, checkpoint_dir, tmp_path, capsys):
+    """Transcription on: the user's words come from a row beside the answer, equal to `generate --task asr`."""
+    from miniomni.cli import main
+
+    speech = voiced_speech(1.2, seed=3)
+    turn = pcm16(np.concatenate([quiet(0.3), speech, quiet(1.0)]))
+    steps = 12
+
+    async def run():
+        async with sdk_client(port).realtime.connect(model="mini-omni") as conn:
+            await next_of(conn, "session.created")
+            await conn.session.update(session={"type": "realtime", "max_output_tokens": steps, "audio": {"input": {
+                "transcription": {"model": "mini-omni"},
+                "turn_detection": {"type": "server_vad", "silence_duration_ms": 500, "prefix_padding_ms": 100}}}})
+            updated, _ = await next_of(conn, "session.updated")
+            assert updated.session.audio.input.transcription.model == "mini-omni"
+            for piece in chunks(turn, 480 * 2):
+                await conn.input_audio_buffer.append(audio=b64(piece))
+            committed, _ = await next_of(conn, "input_audio_buffer.committed")
+            seen, wanted = [], {"conversation.item.input_audio_transcription.completed", "response.done"}
+            while wanted:  # the two interleave; with random weights the transcript runs longer than the answer
+                event = await asyncio.wait_for(conn.recv(), timeout=60)
+                seen.append(event)
+                wanted.discard(event.type)
+            completed = next(e for e in seen if e.type == "conversation.item.input_audio_transcription.completed")
+            done = next(e for e in seen if e.type == "response.done")
+            return committed, completed, seen, done
+
+    committed, completed, events, done = asyncio.run(run())
+    assert completed.item_id == committed.item_id and completed.content_index == 0
+    deltas = [e for e in events if e.type == "conversation.item.input_audio_transcription.delta"]
+    assert all(e.item_id == committed.item_id for e in deltas)
+    assert "".join(e.delta for e in deltas) == completed.transcript
+    assert done.response.status == "completed"
+    assert any(e.type == "response.output_audio.delta" for e in events)
+    # What the model heard is the committed turn: transcribe that with the command line.
+    heard_path = tmp_path / "heard.wav"
+    sf.write(heard_path, np.frombuffer(engine_heard(turn), dtype="<i2").astype(np.float32) / 32768, RATE,
+             subtype="FLOAT")
+    capsys.readouterr()
+    assert main(["-q", "generate", "--checkpoint", str(checkpoint_dir), "--task", "asr", "--audio",
+                 str(heard_path), "--max-new-tokens", str(TRANSCRIPT_TOKENS)]) == 0
+    assert completed.transcript == capsys.readouterr().out.strip()
+    assert wait_idle(engine)
+
+
+def engine_heard(turn: bytes) -> bytes:
+    """The audio of the turn the server commits for ``turn`` (its VAD run here on the same chunks)."""
+    from miniomni.server.protocol import TurnDetection
+    from miniomni.server.turns import InputTurns, TurnEnded
+    from miniomni.server.vad import StreamingVAD
+
+    machine = InputTurns(30.0, TurnDetection(silence_duration_ms=500, prefix_padding_ms=100))
+    machine.start_vad(StreamingVAD(0.5, 500, RATE), 0)
+    for piece in chunks(turn, 480 * 2):
+        machine.append(piece)
+        for event in machine.on_vad(machine.vad.process(np.frombuffer(piece, "<i2").astype(np.float32) / 32768)):
+            if isinstance(event, TurnEnded):
+                return event.pcm
+    raise AssertionError("no turn")
+
+
+@pytest.mark.slow
+def test_a_transcription_session_transcribes_turn_after_turn_and_never_answers(port, engine):
+    async def run():
+        async with raw_connect(port) as ws:
+            conn = Raw(ws)
+            await conn.until("session.created")
+            await conn.send({"type": "transcription_session.update", "session": {
+                "input_audio_transcription": {"model": "mini-omni"},
+                "turn_detection": {"type": "server_vad", "silence_duration_ms": 400}}})
+            updated, _ = await conn.until("session.updated")
+            assert updated["session"]["type"] == "transcription"
+            transcripts = []
+            for seed in (4, 5):
+                turn = pcm16(np.concatenate([quiet(0.3), voiced_speech(1.0, seed=seed), quiet(0.9)]))
+                for piece in chunks(turn, 480 * 2):
+                    await conn.send({"type": "input_audio_buffer.append", "audio": b64(piece)})
+                committed, _ = await conn.until("input_audio_buffer.committed")
+                completed, seen = await conn.until("conversation.item.input_audio_transcription.completed")
+                assert completed["item_id"] == committed["item_id"]
+                assert not [e for e in seen if e["type"].startswith("response.")]
+                transcripts.append(completed["transcript"])
+            await conn.send({"type": "response.create"})
+            error, _ = await conn.until("error")
+            assert "transcription session" in error["error"]["message"]
+            return transcripts
+
+    transcripts = asyncio.run(run())
+    assert len(transcripts) == 2
+    assert wait_idle(engine)
+
+
+def test_truncate_cuts_the_answers_transcript_to_what_was_played(port, engine):
+    async def run():
+        async with raw_connect(port) as ws:
+            conn = Raw(ws)
+            await conn.until("session.created")
+            await conn.send({"type": "session.update", "session": {"audio": {"input": {"turn_detection": None}}}})
+            await conn.until("session.updated")
+            await conn.send({"type": "conversation.item.create", "item": {
+                "type": "message", "role": "user", "content": [{"type": "input_text", "text": "Tell me a story."}]}})
+            await conn.send({"type": "response.create", "response": {"max_output_tokens": 40}})
+            done, seen = await conn.until("response.done")
+            item = done["response"]["output"][0]
+            full = item["content"][0]["transcript"]
+            audio_ms = sum(len(base64.b64decode(e["delta"])) // 2 for e in seen
+                           if e["type"] == "response.output_audio.delta") * 1000 // RATE
+            await conn.send({"type": "conversation.item.truncate", "item_id": item["id"], "content_index": 0,
+                             "audio_end_ms": audio_ms // 2})
+            truncated, _ = await conn.until("conversation.item.truncated")
+            assert truncated["item_id"] == item["id"] and truncated["audio_end_ms"] == audio_ms // 2
+            await conn.send({"type": "conversation.item.truncate", "item_id": item["id"], "content_index": 0,
+                             "audio_end_ms": audio_ms + 1000})
+            error, _ = await conn.until("error")
+            assert error["error"]["code"] == "item_truncate_invalid_audio_end_ms"
+            await conn.send({"type": "conversation.item.truncate", "item_id": "item_nope", "audio_end_ms": 0})
+            error, _ = await conn.until("error")
+            assert error["error"]["code"] == "item_truncate_invalid_item_id"
+            return full
+
+    assert asyncio.run(run())  # the answer had a transcript to cut
+    assert wait_idle(engine)
+
+
+def test_cut_transcript_keeps_the_words_played():
+    from miniomni.server.protocol import cut_transcript
+
+    text = "one two three four five six seven eight"
+    assert cut_transcript(text, 1000, 1000) == text
+    assert cut_transcript(text, 0, 1000) == ""
+    half = cut_transcript(text, 500, 1000)
+    assert text.startswith(half) and half.endswith("four") and len(half) < len(text)

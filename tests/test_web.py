@@ -71,12 +71,19 @@ def test_page_speaks_and_shows_the_answer(page_server, tmp_path):
                 " && document.querySelector('.turn .text').textContent.length > 0",
                 timeout=90_000,
             )
-            transcript = page.inner_text(".turn .text")
-            latency = page.inner_text(".turn .latency")
+            # Both sides of the conversation: the user's words (the model's own transcript) beside the answer.
+            page.wait_for_function(
+                "() => document.querySelector('.turn.user .text')"
+                " && !['…', '(not transcribed)'].includes(document.querySelector('.turn.user .text').textContent)",
+                timeout=90_000,
+            )
+            heard = page.inner_text(".turn.user .text")
+            transcript = page.inner_text(".turn:not(.user) .text")
+            latency = page.inner_text(".turn:not(.user) .latency")
             page.screenshot(path=str(OUTPUT / "web-page.png"), full_page=True)
         finally:
             browser.close()
-    print(f"screenshot: {OUTPUT / 'web-page.png'}; transcript: {transcript!r}; {latency}")
-    assert transcript.strip()
+    print(f"screenshot: {OUTPUT / 'web-page.png'}; heard: {heard!r}; transcript: {transcript!r}; {latency}")
+    assert transcript.strip() and heard.strip()
     assert latency.startswith("first audio") and int(latency.split()[2]) >= 0
     assert engine.stats.answers_started >= 1 and engine.stats.steps > 8  # the server really answered the page

@@ -16,6 +16,7 @@ import contextlib
 import json
 import logging
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,7 +28,17 @@ from ..audio import float_to_pcm16
 from ..generate import SamplingOptions
 from ..streaming import AudioChunk, Done, TextDelta
 from .access import choose_subprotocol, websocket_refusal
-from .engine import AnswerRequest, Engine, EngineBusy, ErrorEvent, Session
+from .engine import (
+    TRANSCRIPT_TOKENS,
+    AnswerRequest,
+    Engine,
+    EngineBusy,
+    ErrorEvent,
+    Session,
+    TranscriptDelta,
+    TranscriptDone,
+    TranscriptFailed,
+)
 from .protocol import (
     PROTOCOL_SAMPLE_RATE,
     UNSUPPORTED_EVENTS,
@@ -36,6 +47,7 @@ from .protocol import (
     ResponseParams,
     SessionConfig,
     UserInput,
+    cut_transcript,
     decode_pcm16,
     error_event,
     new_id,
@@ -67,6 +79,21 @@ class Response(ResponseIds):
     session: Session | None = None
     text: list[str] = field(default_factory=list)
     finished: bool = False
+    user_item_id: str | None = None  # the user's turn it answers (and transcribes, when asked)
+    audio_samples: int = 0  # audio sent so far
+
+
+@dataclass
+class ItemRecord:
+    """What the connection remembers of a conversation item (for transcripts and truncation)."""
+
+    role: str
+    transcript: str | None = None
+    audio_ms: int = 0  # an assistant item's audio
+    response: Response | None = None
+
+
+MAX_ITEMS = 256  # items remembered per connection (the oldest go first)
 
 
 @dataclass
@@ -83,7 +110,7 @@ class Speculation:
         ours, theirs = self.request, request
         return (self.item_id == item_id and self.pcm == pcm and ours.task == theirs.task
                 and ours.max_new_tokens == theirs.max_new_tokens and ours.max_chunk == theirs.max_chunk
-                and ours.options == theirs.options)
+                and ours.options == theirs.options and ours.transcribe == theirs.transcribe)
 
 
 class RealtimeConnection:
@@ -106,6 +133,8 @@ class RealtimeConnection:
         self.last_item_id: str | None = None
         self.response: Response | None = None
         self.speculation: Speculation | None = None
+        self.items: OrderedDict[str, ItemRecord] = OrderedDict()
+        self.transcriptions: dict[str, Session] = {}  # user item id -> its standalone transcription
         self.outbox: asyncio.Queue[str] = asyncio.Queue()
         self.pending_bytes = 0
         self.closing = False
@@ -122,6 +151,8 @@ class RealtimeConnection:
             "conversation.item.create": self.on_item_create,
             "response.create": self.on_response_create,
             "response.cancel": self.on_response_cancel,
+            "conversation.item.truncate": self.on_item_truncate,
+            "transcription_session.update": self.on_transcription_session_update,
         }
 
     # ------------------------------------------------------------------ transport
@@ -191,6 +222,9 @@ class RealtimeConnection:
         if self.response is not None and self.response.session is not None:
             self.response.session.cancel()
         self.drop_speculation()
+        for transcription in self.transcriptions.values():
+            transcription.cancel()
+        self.transcriptions.clear()
 
     def drop_speculation(self) -> None:
         if self.speculation is not None:
@@ -298,6 +332,13 @@ class RealtimeConnection:
     def session_object(self) -> dict[str, Any]:
         return session_object(self.session_id, self.model, self.config)
 
+    async def on_transcription_session_update(self, event: dict[str, Any]) -> None:
+        """The beta protocol's transcription sessions: a session.update that makes this one."""
+        session = event.get("session")
+        if not isinstance(session, dict):
+            raise ClientError("transcription_session.update needs a \"session\" object", param="session")
+        await self.on_session_update({"session": {**session, "type": "transcription"}})
+
     async def on_session_update(self, event: dict[str, Any]) -> None:
         config = parse_session_update(event.get("session"), self.config, self.settings.max_tokens_limit)
         if config.turn_detection is not None and not self.vad_available:
@@ -343,22 +384,26 @@ class RealtimeConnection:
         elif isinstance(event, TurnResumed):
             self.drop_speculation()
         elif isinstance(event, TurnEnded):
-            self.add_user_audio(event)
             td = self.config.turn_detection
-            if td is not None and td.create_response:
+            answering = self.config.type == "realtime" and td is not None and td.create_response
+            self.add_user_audio(event, transcribe_here=not answering)
+            if answering:
                 try:
                     self.start_response({})
                 except ClientError as exc:  # busy, or a response still running (interrupt_response false)
                     self.error(exc.message, exc.code, exc.param, exc.kind)
+                    if self.config.transcribes:
+                        self.transcribe(self.last_user)  # not answered, but still transcribed
             self.drop_speculation()  # unused (the turn or the session changed meanwhile)
 
     def speculate(self, turn: TurnMayEnd) -> None:
         """Start answering the turn the VAD may be ending; its events wait until the turn is taken."""
         self.drop_speculation()
         td = self.config.turn_detection
-        if not self.settings.speculate or td is None or not td.create_response or self.response is not None:
+        if not self.settings.speculate or td is None or not td.create_response or self.response is not None \
+                or self.config.type != "realtime":
             return
-        user = UserInput(turn.item_id, audio=pcm16_to_float(turn.pcm))
+        user = UserInput(turn.item_id, audio=pcm16_to_float(turn.pcm), pcm=turn.pcm)
         params = parse_response_create({}, self.config, self.settings.max_tokens_limit)
         request, response = self.plan_response(user, params)
         try:
@@ -368,17 +413,66 @@ class RealtimeConnection:
         self.speculation = Speculation(turn.item_id, turn.pcm, request, response)
 
     async def on_commit(self, event: dict[str, Any]) -> None:
-        self.add_user_audio(self.turns.commit())
+        self.add_user_audio(self.turns.commit(), transcribe_here=True)
 
     async def on_clear(self, event: dict[str, Any]) -> None:
         self.turns.clear()
         self.send({"type": "input_audio_buffer.cleared"})
 
-    def add_user_audio(self, turn: TurnEnded) -> None:
+    def add_user_audio(self, turn: TurnEnded, transcribe_here: bool) -> None:
+        """A committed spoken turn; transcribed on its own now if asked and ``transcribe_here`` (else by its answer)."""
         previous = self.last_item_id
         self.last_user = UserInput(turn.item_id, audio=pcm16_to_float(turn.pcm), pcm=turn.pcm)
         self.send({"type": "input_audio_buffer.committed", "item_id": turn.item_id, "previous_item_id": previous})
         self.announce_item(user_audio_item(turn.item_id))
+        if transcribe_here and self.config.transcribes:
+            self.transcribe(self.last_user)
+
+    def remember(self, item_id: str, record: ItemRecord) -> None:
+        self.items[item_id] = record
+        while len(self.items) > MAX_ITEMS:
+            self.items.popitem(last=False)
+
+    # ------------------------------------------------------------------ the user's words
+
+    def transcribe(self, user: UserInput) -> None:
+        """Transcribe a spoken user turn on its own (the model's asr task); events carry its item id."""
+        request = AnswerRequest(task="asr", audio=user.audio, sample_rate=PROTOCOL_SAMPLE_RATE,
+                                max_new_tokens=TRANSCRIPT_TOKENS)
+        item_id = user.item_id
+        user.transcribed = True
+        try:
+            self.transcriptions[item_id] = self.engine.open(request, lambda ev: self.from_transcriber(item_id, ev))
+        except EngineBusy as exc:
+            self.on_transcript(item_id, TranscriptFailed(str(exc)))
+
+    def from_transcriber(self, item_id: str, event: Any) -> None:
+        """Called on the compute thread with a standalone transcription's events."""
+        if isinstance(event, TextDelta):
+            event = TranscriptDelta(event.text)
+        elif isinstance(event, Done):
+            event = TranscriptDone(event.text)
+        elif isinstance(event, ErrorEvent):
+            event = TranscriptFailed(event.message)
+        with contextlib.suppress(RuntimeError):  # the loop is gone (server shutting down)
+            self.loop.call_soon_threadsafe(self.on_transcript, item_id, event)
+
+    def on_transcript(self, item_id: str, event: Any) -> None:
+        if self.closing:
+            return
+        where = {"item_id": item_id, "content_index": 0}
+        if isinstance(event, TranscriptDelta):
+            self.send({"type": "conversation.item.input_audio_transcription.delta", **where, "delta": event.text})
+            return
+        self.transcriptions.pop(item_id, None)
+        if isinstance(event, TranscriptDone):
+            self.remember(item_id, ItemRecord("user", transcript=event.text))
+            self.send({"type": "conversation.item.input_audio_transcription.completed", **where,
+                       "transcript": event.text})
+        elif isinstance(event, TranscriptFailed):
+            self.send({"type": "conversation.item.input_audio_transcription.failed", **where, "error": {
+                "type": "transcription_error", "code": "transcription_failed", "message": event.message,
+                "param": None}})
 
     def announce_item(self, item: dict[str, Any]) -> None:
         previous, self.last_item_id = self.last_item_id, item["id"]
@@ -402,6 +496,10 @@ class RealtimeConnection:
         self.start_response(event.get("response"))
 
     def start_response(self, raw: Any) -> None:
+        if self.config.type == "transcription":
+            raise ClientError("this is a transcription session: it transcribes spoken turns and does not answer; "
+                              "update the session to type \"realtime\" for answers", code="invalid_value",
+                              param="type")
         if self.response is not None:
             raise ClientError(f"response {self.response.id} is still running; cancel it or wait for response.done",
                               code="conversation_already_has_active_response")
@@ -427,6 +525,8 @@ class RealtimeConnection:
             except EngineBusy as exc:
                 raise ClientError(str(exc), code="server_busy", kind="server_error") from None
         self.response = response
+        user.transcribed = user.transcribed or request.transcribe
+        self.remember(response.item_id, ItemRecord("assistant", response=response))
         self.send({"type": "response.created",
                    "response": response.response_object(self.conversation_id, "in_progress", [])})
         item = response.item("in_progress", None)
@@ -448,7 +548,12 @@ class RealtimeConnection:
         request.max_new_tokens = limit
         request.options = SamplingOptions()
         request.max_chunk = AUDIO_CHUNK_FRAMES
-        return request, Response(new_id("resp"), new_id("item"), audio_out, limit, params.metadata)
+        # The transcript of a spoken turn committed by the VAD comes from a row beside its answer.
+        request.transcribe = (self.config.transcription is not None and user.pcm is not None
+                              and not user.transcribed and params.input_items is None)
+        response = Response(new_id("resp"), new_id("item"), audio_out, limit, params.metadata)
+        response.user_item_id = user.item_id
+        return request, response
 
     def from_engine(self, response: Response, event: Any) -> None:
         """Called on an engine thread: hand the event to the loop."""
@@ -459,6 +564,9 @@ class RealtimeConnection:
                 response.session.cancel()
 
     def on_engine_event(self, response: Response, event: Any) -> None:
+        if isinstance(event, (TranscriptDelta, TranscriptDone, TranscriptFailed)):
+            self.on_transcript(response.user_item_id, event)  # the user's words: wanted even after a barge-in
+            return
         if response.finished or self.closing:
             return
         if isinstance(event, TextDelta):
@@ -466,6 +574,7 @@ class RealtimeConnection:
             kind = "response.output_audio_transcript.delta" if response.audio_out else "response.output_text.delta"
             self.send({"type": kind, **response.where(), "delta": event.text})
         elif isinstance(event, AudioChunk):
+            response.audio_samples += len(event.audio)
             audio = base64.b64encode(float_to_pcm16(event.audio)).decode("ascii")
             self.send({"type": "response.output_audio.delta", **response.where(), "delta": audio})
         elif isinstance(event, Done):
@@ -491,7 +600,7 @@ class RealtimeConnection:
         if response is None:
             return
         if response.session is not None:
-            response.session.cancel()  # the engine drops it before its next step
+            response.session.cancel(keep_transcript=True)  # the engine drops it before its next step
         self.finish(response, "cancelled", details={"type": "cancelled", "reason": reason})
 
     def finish(self, response: Response, status: str, text: str | None = None, details: Any = None,
@@ -502,6 +611,10 @@ class RealtimeConnection:
         if self.response is response:
             self.response = None
         text = "".join(response.text) if text is None else text
+        record = self.items.get(response.item_id)
+        if record is not None:
+            record.transcript = text
+            record.audio_ms = response.audio_samples * 1000 // PROTOCOL_SAMPLE_RATE
         where = response.where()
         if response.audio_out:
             self.send({"type": "response.output_audio.done", **where})
@@ -515,6 +628,30 @@ class RealtimeConnection:
         self.send({"type": "response.done",
                    "response": response.response_object(self.conversation_id, status, [item], details=details,
                                                         usage=usage)})
+
+
+    # ------------------------------------------------------------------ interruptions
+
+    async def on_item_truncate(self, event: dict[str, Any]) -> None:
+        """The client played only ``audio_end_ms`` of an answer: its transcript is cut to match."""
+        item_id, content_index, end = event.get("item_id"), event.get("content_index", 0), event.get("audio_end_ms")
+        record = self.items.get(item_id) if isinstance(item_id, str) else None
+        if record is None or record.role != "assistant":
+            raise ClientError(f"item {item_id!r} is not an assistant message of this conversation",
+                              code="item_truncate_invalid_item_id", param="item_id")
+        if content_index != 0:
+            raise ClientError("content_index must be 0 (an answer has one part)", param="content_index")
+        running = record.response is not None and not record.response.finished
+        audio_ms = record.response.audio_samples * 1000 // PROTOCOL_SAMPLE_RATE if record.response else 0
+        if isinstance(end, bool) or not isinstance(end, int) or not 0 <= end <= max(audio_ms, record.audio_ms):
+            raise ClientError(f"audio_end_ms must be an integer from 0 to {max(audio_ms, record.audio_ms)}, the audio "
+                              "sent for this item", code="item_truncate_invalid_audio_end_ms", param="audio_end_ms")
+        if running:
+            self.cancel_response("client_cancelled")
+        record.transcript = cut_transcript(record.transcript or "", end, max(record.audio_ms, 1))
+        record.audio_ms = end
+        self.send({"type": "conversation.item.truncated", "item_id": item_id, "content_index": 0,
+                   "audio_end_ms": end})
 
 
 def add_realtime_routes(app: FastAPI, engine: Engine, settings: ServerSettings) -> None:

@@ -40,16 +40,19 @@ import torch
 from ..audio import WHISPER_SAMPLE_RATE
 from ..cooperative import within
 from ..errors import MiniOmniError
-from ..generate import MAX_POSITIONS, AnswerState, SamplingOptions, Step, prefill_steps
+from ..generate import MAX_POSITIONS, AnswerState, DecodeInput, SamplingOptions, Step, prefill_steps
 from ..pipeline import MiniOmni
-from ..streaming import AnswerEvents, AudioChunk, Done, StreamEvent, Timings
-from ..tokens import padding_ids
+from ..streaming import AnswerEvents, AudioChunk, Done, StreamEvent, TextDelta, Timings
+from ..tokens import Task, audio_prompt, padding_ids
 
 log = logging.getLogger(__name__)
 
 # How much audio every playing answer must have ahead of real time, after a preparation
 # block's expected cost, before that block may run (seconds).
 LEAD_FLOOR = 0.35
+# A transcript of a spoken question ends at _eot; 448 tokens (Whisper's own limit for its
+# 30 s window) bound one that does not.
+TRANSCRIPT_TOKENS = 448
 # When the machine is too busy for that (every answer short of audio), a question waiting
 # longer than this gets one block after each decode step, so it is not starved (seconds).
 MAX_WAIT = 1.0
@@ -77,6 +80,28 @@ class AnswerRequest:
     max_new_tokens: int | None = None
     options: SamplingOptions = field(default_factory=SamplingOptions)
     max_chunk: int = 16  # frames per audio chunk once streaming is under way
+    transcribe: bool = False  # also transcribe the spoken question, in a row beside the answer
+
+
+@dataclass
+class TranscriptDelta:
+    """New text of the question's transcript (asked for with ``AnswerRequest.transcribe``)."""
+
+    text: str
+
+
+@dataclass
+class TranscriptDone:
+    """The question's whole transcript."""
+
+    text: str
+
+
+@dataclass
+class TranscriptFailed:
+    """The question could not be transcribed; ``message`` says why."""
+
+    message: str
 
 
 class Session:
@@ -106,14 +131,22 @@ class Session:
         self.queued_at = self.started  # when its preparation could have begun
         self.first_audio_at: float | None = None  # when the first audio reached emit
         self.audio_out = 0.0  # seconds of audio that reached emit
+        self.transcript: Session | None = None  # the row transcribing the question, beside this answer
+        self.transcript_hidden: torch.Tensor | None = None
+        self.is_transcript = False
 
-    def cancel(self) -> None:
+    def cancel(self, keep_transcript: bool = False) -> None:
         """Stop within one decode step (or one preparation block); the slot is free for a new answer at once.
 
         (Its rows are only written again by the compute thread once this session has been dropped.)
+        The question's transcript row stops too, unless ``keep_transcript`` (an answer
+        interrupted by its listener: what they said is still wanted) and it is already decoding.
         """
         self.cancelled.set()
         self.engine._release_slot(self)
+        transcript = self.transcript
+        if transcript is not None and not (keep_transcript and transcript.state is not None):
+            transcript.cancel()
         self.engine._wake()
 
     def release(self) -> None:
@@ -230,13 +263,40 @@ class Engine:
             session = Session(self, request, emit, hold=hold)
             session.slot = self.free_slots.pop(0)
             self.sessions[session.id] = session
+            refused = None
+            if request.transcribe and request.audio is not None:
+                if not self.free_slots:
+                    refused = "every slot is busy: the question is answered but not transcribed"
+                else:
+                    session.transcript = self._transcript_session(session)
             if hold:
                 self.stats.speculative_started += 1
             else:
                 self.stats.answers_started += 1
             self._incoming.append(session)
+        if refused is not None:
+            session.emit(TranscriptFailed(refused))
         self._wake()
         return session
+
+    def _transcript_session(self, answer: Session) -> Session:
+        """The row that transcribes ``answer``'s question (task asr): prepared with it, its events go through it."""
+
+        def forward(event: StreamEvent | ErrorEvent) -> None:
+            if isinstance(event, TextDelta):
+                answer.emit(TranscriptDelta(event.text))
+            elif isinstance(event, Done):
+                answer.emit(TranscriptDone(event.text))
+            elif isinstance(event, ErrorEvent):
+                answer.emit(TranscriptFailed(event.message))
+
+        # Not capped by the answer's token limit: the transcript has its own.
+        companion = Session(self, AnswerRequest(task="asr", max_new_tokens=TRANSCRIPT_TOKENS,
+                                                options=answer.request.options), forward)
+        companion.is_transcript = True
+        companion.slot = self.free_slots.pop(0)
+        self.sessions[companion.id] = companion
+        return companion
 
     def close(self) -> None:
         """Stop computing (:meth:`run_forever` returns); open sessions are cancelled."""
@@ -326,6 +386,8 @@ class Engine:
         return now - waiting.queued_at > self.max_wait and not self._last_was_job
 
     def _lead_allows(self, session: Session, now: float) -> bool:
+        if not session.state.audio_out:
+            return True  # text only (an answer in text, a transcript): no player to keep fed
         if not session.events.samples_out:
             return False  # an answer that has not spoken yet comes first
         if session.held:
@@ -345,10 +407,19 @@ class Engine:
             self.preparing.remove(session)
             self._release_slot(session)
             self._forget(session)
+            self._settle_transcript(session)
         for session in [s for s in self.active if s.cancelled.is_set()]:
             self.active.remove(session)
             self._release_slot(session)
             self._forget(session)
+
+    def _settle_transcript(self, answer: Session) -> None:
+        """A transcript row that will never decode (its answer stopped before it started) is let go."""
+        companion = answer.transcript
+        if companion is not None and companion not in self.active:
+            companion.cancel()
+            self._release_slot(companion)
+            self._forget(companion)
 
     def _prepare(self, session: Session) -> Generator[None, None, torch.Tensor]:
         """The preparation job: the prompt (Whisper included), then its prefill into the staging cache."""
@@ -361,10 +432,37 @@ class Engine:
         hidden = yield from prefill_steps(self.omni.model, inputs.prompts.to(self.device), inputs,
                                           self.staging.rows(slice(0, rows)))
         length = inputs.prompt_length
-        target = self.cache.rows(slice(2 * session.slot, 2 * session.slot + rows))
+        self._copy_staging(session.slot, rows, length)
+        if session.transcript is not None and not session.transcript.cancelled.is_set():
+            yield
+            session.transcript_hidden = self._prepare_transcript(session.transcript, inputs)
+        return hidden
+
+    def _copy_staging(self, slot: int, rows: int, length: int, start_row: int = 0) -> None:
+        """Staging rows [start_row, start_row + rows) -> the rows of ``slot``, positions [0, length)."""
+        target = self.cache.rows(slice(2 * slot, 2 * slot + rows))
         for source, destination in zip(self.staging.keys + self.staging.values, target.keys + target.values,
                                        strict=True):
-            destination[:, :, :length] = source[:rows, :, :length]
+            destination[:, :, :length] = source[start_row : start_row + rows, :, :length]
+
+    def _prepare_transcript(self, companion: Session, answer_inputs: DecodeInput) -> torch.Tensor:
+        """The transcript row shares the question's Whisper features and prompt: all but the last position.
+
+        Spoken prompts differ only in their last position, so the answer's prefill (in
+        staging row 0) already holds the keys and values of the rest; only that one
+        position is computed for the ``asr`` prompt.
+        """
+        frames = answer_inputs.audio_lengths[0]
+        prompt = audio_prompt(frames, Task.ASR).unsqueeze(0).to(self.device)
+        inputs = DecodeInput(Task.ASR, prompt, answer_inputs.audio_features[:1], [frames])
+        companion.state = AnswerState(inputs, companion.request.options, companion.request.max_new_tokens,
+                                      self.device)
+        companion.events = self.omni.answer_events(inputs, companion.started)
+        last = inputs.prompt_length - 1
+        self._copy_staging(companion.slot, 1, last)
+        position = torch.tensor([last], device=self.device)
+        hidden = self.omni.model.hidden_states(prompt[:, :, last:], position, self.cache.rows(
+            slice(2 * companion.slot, 2 * companion.slot + 1)), kv_len=last + 1)
         return hidden
 
     def _advance(self, session: Session) -> None:
@@ -377,6 +475,7 @@ class Engine:
         except Exception as exc:  # noqa: BLE001 - a bad question fails its own session only
             self.preparing.remove(session)
             self._fail(session, exc)
+            self._settle_transcript(session)
             return
         finally:
             cost = self.clock() - began
@@ -385,12 +484,18 @@ class Engine:
         if not done:
             return
         self.preparing.popleft()
+        ready = [(session, hidden)]
+        companion = session.transcript
+        if companion is not None and companion.state is not None and not companion.cancelled.is_set():
+            ready.append((companion, session.transcript_hidden))
         with torch.inference_mode():
-            self._sample([session], {session.id: hidden})
-        if session.state.finished:
-            self._finish(session)
-        else:
-            self.active.append(session)
+            self._sample([s for s, _ in ready], {s.id: h for s, h in ready})
+        for started, _ in ready:
+            if started.state.finished:
+                self._finish(started)
+            else:
+                self.active.append(started)
+        self._settle_transcript(session)
 
     @torch.inference_mode()
     def _step(self) -> None:
@@ -458,6 +563,8 @@ class Engine:
             self._fail(session, exc)
 
     def _count_finished(self, session: Session) -> None:
+        if session.is_transcript:
+            return
         with session._lock:
             if session.held:  # counted if it is released (see _on_release)
                 session.finished_while_held = True
@@ -493,7 +600,11 @@ class Engine:
         message = str(exc) if isinstance(exc, (MiniOmniError, ValueError)) else f"internal error: {exc!r}"
         if not isinstance(exc, (MiniOmniError, ValueError)):
             log.error("session %d failed: %r", session.id, exc, exc_info=exc)
-        self.stats.answers_failed += 1
+        if session.transcript is not None and not session.transcript.closed.is_set():
+            session.transcript.cancel()
+            session.emit(TranscriptFailed(f"the question could not be answered: {message}"))
+        if not session.is_transcript:
+            self.stats.answers_failed += 1
         try:
             session.emit(ErrorEvent(message))
         finally:

@@ -27,9 +27,7 @@ MAX_TEXT_CHARS = 32_768  # far more than the 2048 positions of the context can h
 UNSUPPORTED_EVENTS = {
     "conversation.item.delete": "deleting items",
     "conversation.item.retrieve": "retrieving items",
-    "conversation.item.truncate": "truncating items",
     "output_audio_buffer.clear": "output_audio_buffer.clear (WebRTC/SIP only); send response.cancel",
-    "transcription_session.update": "transcription sessions",
 }
 
 
@@ -100,10 +98,31 @@ class TurnDetection:
 class SessionConfig:
     """What ``session.update`` can change."""
 
+    type: str = "realtime"  # or "transcription": spoken turns are transcribed, never answered
     output_modalities: list[str] = field(default_factory=lambda: ["audio"])
     turn_detection: TurnDetection | None = field(default_factory=TurnDetection)
     max_output_tokens: int | None = None  # None: "inf", i.e. the server's max_tokens_limit
     instructions: str = ""
+    transcription: dict[str, Any] | None = None  # transcribe the user's spoken turns (with the model's asr task)
+
+    @property
+    def transcribes(self) -> bool:
+        return self.type == "transcription" or self.transcription is not None
+
+
+def parse_transcription(value: Any, param: str) -> dict[str, Any] | None:
+    """``{"model": ..., "language": ..., "prompt": ...}`` or null; the model's own asr task transcribes either way."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise ClientError(f"{param} must be an object (e.g. {{\"model\": \"mini-omni\"}}) or null", param=param)
+    kept = {}
+    for key in ("model", "language", "prompt"):
+        if value.get(key) is not None:
+            if not isinstance(value[key], str):
+                raise ClientError(f"{param}.{key} must be a string", param=f"{param}.{key}")
+            kept[key] = value[key]
+    return kept
 
 
 def parse_modalities(value: Any, param: str) -> list[str]:
@@ -168,8 +187,14 @@ def parse_session_update(session: Any, current: SessionConfig, max_tokens_limit:
         raise ClientError("session.update needs a \"session\" object", param="session")
     config = copy.deepcopy(current)
     kind = session.get("type")
-    if kind not in (None, "realtime"):
-        raise ClientError(f"session.type {kind!r} is not supported; only \"realtime\"", param="session.type")
+    if kind not in (None, "realtime", "transcription"):
+        raise ClientError(f"session.type {kind!r} is not supported; \"realtime\" or \"transcription\"",
+                          param="session.type")
+    if kind is not None:
+        config.type = kind
+    if "input_audio_transcription" in session:  # beta
+        config.transcription = parse_transcription(session["input_audio_transcription"],
+                                                   "session.input_audio_transcription")
     for key in ("output_modalities", "modalities"):  # GA, beta
         if key in session:
             config.output_modalities = parse_modalities(session[key], f"session.{key}")
@@ -188,6 +213,9 @@ def parse_session_update(session: Any, current: SessionConfig, max_tokens_limit:
             if side == "input" and "turn_detection" in part:
                 config.turn_detection = parse_turn_detection(part["turn_detection"],
                                                              "session.audio.input.turn_detection")
+            if side == "input" and "transcription" in part:
+                config.transcription = parse_transcription(part["transcription"],
+                                                           "session.audio.input.transcription")
     for key in ("input_audio_format", "output_audio_format"):  # beta
         if key in session:
             check_format(session[key], f"session.{key}")
@@ -262,6 +290,7 @@ class UserInput:
     text: str | None = None
     audio: np.ndarray | None = None
     pcm: bytes | None = None  # the audio as it arrived (16-bit PCM), for a committed spoken turn
+    transcribed: bool = False  # its transcription has been started (on its own, or beside an answer)
 
 
 def parse_message(item: Any, param: str, max_audio_bytes: int,
@@ -318,10 +347,25 @@ def parse_message(item: Any, param: str, max_audio_bytes: int,
     return UserInput(item_id, text=text), echoed
 
 
-def user_audio_item(item_id: str) -> dict[str, Any]:
+def user_audio_item(item_id: str, transcript: str | None = None) -> dict[str, Any]:
     """The conversation item of a committed spoken turn."""
     return {"id": item_id, "object": "realtime.item", "type": "message", "role": "user",
-            "status": "completed", "content": [{"type": "input_audio", "transcript": None}]}
+            "status": "completed", "content": [{"type": "input_audio", "transcript": transcript}]}
+
+
+def cut_transcript(text: str, played_ms: int, total_ms: int) -> str:
+    """The part of an answer's transcript heard in its first ``played_ms`` of ``total_ms`` of speech.
+
+    The words are taken in proportion to the time played, cut at a word boundary (the text
+    and the speech are not aligned word by word).
+    """
+    if total_ms <= 0 or played_ms >= total_ms:
+        return text
+    cut = int(len(text) * played_ms / total_ms)
+    if cut < len(text) and not text[cut].isspace():
+        space = text.rfind(" ", 0, cut + 1)
+        cut = space if space >= 0 else 0
+    return text[:cut].rstrip()
 
 
 # ---------------------------------------------------------------------- server event shapes
@@ -329,7 +373,7 @@ def user_audio_item(item_id: str) -> dict[str, Any]:
 
 def session_object(session_id: str, model: str, config: SessionConfig) -> dict[str, Any]:
     return {
-        "type": "realtime",
+        "type": config.type,
         "object": "realtime.session",
         "id": session_id,
         "model": model,
@@ -341,7 +385,7 @@ def session_object(session_id: str, model: str, config: SessionConfig) -> dict[s
         "audio": {
             "input": {
                 "format": dict(PCM_FORMAT),
-                "transcription": None,
+                "transcription": None if config.transcription is None else dict(config.transcription),
                 "noise_reduction": None,
                 "turn_detection": None if config.turn_detection is None else config.turn_detection.as_dict(),
             },

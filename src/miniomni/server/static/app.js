@@ -4,6 +4,7 @@ const RATE = 24000;
 const $ = (id) => document.getElementById(id);
 let ws = null, ctx = null, player = null, micStream = null, talking = false;
 let turn = null, waitingSince = null, responding = false;
+const userTurns = new Map();  // item id -> the element showing what the user said
 
 function setStatus(text) { $("status").textContent = text; }
 
@@ -36,7 +37,8 @@ function newTurn(who) {
   const el = document.createElement("div");
   el.className = "turn";
   el.innerHTML = `<span class="latency"></span><div class="who">${who}</div><div class="text"></div>`;
-  $("turns").prepend(el);
+  $("turns").append(el);
+  el.scrollIntoView({ block: "end" });
   return el;
 }
 
@@ -66,7 +68,7 @@ function configure() {
   const vad = $("mode").value === "vad";
   send({ type: "session.update", session: {
     type: "realtime", output_modalities: ["audio"],
-    audio: { input: { format: { type: "audio/pcm", rate: RATE },
+    audio: { input: { format: { type: "audio/pcm", rate: RATE }, transcription: { model: "mini-omni" },
                       turn_detection: vad ? { type: "server_vad", threshold: 0.5, silence_duration_ms: 600 } : null },
              output: { format: { type: "audio/pcm", rate: RATE } } } } });
 }
@@ -79,6 +81,33 @@ function handle(event) {
       break;
     case "input_audio_buffer.speech_stopped":
       waitingSince = performance.now(); setStatus("Thinking…"); break;
+    case "input_audio_buffer.committed": {
+      const mine = newTurn("You");
+      mine.classList.add("user");
+      mine.querySelector(".text").textContent = "…";
+      userTurns.set(event.item_id, mine);
+      break;
+    }
+    case "conversation.item.input_audio_transcription.delta": {
+      const mine = userTurns.get(event.item_id);
+      if (mine) {
+        const text = mine.querySelector(".text");
+        text.textContent = (text.textContent === "…" ? "" : text.textContent) + event.delta;
+      }
+      break;
+    }
+    case "conversation.item.input_audio_transcription.completed": {
+      const mine = userTurns.get(event.item_id);
+      if (mine) mine.querySelector(".text").textContent = event.transcript || "(nothing heard)";
+      userTurns.delete(event.item_id);
+      break;
+    }
+    case "conversation.item.input_audio_transcription.failed": {
+      const mine = userTurns.get(event.item_id);
+      if (mine) mine.querySelector(".text").textContent = "(not transcribed)";
+      userTurns.delete(event.item_id);
+      break;
+    }
     case "response.created":
       responding = true; turn = newTurn("Mini-Omni"); turn.dataset.first = ""; break;
     case "response.output_audio.delta":
