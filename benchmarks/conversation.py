@@ -124,9 +124,11 @@ async def talker(index: int, url: str, args: argparse.Namespace, question: np.nd
     await asyncio.sleep(index * args.stagger)
     async with websockets.connect(url, subprotocols=["realtime"], max_size=None, open_timeout=60,
                                   ping_interval=None) as ws:
+        audio_input: dict = {"turn_detection": {"type": "server_vad", "silence_duration_ms": args.silence_ms}}
+        if getattr(args, "transcribing", False):
+            audio_input["transcription"] = {"model": "mini-omni"}
         await ws.send(json.dumps({"type": "session.update", "session": {
-            "type": "realtime", "max_output_tokens": args.answer_steps,
-            "audio": {"input": {"turn_detection": {"type": "server_vad", "silence_duration_ms": args.silence_ms}}},
+            "type": "realtime", "max_output_tokens": args.answer_steps, "audio": {"input": audio_input},
         }}))
         current: dict = {"answer": None}
         done = asyncio.Event()
@@ -345,6 +347,8 @@ def main() -> None:
     parser.add_argument("--answer-timeout", type=float, default=90.0)
     parser.add_argument("--tts", default="espeak", choices=["espeak", "piper"])
     parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "miniomni-bench"))
+    parser.add_argument("--transcribe", default="off", choices=["off", "on", "both"],
+                        help="ask for the users' transcripts (both: every configuration without, then with)")
     parser.add_argument("--before", default=None, metavar="SRC",
                         help="also run every configuration with the miniomni package in SRC (e.g. an older "
                              "checkout's src/), first, labelled 'before'")
@@ -368,12 +372,15 @@ def main() -> None:
           f"capped at {args.answer_steps} steps ({args.answer_steps * 2048 / 24000:.1f} s); VAD silence "
           f"{args.silence_ms} ms; talkers {args.stagger:g} s apart; {os.cpu_count()} CPUs", flush=True)
     lines, details = [], []
-    runs = [(args.before, config) for config in configs] if args.before else []
-    runs += [(None, config) for config in configs]
-    for source, config in runs:
+    transcribing = {"off": [False], "on": [True], "both": [False, True]}[args.transcribe]
+    runs = [(args.before, config, False) for config in configs] if args.before else []
+    runs += [(None, config, t) for config in configs for t in transcribing]
+    for source, config, args.transcribing in runs:
         label = f"`{config}`" if config else "none (the default)"
         if args.before:
             label = ("before: " if source else "now: ") + label
+        if args.transcribing:
+            label += ", transcripts on"
         log_path = workdir / f"server-{len(details)}-{len(lines)}.log"
         print(f"\nserver flags: {config or '(none)'}{' (before)' if source else ''}  (log: {log_path})", flush=True)
         started = time.perf_counter()

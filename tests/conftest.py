@@ -211,3 +211,35 @@ def wait_idle(engine, timeout: float = 10.0) -> bool:
     while engine.active_sessions and time.time() < deadline:
         time.sleep(0.02)
     return engine.active_sessions == 0
+
+
+@contextlib.contextmanager
+def serve_process(checkpoint_dir: Path, log: Path, *flags: str):
+    """`miniomni serve` in its own process on a free port, up and answering /healthz; yields (process, port)."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with open(log, "w") as out:
+        process = subprocess.Popen([sys.executable, "-m", "miniomni.cli", "serve", "--checkpoint", str(checkpoint_dir),
+                                    "--port", str(port), *flags], stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).json()["status"] == "ok":
+                    break
+            except httpx.HTTPError:
+                assert process.poll() is None and time.time() < deadline, log.read_text()
+                time.sleep(0.2)
+        yield process, port
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()

@@ -233,3 +233,25 @@ def test_a_transcript_outlives_its_interrupted_answer_and_dies_with_a_dropped_on
     held.cancel()  # a speculation dropped before it was prepared: its transcript row goes too
     drain(engine)
     assert dropped == [] and engine.active_sessions == 0 and sorted(engine.free_slots) == [0, 1, 2]
+
+
+def test_a_finished_answer_is_freed_without_waiting_for_the_garbage_collector(engine):
+    """Callers' emits point back at their session (a cycle): the engine lets go of it, or memory climbs."""
+    import gc
+    import weakref
+
+    class Caller:  # as a connection's response does: it holds the session, the session's emit holds it
+        pass
+
+    gc.disable()
+    try:
+        refs = []
+        for seed in range(3):
+            caller = Caller()
+            caller.session = engine.open(question(seed=seed, steps=10), lambda event, caller=caller: None)
+            refs.append(weakref.ref(caller.session))
+            drain(engine)
+            del caller
+        assert [ref() for ref in refs] == [None, None, None]
+    finally:
+        gc.enable()

@@ -12,8 +12,6 @@ import resource
 import signal
 import socket
 import struct
-import subprocess
-import sys
 import time
 
 import httpx
@@ -21,7 +19,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import websockets
-from conftest import serving, speech_like, wait_idle
+from conftest import serve_process, serving, speech_like, wait_idle
 
 from miniomni.server.app import create_app, shut_down
 from miniomni.server.engine import AnswerRequest, Engine
@@ -131,6 +129,13 @@ async def events_until(ws, kind: str, timeout: float = 10.0) -> list[dict]:
         seen.append(event)
         if event["type"] == kind:
             return seen
+
+
+async def ask_in_text(ws, steps: int = 1500) -> None:
+    """A typed question and a long spoken answer to it."""
+    await ws.send(json.dumps({"type": "conversation.item.create", "item": {
+        "type": "message", "role": "user", "content": [{"type": "input_text", "text": "hello"}]}}))
+    await ws.send(json.dumps({"type": "response.create", "response": {"max_output_tokens": steps}}))
 
 
 def connect(port: int, **kwargs):
@@ -257,9 +262,7 @@ def test_shutting_down_ends_answers_with_an_error_and_closes_with_1001(omni):
             async def run():
                 async with connect(port) as ws:
                     await events_until(ws, "session.created")
-                    await ws.send(json.dumps({"type": "conversation.item.create", "item": {
-                        "type": "message", "role": "user", "content": [{"type": "input_text", "text": "hello"}]}}))
-                    await ws.send(json.dumps({"type": "response.create", "response": {"max_output_tokens": 1500}}))
+                    await ask_in_text(ws)
                     await events_until(ws, "response.output_audio.delta")
                     shut_down(app)
                     seen = []
@@ -286,29 +289,11 @@ def test_shutting_down_ends_answers_with_an_error_and_closes_with_1001(omni):
 
 @pytest.mark.slow
 def test_sigterm_stops_the_server_cleanly_within_seconds(checkpoint_dir, tmp_path):
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    log = tmp_path / "serve.log"
-    with open(log, "w") as out:
-        process = subprocess.Popen([sys.executable, "-m", "miniomni.cli", "serve", "--checkpoint",
-                                    str(checkpoint_dir), "--port", str(port)], stdout=out, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            try:
-                httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2)
-                break
-            except httpx.HTTPError:
-                assert process.poll() is None, log.read_text()
-                time.sleep(0.2)
-
+    with serve_process(checkpoint_dir, tmp_path / "serve.log") as (process, port):
         async def run():
             async with connect(port) as ws:
                 await events_until(ws, "session.created")
-                await ws.send(json.dumps({"type": "conversation.item.create", "item": {
-                    "type": "message", "role": "user", "content": [{"type": "input_text", "text": "hello"}]}}))
-                await ws.send(json.dumps({"type": "response.create", "response": {"max_output_tokens": 1500}}))
+                await ask_in_text(ws)
                 await events_until(ws, "response.output_audio.delta", timeout=60)
                 stopped = time.monotonic()
                 process.send_signal(signal.SIGTERM)
@@ -321,9 +306,6 @@ def test_sigterm_stops_the_server_cleanly_within_seconds(checkpoint_dir, tmp_pat
         stopped = asyncio.run(run())
         assert process.wait(timeout=10) == 0
         assert time.monotonic() - stopped < 8
-    finally:
-        if process.poll() is None:
-            process.kill()
 
 
 def test_speech_is_heard_by_the_shared_vad_without_a_model_per_connection(port, engine):

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import base64
 import io
-import socket
 import threading
 
 import httpx
 import numpy as np
 import pytest
 import soundfile as sf
-from conftest import serving, speech_like, wait_idle
+from conftest import serve_process, serving, speech_like, wait_idle
 from fastapi.testclient import TestClient
 
 from miniomni.audio import float_to_pcm16
@@ -217,38 +216,18 @@ def test_serve_cli_refuses_half_ssl_options(capsys, checkpoint_dir):
 def test_serve_command_warms_up_reports_its_speed_serves_and_stops_on_sigterm(checkpoint_dir, tmp_path):
     """The real command in its own process: compute on its main thread, HTTP on another."""
     import signal
-    import subprocess
-    import sys
     import time
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
     log = tmp_path / "serve.log"
-    with open(log, "w") as out:
-        process = subprocess.Popen([sys.executable, "-m", "miniomni.cli", "serve", "--checkpoint", str(checkpoint_dir),
-                                    "--port", str(port), "--max-sessions", "1"], stdout=out, stderr=subprocess.STDOUT)
-        try:
-            deadline = time.time() + 120
-            while time.time() < deadline:
-                try:
-                    if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).json()["status"] == "ok":
-                        break
-                except httpx.HTTPError:
-                    assert process.poll() is None, log.read_text()
-                    time.sleep(0.2)
-            pcm = httpx.post(f"http://127.0.0.1:{port}/chat", json=chat_body(max_tokens=12), timeout=60).content
-            assert len(pcm) == (12 - 7) * 2048 * 2
-            for _ in range(100):  # the engine counts the answer just after its last event
-                metrics = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
-                if 'miniomni_answers_total{result="finished"} 0' not in metrics:
-                    break
-                time.sleep(0.05)
-            assert 'miniomni_answers_total{result="finished"} 1' in metrics  # the warm-up is not counted
-            process.send_signal(signal.SIGTERM)
-            assert process.wait(timeout=20) == 0
-        finally:
-            if process.poll() is None:
-                process.kill()
-    text = log.read_text()
-    assert "a frame of speech (85 ms) costs" in text  # the start-up measurement, in plain words
+    with serve_process(checkpoint_dir, log, "--max-sessions", "1") as (process, port):
+        pcm = httpx.post(f"http://127.0.0.1:{port}/chat", json=chat_body(max_tokens=12), timeout=60).content
+        assert len(pcm) == (12 - 7) * 2048 * 2
+        for _ in range(100):  # the engine counts the answer just after its last event
+            metrics = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+            if 'miniomni_answers_total{result="finished"} 0' not in metrics:
+                break
+            time.sleep(0.05)
+        assert 'miniomni_answers_total{result="finished"} 1' in metrics  # the warm-up is not counted
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=20) == 0
+    assert "a frame of speech (85 ms) costs" in log.read_text()  # the start-up measurement, in plain words

@@ -289,9 +289,19 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     http = threading.Thread(target=_serve_http, args=(server, engine), name="miniomni-http", daemon=True)
 
     def stop(signum: int, frame: object) -> None:
-        # Answers end with an error event, connections close with 1001, then uvicorn stops.
-        shut_down(app)
-        server.should_exit = True
+        # Answers end with an error event, connections close with 1001, then uvicorn stops; a second
+        # signal stops at once.
+        if stopping.is_set():
+            server.should_exit = server.force_exit = True
+            return
+        stopping.set()
+        closed = shut_down(app)
+        if closed is None:
+            server.should_exit = True
+        else:
+            closed.add_done_callback(lambda _: setattr(server, "should_exit", True))
+
+    stopping = threading.Event()
 
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, stop)

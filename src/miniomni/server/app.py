@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import concurrent.futures
 import contextlib
 import logging
 import struct
@@ -191,9 +192,14 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
     return app
 
 
-def shut_down(app: FastAPI, message: str = "the server is shutting down; reconnect in a moment") -> None:
-    """From any thread (a signal handler too): end every answer with an error and close every connection (1001)."""
+def shut_down(app: FastAPI, message: str = "the server is shutting down; reconnect in a moment",
+              ) -> concurrent.futures.Future | None:
+    """From any thread (a signal handler too): end every answer with an error and close every connection (1001).
+
+    Returns a future that is done once the connections are closed (None when the server never started).
+    """
     app.state.engine.request_shutdown(message)
     loop = getattr(app.state, "loop", None)
     if loop is not None and not loop.is_closed():
-        asyncio.run_coroutine_threadsafe(close_all(app), loop)
+        return asyncio.run_coroutine_threadsafe(close_all(app), loop)
+    return None

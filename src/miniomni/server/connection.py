@@ -684,8 +684,16 @@ def add_realtime_routes(app: FastAPI, engine: Engine, settings: ServerSettings) 
             app.state.metrics.connections.dec()
 
 
-async def close_all(app: FastAPI) -> None:
-    """Shutting down: every connection's answer ends with an error event, and the connection with code 1001."""
+async def close_all(app: FastAPI, timeout: float = 3.0) -> None:
+    """Shutting down: every connection's answer ends with an error event, and the connection with code 1001.
+
+    Returns once every connection has sent its close frame (or after ``timeout`` seconds), so that the
+    HTTP server, stopped after this, does not close them first with its own code.
+    """
     app.state.stopping = True
-    for connection in list(getattr(app.state, "connections", ())):
+    connections = list(getattr(app.state, "connections", ()))
+    for connection in connections:
         connection.shut_down()
+    running = [c.main_task for c in connections if c.main_task is not None and not c.main_task.done()]
+    if running:
+        await asyncio.wait(running, timeout=timeout)

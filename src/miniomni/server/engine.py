@@ -58,6 +58,10 @@ TRANSCRIPT_TOKENS = 448
 MAX_WAIT = 1.0
 
 
+def _discard(event: object) -> None:
+    """The emit of a session that has said all it will say."""
+
+
 class EngineBusy(MiniOmniError):
     """Every session slot is taken."""
 
@@ -134,6 +138,7 @@ class Session:
         self.transcript: Session | None = None  # the row transcribing the question, beside this answer
         self.transcript_hidden: torch.Tensor | None = None
         self.is_transcript = False
+        self.answer: Session | None = None  # for a transcript row: the answer it transcribes the question of
 
     def cancel(self, keep_transcript: bool = False) -> None:
         """Stop within one decode step (or one preparation block); the slot is free for a new answer at once.
@@ -160,6 +165,33 @@ class Session:
             for event in waiting:
                 self._deliver(event)
         self.engine._on_release(self)
+        if self.closed.is_set():
+            self.unlink()
+
+    def unlink(self) -> None:
+        """Let go of what a finished session holds, and of its emit once nothing more will go through it.
+
+        Callers' emit callbacks often point back at the session (a connection's response
+        holds it): a reference cycle that Python's collector frees only now and then, with
+        an answer's codec state, tokens and features in it (about 20 MB an answer, measured).
+        """
+        self.job = None
+        self.transcript_hidden = None
+        with self._lock:
+            if self.held and not self.cancelled.is_set():
+                return  # its waiting events need the emit until release
+            if self.cancelled.is_set():
+                self._held_events = []
+            transcript = self.transcript
+            if transcript is not None and not transcript.closed.is_set():
+                return  # the transcript still speaks through this session's emit
+            self._emit = _discard
+            self.events = None
+        if self.answer is not None:  # a transcript row: its answer may have been waiting for it
+            answer, self.answer = self.answer, None
+            answer.transcript = None
+            if answer.closed.is_set():
+                answer.unlink()
 
     def lead(self, now: float) -> float:
         """Seconds of audio the listener has beyond real time (inf before the first audio)."""
@@ -294,6 +326,7 @@ class Engine:
         companion = Session(self, AnswerRequest(task="asr", max_new_tokens=TRANSCRIPT_TOKENS,
                                                 options=answer.request.options), forward)
         companion.is_transcript = True
+        companion.answer = answer
         companion.slot = self.free_slots.pop(0)
         self.sessions[companion.id] = companion
         return companion
@@ -624,4 +657,5 @@ class Engine:
             if self.sessions.pop(session.id, None) is not None and session.held and session.cancelled.is_set():
                 self.stats.speculative_dropped += 1
         session.closed.set()
+        session.unlink()
 
