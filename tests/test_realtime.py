@@ -537,6 +537,40 @@ def test_client_that_disconnects_mid_answer_stops_it(port, engine):
     assert wait_idle(engine, timeout=3)
 
 
+def test_a_long_conversation_keeps_no_finished_answer_in_memory(port, engine, monkeypatch):
+    """The connection remembers every item, but not the engine sessions (and question audio) behind them."""
+    import gc
+    import weakref
+
+    opened = []
+    open_session = engine.open
+
+    def recording_open(*args, **kwargs):
+        session = open_session(*args, **kwargs)
+        opened.append(weakref.ref(session))
+        return session
+
+    monkeypatch.setattr(engine, "open", recording_open)
+
+    async def run():
+        async with raw_connect(port) as ws:
+            conn = Raw(ws)
+            await conn.until("session.created")
+            await conn.send({"type": "session.update", "session": {
+                "max_output_tokens": 10, "audio": {"input": {"turn_detection": None}}}})
+            for seed in range(3):
+                await conn.send({"type": "input_audio_buffer.append",
+                                 "audio": b64(pcm16(voiced_speech(0.5, seed=seed)))})
+                await conn.send({"type": "input_audio_buffer.commit"})
+                await conn.send({"type": "response.create"})
+                await conn.until("response.done")
+            assert wait_idle(engine)
+            gc.collect()
+            return [ref() is None for ref in opened]  # while the connection is still open
+
+    assert asyncio.run(run()) == [True, True, True]
+
+
 @pytest.mark.slow
 def test_client_that_stops_reading_is_cut_off_and_others_are_served(port, engine, monkeypatch):
     monkeypatch.setattr(connection, "MAX_PENDING_BYTES", 64 * 1024)

@@ -608,6 +608,8 @@ class RealtimeConnection:
         if response.finished:
             return
         response.finished = True
+        # The item record outlives the answer; the engine session (with the question's audio) need not.
+        response.session = None
         if self.response is response:
             self.response = None
         text = "".join(response.text) if text is None else text
