@@ -13,8 +13,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import ctypes
+import functools
 import json
 import logging
+import sys
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -684,6 +687,38 @@ def add_realtime_routes(app: FastAPI, engine: Engine, settings: ServerSettings) 
         finally:
             connections.discard(connection)
             app.state.metrics.connections.dec()
+            _trim_heap()
+
+
+_TRIM_INTERVAL = 10.0  # seconds between two hand-backs of freed heap memory
+_last_trim = 0.0
+
+
+def _trim_heap() -> None:
+    """Give the C heap's free pages back to the system, at most every few seconds (glibc only).
+
+    glibc keeps what a closed connection freed (buffers, arrays) for reuse, scattered so that it
+    is seldom reused: the process's resident memory crept up by about 100 KB a connection.
+    """
+    global _last_trim
+    now = time.monotonic()
+    if now - _last_trim < _TRIM_INTERVAL:
+        return
+    _last_trim = now
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+@functools.cache
+def _glibc() -> Any:
+    if sys.platform != "linux":
+        return None
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") else None
+    except OSError:  # another C library (musl)
+        return None
 
 
 async def close_all(app: FastAPI, timeout: float = 3.0) -> None:
