@@ -21,6 +21,7 @@ Random weights never end an answer, so answers are capped by max_output_tokens
 is computed every step, as in a real answer's first part).
 
     python benchmarks/conversation.py --config "" --config "--quantize int8 --fast-encoder" --talkers 1-6
+    python benchmarks/conversation.py --avx2 --talkers 1,2     # the server as on an AVX2-only CPU
 """
 
 from __future__ import annotations
@@ -240,12 +241,14 @@ def cpu_seconds(pid: int) -> float:
 
 class Server:
     def __init__(self, checkpoint: Path, flags: list[str], max_sessions: int, log_path: Path,
-                 source: str | None = None) -> None:
+                 source: str | None = None, avx2: bool = False) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, "-m", "miniomni.cli", "serve", "--checkpoint", str(checkpoint), "--port",
                str(self.port), "--max-sessions", str(max_sessions), *flags]
         env = dict(os.environ)
+        if avx2:  # PyTorch and oneDNN use no more than AVX2, as on most laptops
+            env.update(ATEN_CPU_CAPABILITY="avx2", ONEDNN_MAX_CPU_ISA="AVX2")
         if source:  # another version of the package, to compare in the same run
             env["PYTHONPATH"] = os.pathsep.join(p for p in (source, env.get("PYTHONPATH")) if p)
         self.log = open(log_path, "w")  # noqa: SIM115 - closed in stop()
@@ -354,6 +357,8 @@ def main() -> None:
                              "checkout's src/), first, labelled 'before'")
     parser.add_argument("--before-talkers", default="1", help="values of K for the --before runs")
     parser.add_argument("--details", default=None, help="write every answer's arrival times here (JSON)")
+    parser.add_argument("--avx2", action="store_true",
+                        help="limit the server to AVX2 (ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2)")
     parser.add_argument("--stop-when-failing", action="store_true",
                         help="go to the next configuration after the first K whose 200 ms player ran dry")
     args = parser.parse_args()
@@ -385,8 +390,11 @@ def main() -> None:
         print(f"\nserver flags: {config or '(none)'}{' (before)' if source else ''}  (log: {log_path})", flush=True)
         started = time.perf_counter()
         run_ks = parse_range(args.before_talkers) if source else ks
-        server = Server(checkpoint, config.split(), max(run_ks), log_path, source)
+        server = Server(checkpoint, config.split(), max(run_ks), log_path, source, args.avx2)
         print(f"  started in {time.perf_counter() - started:.0f} s", flush=True)
+        for line in log_path.read_text().splitlines():  # what the server said of its speed at start-up
+            if any(word in line for word in ("precision:", "real time", "cannot keep")):
+                print("  " + line.split(": ", 1)[-1], flush=True)
         try:
             run_k(server, 1, argparse.Namespace(**{**vars(args), "rounds": 1, "answer_steps": 12}), questions)
             for k in run_ks:

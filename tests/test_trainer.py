@@ -416,7 +416,13 @@ def test_fsdp_on_mixed_speech_and_text_matches_one_process(train, checkpoint_dir
     for name, tensor in single.model.state_dict().items():
         if name.startswith("adapter."):
             assert not torch.equal(tensor, before[name])
-            torch.testing.assert_close(state["model"][name], tensor, rtol=0, atol=1e-5, msg=name)
+            # Adam divides by each gradient's running RMS: where a gradient is near zero, a last-bit
+            # difference in the summed gradients (FSDP sums in another order than one process, and
+            # CPUs order sums differently) moves that element's update by a visible fraction of lr.
+            # Elsewhere the two agree to 1e-5; a wrong gradient would move elements by ~lr (1e-2).
+            difference = (state["model"][name] - tensor).abs()
+            assert float((difference > 1e-5).float().mean()) < 0.01, (name, float(difference.max()))
+            assert float(difference.max()) < 1e-3, (name, float(difference.max()))
 
 
 # ----------------------------------------------------------------------------- toy spoken QA + export

@@ -45,7 +45,10 @@ def test_numpy_silero_equals_the_packaged_torchscript_model(tmp_path):
     with torch.inference_mode():
         expected = [float(reference(torch.from_numpy(audio[i : i + WINDOW]), 16000)) for i in windows]
     got = [ours.probability(audio[i : i + WINDOW]) for i in windows]
-    assert max(abs(a - b) for a, b in zip(expected, got, strict=True)) < 1e-5
+    # Both are float32 networks whose sums run in a kernel-chosen order (AVX2 and AVX-512 block
+    # differently) and whose LSTM state carries rounding from window to window: about 1e-5 apart
+    # on some CPUs. 1e-4 (some 800 float32 steps at 1.0) still catches any wrong weight or layer.
+    assert max(abs(a - b) for a, b in zip(expected, got, strict=True)) < 1e-4
     assert max(got) > 0.9 and min(got) < 0.1  # it heard speech and silence
     assert shared_silero() is shared_silero()  # one network per process
 

@@ -367,7 +367,7 @@ def write_bundle(
     quantize = parse_quantize(quantize) or parts.quantize
     model_state = parts.model_state
     if quantize == "int8" and dtype is None:
-        dtype = torch.bfloat16  # int8 runs with bfloat16 activations: keep no float32 weights
+        dtype = torch.bfloat16  # int8 models keep their other tensors in bfloat16 (see MiniOmni.from_parts)
     if dtype is not None or quantize != parts.quantize:
         if parts.quantize:
             raise CheckpointError("this bundle is already quantized; convert from the published checkpoint instead")

@@ -17,6 +17,7 @@ import numpy as np
 from .audio import OUTPUT_SAMPLE_RATE, float_to_pcm16
 from .devices import resolve_device
 from .errors import MiniOmniError
+from .precision import PLAN_DTYPES, Plan
 from .quantize import QUANTIZE_MODES
 from .streaming import AudioChunk, TextDelta
 from .tokens import SAMPLES_PER_FRAME, Task
@@ -40,7 +41,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
                    help="print text and write (or play) audio as they are generated")
     p.add_argument("--play", action="store_true", help="play the answer as it arrives (needs sounddevice)")
     p.add_argument("--quantize", choices=QUANTIZE_MODES, default="none",
-                   help="int8 weight-only linears (faster on CPU, bfloat16 activations; not bit-faithful)")
+                   help="int8 weight-only linears (faster on CPU; not bit-faithful)")
     p.add_argument("--fast-encoder", action="store_true",
                    help="run Whisper on the real audio only, not 30 s (faster; changes the features slightly)")
     p.add_argument("--tokens-out", help="write every sampled token as JSON here")
@@ -51,13 +52,29 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None, help="seed for sampling (temperature > 0)")
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:1, mps")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    _add_precision(p)
     p.set_defaults(func=_cmd_generate)
 
 
-def _cmd_generate(args: argparse.Namespace) -> int:
+def _add_precision(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dtype", default="auto", choices=PLAN_DTYPES,
+                   help="the decoder's activations; auto (default): float32 with float weights (faithful), with "
+                        "int8 weights bfloat16 where the machine has bfloat16 instructions, else float32")
+    p.add_argument("--encoder-dtype", default="auto", choices=PLAN_DTYPES,
+                   help="Whisper's precision; auto (default): bfloat16 only where the decoder runs in it and the "
+                        "machine has bfloat16 instructions")
+    p.add_argument("--codec-dtype", default="auto", choices=PLAN_DTYPES,
+                   help="the SNAC codec's precision; auto (default) as for --encoder-dtype (serve also times both)")
+
+
+def _load(args: argparse.Namespace, quantize: str | None) -> object:
     from .pipeline import load
 
+    return load(args.checkpoint, device=args.device, dtype=args.dtype, quantize=quantize,
+                fast_encoder=args.fast_encoder, encoder_dtype=args.encoder_dtype, codec_dtype=args.codec_dtype)
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
     default_task = "A1A2-batch" if args.audio is not None else "T1A2"
     speech_out = Task.parse(args.task or default_task).audio_output
     # Check where the results go before spending minutes on the answer.
@@ -65,8 +82,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     if speech_out and args.out != "-":
         _check_writable(args.out, "--out")
     started = time.perf_counter()
-    omni = load(args.checkpoint, device=args.device, dtype=args.dtype, quantize=args.quantize,
-                fast_encoder=args.fast_encoder)
+    omni = _load(args, args.quantize)
     log.info("loaded in %.1f s", time.perf_counter() - started)
     request = dict(
         audio=args.audio, text=args.text, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
@@ -243,7 +259,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ssl-certfile", default=None, help="serve HTTPS (browsers need it for the microphone)")
     p.add_argument("--ssl-keyfile", default=None)
     p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    _add_precision(p)
     p.add_argument("--quantize", choices=("auto", *QUANTIZE_MODES), default="auto",
                    help="auto (default): int8 on a CPU, where float32 cannot keep a conversation in real time, "
                         "none elsewhere; none: the float32 weights as published (bit-faithful, slow on a CPU)")
@@ -264,15 +280,15 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         from .server.settings import ServerSettings
     except ImportError as exc:
         raise MiniOmniError(f"serving needs the server extra ({exc}); pip install 'miniomni[server]'") from exc
-    from .pipeline import load
+    from .precision import confirm_codec
 
     if bool(args.ssl_certfile) != bool(args.ssl_keyfile):
         raise MiniOmniError("give both --ssl-certfile and --ssl-keyfile, or neither")
     quantize = args.quantize
     if quantize == "auto":
         quantize = "int8" if resolve_device(args.device).type == "cpu" else "none"
-    omni = load(args.checkpoint, device=args.device, dtype=args.dtype, quantize=quantize,
-                fast_encoder=args.fast_encoder)
+    omni = _load(args, quantize)
+    omni.plan = confirm_codec(omni.codec, omni.plan)
     settings = ServerSettings(api_key=_api_key(args), cors_origins=args.cors_origin,
                               max_audio_seconds=args.max_audio_seconds, speculate=not args.no_speculation,
                               max_connections=args.max_connections, idle_timeout=args.idle_timeout,
@@ -280,7 +296,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                               max_request_bytes=int(args.max_request_mb * 1024 * 1024),
                               max_events_per_second=args.max_events_per_second)
     engine = Engine(omni, max_sessions=args.max_sessions, start=False)
-    _report_speed(engine.warm_up(), quantize, args.fast_encoder)
+    _report_speed(engine.warm_up(), omni.plan, args)
     app = create_app(engine, settings)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, ssl_certfile=args.ssl_certfile,
                                            ssl_keyfile=args.ssl_keyfile, log_level="info",
@@ -333,21 +349,36 @@ def _api_key(args: argparse.Namespace) -> str | None:
     return args.api_key
 
 
-def _report_speed(timings: object, quantize: str | None, fast_encoder: bool) -> None:
-    """Say plainly whether this machine keeps a spoken answer in real time, and what to pass if not."""
+def _report_speed(timings: object, plan: Plan, args: argparse.Namespace) -> None:
+    """Say which precisions run, whether this machine keeps a spoken answer in real time, and what to pass if not."""
     frame_ms = 1000 * SAMPLES_PER_FRAME / OUTPUT_SAMPLE_RATE
     frames = max(1.0, timings.audio_seconds * 1000 / frame_ms)
     cost = timings.step_ms_median + timings.codec_ms / frames
     measured = (f"a frame of speech ({frame_ms:.0f} ms) costs {cost:.0f} ms here (decode step "
                 f"{timings.step_ms_median:.0f} ms, codec {timings.codec_ms / frames:.0f} ms)")
+    log.info("precision: %s", plan.describe())
     if cost < 0.9 * frame_ms:
         log.info("real time: %s", measured)
         return
-    advice = ("pass --quantize int8" if quantize in (None, "none") else
-              "this is already the fastest setting here: use a faster machine or a GPU")
     log.warning("this machine cannot keep a spoken answer in real time with these settings: %s, so listeners will "
-                "hear gaps; %s%s", measured, advice,
-                "" if fast_encoder else " (--fast-encoder also makes first answers quicker)")
+                "hear gaps; %s%s", measured, _advice(plan, args),
+                "" if args.fast_encoder else " (--fast-encoder also makes first answers quicker)")
+
+
+def _advice(plan: Plan, args: argparse.Namespace) -> str:
+    """What would make a frame cheaper on this machine, from what was asked and what the plan chose."""
+    from .precision import choose
+
+    device = resolve_device(args.device)
+    if plan.weights != "int8":
+        return "pass --quantize int8 (or leave --quantize at auto)"
+    best = choose(device, "int8")
+    flags = {"activations": "--dtype", "codec": "--codec-dtype"}  # what a frame's cost depends on
+    asked = [flag for part, flag in flags.items()
+             if part not in plan.chosen and getattr(plan, part) != getattr(best, part)]
+    if asked:
+        return f"leave {' and '.join(asked)} at auto"
+    return "this is already the fastest precision plan here: use a faster machine or a GPU"
 
 
 def _serve_http(server: object, engine: object) -> None:

@@ -20,11 +20,12 @@ from .audio import OUTPUT_SAMPLE_RATE, load_audio, log_mel_spectrogram, trim_to_
 from .checkpoints import CheckpointParts, check_state_dict, convert_model_state, read_checkpoint
 from .codec import Codec
 from .cooperative import Steps, run, within
-from .devices import autocast, resolve_device, resolve_dtype
+from .devices import autocast, resolve_device
 from .errors import CheckpointError, MiniOmniError
 from .generate import MAX_POSITIONS, DecodeInput, SamplingOptions, Step, answer_text_ids, decode
 from .models.omni import OmniModel
 from .models.whisper import WhisperEncoder
+from .precision import Plan, choose
 from .quantize import parse_quantize, quantize_int8
 from .streaming import AnswerEvents, AnswerTokens, StreamEvent
 from .tokens import Task, audio_prompt, text_prompt, undelay
@@ -86,37 +87,47 @@ class MiniOmni:
         device: torch.device,
         dtype: torch.dtype,
         fast_encoder: bool = False,
+        plan: Plan | None = None,
     ) -> None:
         self.model = model.eval()
         self.encoder = encoder.eval()
         self.codec = codec
         self.tokenizer = tokenizer
         self.device = device
-        self.dtype = dtype
+        self.dtype = dtype  # the decoder's activations
         self.fast_encoder = fast_encoder
+        self.plan = plan or Plan(weights=str(dtype).removeprefix("torch."), activations=dtype,
+                                 encoder=dtype, codec=codec.stream_dtype)
 
     @classmethod
     def from_parts(
         cls,
         parts: CheckpointParts,
         device: torch.device,
-        dtype: torch.dtype,
+        dtype: str | torch.dtype = "auto",
         quantize: str | None = None,
         fast_encoder: bool = False,
+        encoder_dtype: str | torch.dtype = "auto",
+        codec_dtype: str | torch.dtype = "auto",
     ) -> MiniOmni:
-        """Build the pipeline; ``quantize="int8"`` swaps the decoder's linears for int8 ones (bf16 activations)."""
+        """Build the pipeline; ``quantize="int8"`` swaps the decoder's linears for int8 ones.
+
+        ``"auto"`` precisions are chosen for the machine (:func:`miniomni.precision.choose`).
+        """
         quantize = parse_quantize(quantize)
         if parts.quantize == "int8":
             quantize = "int8"  # an int8 bundle holds no float weights to run without it
-        if quantize == "int8" and dtype != torch.bfloat16:
-            log.info("int8 weights run with bfloat16 activations; using dtype bfloat16")
-            dtype = torch.bfloat16
+        plan = choose(device, quantize, dtype, encoder_dtype, codec_dtype)
+        dtype = plan.activations
         state = parts.model_state
         if parts.quantize is None and (quantize == "int8" or any(
                 t.is_floating_point() and t.dtype != dtype for t in state.values())):
             # Convert tensor by tensor (quantizing from the stored precision), releasing the
             # memory-mapped source as we go: float32 weights are never all resident at once.
-            state = convert_model_state(state, parts.config, dtype, quantize, mapped_from=parts.weights_file)
+            # int8 weights keep the other tensors in bfloat16 whatever the activations, as an int8
+            # bundle stores them: one int8 model gives one answer however it was loaded.
+            stored = torch.bfloat16 if quantize == "int8" else dtype
+            state = convert_model_state(state, parts.config, stored, quantize, mapped_from=parts.weights_file)
         int8 = quantize == "int8"
         with torch.device("meta"):
             model = OmniModel(parts.config)
@@ -132,8 +143,7 @@ class MiniOmni:
         model.requires_grad_(False)
         encoder = WhisperEncoder.from_state_dict(parts.whisper_dims, parts.whisper_state, device=device)
         encoder.requires_grad_(False)
-        # The codec streams in the model's precision: bfloat16 halves its cost where the model runs in it.
-        codec = Codec.from_state_dict(parts.snac_config, parts.snac_state, device, stream_dtype=dtype)
+        codec = Codec.from_state_dict(parts.snac_config, parts.snac_state, device, stream_dtype=plan.codec)
         try:
             tokenizer = Tokenizer.from_str(parts.tokenizer_json)
         except Exception as exc:  # the tokenizers library raises plain Exception
@@ -141,7 +151,7 @@ class MiniOmni:
                 f"tokenizer.json could not be read ({exc}); it is probably incomplete. Delete it and "
                 "download it again with `miniomni download DIR`"
             ) from exc
-        return cls(model, encoder, codec, tokenizer, device, dtype, fast_encoder=fast_encoder)
+        return cls(model, encoder, codec, tokenizer, device, dtype, fast_encoder=fast_encoder, plan=plan)
 
     # ------------------------------------------------------------------ inputs
 
@@ -166,7 +176,7 @@ class MiniOmni:
     def _encoder_context(self) -> contextlib.ExitStack:
         stack = contextlib.ExitStack()
         stack.enter_context(torch.inference_mode())
-        stack.enter_context(autocast(self.device, self.dtype))
+        stack.enter_context(autocast(self.device, self.plan.encoder))
         return stack
 
     def encode_text(self, text: str) -> list[int]:
@@ -299,18 +309,23 @@ class MiniOmni:
 def load(
     path_or_repo: str | os.PathLike = "gpt-omni/mini-omni",
     device: str | torch.device | None = "auto",
-    dtype: str | torch.dtype | None = "float32",
+    dtype: str | torch.dtype | None = "auto",
     quantize: str | None = None,
     fast_encoder: bool = False,
+    encoder_dtype: str | torch.dtype = "auto",
+    codec_dtype: str | torch.dtype = "auto",
 ) -> MiniOmni:
     """Load a checkpoint directory (published layout), a ``.safetensors`` bundle or a hub repo id.
 
-    ``dtype`` float32 (faithful default) or bfloat16; ``quantize="int8"`` for int8 weights;
+    ``dtype`` is the decoder's activations: ``auto`` (the default) is float32 (faithful) with
+    float weights, and with ``quantize="int8"`` bfloat16 where the machine runs it fast;
+    ``encoder_dtype`` and ``codec_dtype`` likewise (see :func:`miniomni.precision.choose`).
     ``fast_encoder`` runs Whisper on the real audio only instead of 30 s (faster, not faithful).
     """
     resolved_device = resolve_device(device)
-    resolved_dtype = resolve_dtype(dtype)
     source = path_or_repo if isinstance(path_or_repo, str) else Path(path_or_repo)
     parts = read_checkpoint(source)
-    log.info("loaded %s onto %s as %s", path_or_repo, resolved_device, resolved_dtype)
-    return MiniOmni.from_parts(parts, resolved_device, resolved_dtype, quantize=quantize, fast_encoder=fast_encoder)
+    omni = MiniOmni.from_parts(parts, resolved_device, dtype or "auto", quantize=quantize, fast_encoder=fast_encoder,
+                               encoder_dtype=encoder_dtype, codec_dtype=codec_dtype)
+    log.info("loaded %s onto %s: %s", path_or_repo, resolved_device, omni.plan.describe())
+    return omni

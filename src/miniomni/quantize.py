@@ -1,9 +1,10 @@
 """Weight-only int8 quantization as a drop-in swap of ``nn.Linear`` modules.
 
 Weights are stored as int8 with one bfloat16 scale per output row (symmetric,
-round to nearest). On CPU the product runs in ``aten._weight_int8pack_mm`` with
-bfloat16 activations; elsewhere the weight is dequantized on the fly. Changes
-outputs slightly: opt-in only (``--quantize int8``).
+round to nearest). On CPU a decode step's product runs in ``aten._weight_int8pack_mm``,
+whose inputs are bfloat16 (float32 activations are rounded to bfloat16 for it and its
+output cast back); prompts and other devices multiply by the weight dequantized on the fly
+into the activations' dtype. Changes outputs slightly: opt-in only (``--quantize int8``).
 """
 
 from __future__ import annotations
@@ -56,6 +57,13 @@ class Int8Linear(nn.Module):
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8"
 
+    def _apply(self, fn, recurse=True):
+        # .to(float32) casts floating buffers; the kernel takes bfloat16 scales whatever the activations.
+        super()._apply(fn, recurse)
+        if self.scales.dtype != torch.bfloat16:
+            self.scales = self.scales.to(torch.bfloat16)
+        return self
+
 
 def parse_quantize(mode: str | None) -> str | None:
     """A ``--quantize`` value -> ``"int8"``, or None for float weights (None or "none")."""
@@ -84,7 +92,8 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bia
     if _INT8_MM is not None and x.device.type == "cpu" and flat.shape[0] <= _INT8_MM_MAX_ROWS:
         out = _INT8_MM(flat.to(torch.bfloat16), weight, scales)
     else:
-        out = F.linear(flat.to(scales.dtype), weight.to(scales.dtype) * scales[:, None])
+        dtype = flat.dtype if flat.dtype in (torch.float32, torch.bfloat16) else scales.dtype
+        out = F.linear(flat.to(dtype), weight.to(dtype) * scales[:, None].to(dtype))
     out = out.to(x.dtype).reshape(*shape[:-1], weight.shape[0])
     return out if bias is None else out + bias.to(out.dtype)
 

@@ -1,0 +1,204 @@
+"""What each component costs in each precision on this CPU, full size, random weights.
+
+Prints one table: per component (the decoder's linears at several batch sizes, a whole decode
+step, prefill, the Whisper encoder, the SNAC stream) and per option, the median of a few
+runs; with ``--avx2`` the same measurements run again in a second process limited to AVX2
+(``ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2``, like most laptops and many servers)
+and print beside them, with the precision plan that each kind of CPU gets.
+
+    python benchmarks/precision.py --avx2
+    python benchmarks/precision.py --only codec,linears --avx2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from fullsize import SNAC_24KHZ, WHISPER_SMALL, random_model, speech_like
+
+AVX2_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+COMPONENTS = ("linears", "step", "prefill", "encoder", "codec")
+
+
+def timed(fn, runs: int) -> float:
+    """Median milliseconds of ``runs`` calls after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn()
+        times.append(1000 * (time.perf_counter() - start))
+    return statistics.median(times)
+
+
+def layer_linears(model) -> list[torch.nn.Module]:
+    return [m for layer in model.llm.layers for m in layer.modules() if hasattr(m, "in_features")]
+
+
+def run_linears(linears: list, rows: int, dtype: torch.dtype, runs: int, positions: int | None = None) -> float:
+    shape = (rows,) if positions is None else (rows, positions)
+    inputs = {n: torch.randn(*shape, n, dtype=dtype) for n in {m.in_features for m in linears}}
+    return timed(lambda: [m(inputs[m.in_features]) for m in linears], runs)
+
+
+def bench_linears(runs: int, rows: tuple[int, ...]) -> dict[str, float]:
+    from miniomni.quantize import quantize_int8
+
+    out: dict[str, float] = {}
+    model = random_model(torch.float32)
+    for dtype in (torch.float32, torch.bfloat16):
+        model = model.to(dtype)
+        linears = layer_linears(model)
+        out[f"linears, 2 rows, dense {str(dtype)[6:]}"] = run_linears(linears, 2, dtype, runs)
+    quantize_int8(model.llm)
+    linears = layer_linears(model)
+    for m in rows:
+        for dtype in (torch.bfloat16, torch.float32):
+            if m > 2 and dtype == torch.float32:
+                continue
+            out[f"linears, {m} rows, int8 ({str(dtype)[6:]} activations)"] = run_linears(linears, m, dtype, runs)
+    return out
+
+
+def build(dtype: torch.dtype, int8: bool, codec_dtype: torch.dtype = torch.float32):
+    import fullsize
+
+    omni = fullsize.build("float32", None, "cpu", fast_encoder=True)
+    if int8:
+        from miniomni.quantize import quantize_int8
+
+        quantize_int8(omni.model.llm)
+    omni.model = omni.model.to(dtype)
+    omni.dtype = dtype
+    omni.codec.stream_dtype = codec_dtype
+    return omni
+
+
+def bench_step(runs: int) -> dict[str, float]:
+    from miniomni.streaming import Done
+
+    out = {}
+    question = speech_like(3.0)
+    for label, dtype, int8 in (("int8 weights, bfloat16 activations", torch.bfloat16, True),
+                               ("int8 weights, float32 activations", torch.float32, True),
+                               ("dense bfloat16", torch.bfloat16, False)):
+        omni = build(dtype, int8)
+        omni.codec.set_noise(False)
+        medians = []
+        for _ in range(max(1, runs // 2)):
+            done = [e for e in omni.stream(task="A1A2-batch", audio=question, sample_rate=16000, max_new_tokens=40)
+                    if isinstance(e, Done)][0]
+            medians.append(done.timings.step_ms_median)
+        out[f"decode step, 2 rows (layers, heads, sampling), {label}"] = statistics.median(medians)
+        del omni
+    return out
+
+
+def bench_prefill(runs: int) -> dict[str, float]:
+    out = {}
+    model = random_model(torch.float32)
+    from miniomni.quantize import quantize_int8
+
+    quantize_int8(model.llm)
+    positions = 179
+    for dtype in (torch.bfloat16, torch.float32):
+        model = model.to(dtype)
+        out[f"prefill linears, {positions} positions x 2 rows, int8 weights, {str(dtype)[6:]} GEMM"] = run_linears(
+            layer_linears(model), 2, dtype, max(1, runs // 2), positions)
+    return out
+
+
+def bench_encoder(runs: int) -> dict[str, float]:
+    from miniomni.audio import log_mel_spectrogram
+    from miniomni.devices import autocast
+    from miniomni.models.whisper import WhisperDims, WhisperEncoder
+
+    encoder = WhisperEncoder(WhisperDims(**WHISPER_SMALL)).eval().requires_grad_(False)
+    full = log_mel_spectrogram(speech_like(3.0)).unsqueeze(0)  # padded to 30 s, as the faithful encoder runs
+    mel = full[..., :300]  # the 3 s the fast encoder keeps
+    out = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        def run(m=mel, dtype=dtype):
+            with torch.inference_mode(), autocast(torch.device("cpu"), dtype):
+                encoder(m, allow_short=True)
+        out[f"Whisper, 3 s (fast encoder), {str(dtype)[6:]}"] = timed(run, runs)
+        out[f"Whisper, 30 s padded (faithful), {str(dtype)[6:]}"] = timed(lambda r=run: r(full), max(1, runs // 3))
+    return out
+
+
+def bench_codec(runs: int) -> dict[str, float]:
+    from snac import SNAC
+
+    from miniomni.codec import Codec, SNACStream
+
+    torch.manual_seed(0)
+    out = {}
+    model = SNAC(**SNAC_24KHZ)
+    for dtype in (torch.float32, torch.bfloat16):
+        codec = Codec(model, "cpu", stream_dtype=dtype)
+        for chunk in (1, 4, 16):
+            frames = [[int(c) for c in torch.randint(0, 4096, (7,))] for _ in range(chunk)]
+            stream = SNACStream(codec)
+            stream.push(frames * 3)
+
+            def push(s=stream, f=frames):
+                s.push(f)
+            out[f"SNAC stream per frame, {chunk}-frame calls, {str(dtype)[6:]}"] = timed(push, runs) / chunk
+    return out
+
+
+def measure(components: list[str], runs: int) -> dict:
+    from miniomni.precision import machine
+
+    torch.set_num_threads(int(os.environ.get("THREADS", "2")))
+    figures: dict[str, float] = {}
+    for name in components:
+        if name == "linears":
+            figures.update(bench_linears(runs, (1, 2, 4, 8, 16)))
+        else:
+            figures.update(globals()[f"bench_{name}"](runs))
+    return {"capability": torch.backends.cpu.get_cpu_capability(), "plan": machine().describe(),
+            "figures": figures}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", default=",".join(COMPONENTS), help=f"comma-separated subset of {COMPONENTS}")
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--avx2", action="store_true", help="also measure limited to AVX2, in a second process")
+    parser.add_argument("--json", action="store_true", help=argparse.SUPPRESS)  # one process's figures as JSON
+    args = parser.parse_args()
+    components = [c for c in args.only.split(",") if c]
+    unknown = set(components) - set(COMPONENTS)
+    if unknown:
+        parser.error(f"unknown components {sorted(unknown)}; choose from {COMPONENTS}")
+    if args.json:
+        print(json.dumps(measure(components, args.runs)))
+        return
+    kinds = [("native", {})] + ([("AVX2-limited", AVX2_ENV)] if args.avx2 else [])
+    results = []
+    for _, env in kinds:
+        done = subprocess.run([sys.executable, __file__, "--json", "--only", args.only, "--runs", str(args.runs)],
+                              env={**os.environ, **env}, stdout=subprocess.PIPE, text=True, check=True)
+        results.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    header = " | ".join(f"{label} ({r['capability']})" for (label, _), r in zip(kinds, results, strict=True))
+    print(f"| component, option | {header} |")
+    print("|---|" + "---|" * len(kinds))
+    for key in results[0]["figures"]:
+        cells = " | ".join(f"{r['figures'].get(key, float('nan')):.1f} ms" for r in results)
+        print(f"| {key} | {cells} |")
+    for (label, _), r in zip(kinds, results, strict=True):
+        print(f"plan chosen {label}: {r['plan']}")
+
+
+if __name__ == "__main__":
+    main()

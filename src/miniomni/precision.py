@@ -1,0 +1,151 @@
+"""Which precision each component runs in, chosen for the machine: the precision plan.
+
+A CPU with bfloat16 instructions (AVX512-BF16 or AMX) runs bfloat16 at about twice the
+speed of float32 where memory bound; a CPU without them (AVX2 only: most laptops, many
+servers) emulates bfloat16 in software, and a bfloat16 convolution there costs twenty times
+its float32 one. So the plan asks the CPU what it does natively and picks, per component,
+the fastest option that keeps the documented token behaviour.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from .codec import Codec
+
+
+@dataclass(frozen=True)
+class Machine:
+    """What the CPU does natively, as PyTorch and oneDNN will use it in this process."""
+
+    capability: str  # PyTorch's kernel level: DEFAULT, AVX2, AVX512, ...
+    native_bfloat16: bool  # oneDNN runs bfloat16 in hardware (AVX512-BF16 or AMX)
+    vnni: bool  # 8-bit dot products in hardware (AVX512-VNNI or AVX-VNNI)
+
+    def describe(self) -> str:
+        bf16 = "native bfloat16" if self.native_bfloat16 else "no native bfloat16"
+        return f"CPU {self.capability}, {bf16}, {'VNNI' if self.vnni else 'no VNNI'}"
+
+
+@functools.lru_cache(maxsize=1)
+def machine() -> Machine:
+    """This process's CPU as PyTorch sees it (``ATEN_CPU_CAPABILITY`` and ``ONEDNN_MAX_CPU_ISA`` included)."""
+    capability = torch.backends.cpu.get_cpu_capability()
+    native = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()) and capability.startswith("AVX512")
+    flags = _cpu_flags()
+    limited = os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper().startswith(("AVX2", "SSE"))
+    vnni = ("avx512_vnni" in flags and capability.startswith("AVX512")) or ("avx_vnni" in flags and not limited)
+    return Machine(capability=capability, native_bfloat16=native, vnni=vnni)
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+PLAN_DTYPES = ("auto", "float32", "bfloat16")  # what --dtype, --encoder-dtype and --codec-dtype accept
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The precision of each component.
+
+    ``weights`` is the decoder's linears (``float32``, ``bfloat16`` or ``int8``);
+    ``activations`` everything else in the decoder (attention, norms, KV cache, the
+    prompt's GEMMs on dequantized int8 weights); ``encoder`` Whisper (bfloat16 means
+    autocast); ``codec`` the SNAC stream. ``chosen`` names the components the machine
+    decided (the rest were asked for); ``why`` says what decided them.
+    """
+
+    weights: str
+    activations: torch.dtype
+    encoder: torch.dtype
+    codec: torch.dtype
+    chosen: tuple[str, ...] = ()
+    why: str = ""
+
+    def describe(self) -> str:
+        """One line: each component's precision, and why the machine's choices were made."""
+        def name(dtype: torch.dtype) -> str:
+            return str(dtype).removeprefix("torch.")
+
+        weights = "int8 weights" if self.weights == "int8" else f"{self.weights} weights"
+        line = (f"{weights}, {name(self.activations)} activations, Whisper in {name(self.encoder)}, "
+                f"codec in {name(self.codec)}")
+        return f"{line} ({self.why})" if self.why else line
+
+
+def fast_bfloat16(device: torch.device) -> bool:
+    """Whether bfloat16 is faster than float32 on ``device`` (on a CPU: only with bfloat16 instructions)."""
+    if device.type == "cpu":
+        return machine().native_bfloat16
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return False  # MPS: bfloat16 support varies by OS version; float32 is the safe choice
+
+
+def choose(device: torch.device, weights: str | None, activations: str | torch.dtype = "auto",
+           encoder: str | torch.dtype = "auto", codec: str | torch.dtype = "auto") -> Plan:
+    """The plan for ``device``: each ``"auto"`` component in the fastest precision that keeps tokens as documented.
+
+    ``weights`` is ``"int8"`` or None (the checkpoint's float weights, in the activations'
+    dtype). Dense weights stay float32 unless bfloat16 is asked for: the faithful default.
+    With int8 weights the activations are bfloat16 where bfloat16 is fast, float32 where it
+    is emulated (a decode step costs the same in both there; a prompt's GEMM, Whisper and
+    the codec cost 8 to 25 times more in emulated bfloat16). Whisper and the codec run in
+    bfloat16 only where the decoder does and bfloat16 is fast.
+    """
+    from .devices import resolve_dtype
+
+    fast = fast_bfloat16(device)
+    chosen = []
+    if activations == "auto":
+        chosen.append("activations")
+        activations = torch.bfloat16 if weights == "int8" and fast else torch.float32
+    activations = resolve_dtype(activations)
+    follow = torch.bfloat16 if activations == torch.bfloat16 and fast else torch.float32
+    if encoder == "auto":
+        chosen.append("encoder")
+        encoder = follow
+    if codec == "auto":
+        chosen.append("codec")
+        codec = follow
+    if device.type == "cpu":
+        why = f"{machine().describe()}: bfloat16 is {'fast' if fast else 'emulated, float32 is faster'} here"
+    else:
+        why = f"{device.type}: bfloat16 {'supported' if fast else 'not used'}"
+    return Plan(weights=weights or str(activations).removeprefix("torch."), activations=activations,
+                encoder=resolve_dtype(encoder), codec=resolve_dtype(codec), chosen=tuple(chosen),
+                why=why if chosen else "")
+
+
+def confirm_codec(codec: Codec, plan: Plan, margin: float = 1.5) -> Plan:
+    """Time the codec in both precisions; keep the plan's choice unless the other is ``margin`` times faster.
+
+    Only a codec precision the plan chose itself is changed (an asked-for one stays). Costs
+    a few tens of milliseconds where bfloat16 is fast, about a second where it is emulated.
+    """
+    if "codec" not in plan.chosen or codec.device.type != "cpu":
+        return plan
+    costs = {}
+    for dtype in (plan.codec, torch.float32 if plan.codec == torch.bfloat16 else torch.bfloat16):
+        codec.set_stream_dtype(dtype)
+        costs[dtype] = codec.stream_ms_per_frame()
+    other = next(dtype for dtype in costs if dtype != plan.codec)
+    best = other if costs[other] * margin < costs[plan.codec] else plan.codec
+    codec.set_stream_dtype(best)
+    measured = ", ".join(f"{str(d).removeprefix('torch.')} {ms:.0f} ms" for d, ms in costs.items())
+    return dataclasses.replace(plan, codec=best, why=f"{plan.why}; codec per frame measured: {measured}")
