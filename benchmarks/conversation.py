@@ -46,6 +46,8 @@ from pathlib import Path
 import numpy as np
 import soxr
 
+from miniomni.precision import AVX2_LIMIT
+
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
@@ -247,8 +249,8 @@ class Server:
         cmd = [sys.executable, "-m", "miniomni.cli", "serve", "--checkpoint", str(checkpoint), "--port",
                str(self.port), "--max-sessions", str(max_sessions), *flags]
         env = dict(os.environ)
-        if avx2:  # PyTorch and oneDNN use no more than AVX2, as on most laptops
-            env.update(ATEN_CPU_CAPABILITY="avx2", ONEDNN_MAX_CPU_ISA="AVX2")
+        if avx2:  # PyTorch, oneDNN and fbgemm use no more than AVX2, as on most laptops
+            env.update(AVX2_LIMIT)
         if source:  # another version of the package, to compare in the same run
             env["PYTHONPATH"] = os.pathsep.join(p for p in (source, env.get("PYTHONPATH")) if p)
         self.log = open(log_path, "w")  # noqa: SIM115 - closed in stop()
@@ -358,7 +360,7 @@ def main() -> None:
     parser.add_argument("--before-talkers", default="1", help="values of K for the --before runs")
     parser.add_argument("--details", default=None, help="write every answer's arrival times here (JSON)")
     parser.add_argument("--avx2", action="store_true",
-                        help="limit the server to AVX2 (ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2)")
+                        help="limit the server to AVX2 (miniomni.precision.AVX2_LIMIT)")
     parser.add_argument("--stop-when-failing", action="store_true",
                         help="go to the next configuration after the first K whose 200 ms player ran dry")
     args = parser.parse_args()

@@ -115,7 +115,8 @@ def codec_fidelity(threads: int) -> dict[str, float]:
     """SNR (dB) of streamed vs offline SNAC decode: ours (context) and the reference's (independent chunks)."""
     from snac import SNAC
 
-    from miniomni.codec import Codec, StreamingDecoder
+    from miniomni.codec import Codec
+    from miniomni.snacstream import StreamingDecoder
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)

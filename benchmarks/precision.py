@@ -3,7 +3,7 @@
 Prints one table: per component (the decoder's linears at several batch sizes, a whole decode
 step, prefill, the Whisper encoder, the SNAC stream) and per option, the median of a few
 runs; with ``--avx2`` the same measurements run again in a second process limited to AVX2
-(``ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2``, like most laptops and many servers)
+(``miniomni.precision.AVX2_LIMIT``, like most laptops and many servers)
 and print beside them, with the precision plan that each kind of CPU gets.
 
     python benchmarks/precision.py --avx2
@@ -25,7 +25,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from fullsize import SNAC_24KHZ, WHISPER_SMALL, random_model, speech_like
 
-AVX2_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+from miniomni.precision import AVX2_LIMIT
+
 COMPONENTS = ("linears", "step", "prefill", "encoder", "codec")
 
 
@@ -65,7 +66,26 @@ def bench_linears(runs: int, rows: tuple[int, ...]) -> dict[str, float]:
         for dtype in (torch.bfloat16, torch.float32):
             if m > 2 and dtype == torch.float32:
                 continue
-            out[f"linears, {m} rows, int8 ({str(dtype)[6:]} activations)"] = run_linears(linears, m, dtype, runs)
+            out[f"linears, {m} rows, int8 weight-only ({str(dtype)[6:]} activations)"] = run_linears(
+                linears, m, dtype, runs)
+    from miniomni import int8act
+    from miniomni.precision import machine
+
+    if int8act.available():
+        bits = 8 if machine().vnni else 7
+        int8act.use_int8_activations(model.llm, bits)
+        blocks = model.llm.layers
+        for m in rows:
+            x = {n: torch.randn(m, n) for n in (896, 4864)}
+
+            def products(x=x):
+                for block in blocks:
+                    block.attn.qkv(x[896])
+                    block.attn.out(x[896])
+                    block.mlp.gate_up(x[896])
+                    block.mlp.down(x[4864])
+            out[f"linears, {m} rows, int8 x int8 activations per row (fbgemm, 4 products a layer)"] = timed(
+                products, runs)
     return out
 
 
@@ -138,7 +158,8 @@ def bench_encoder(runs: int) -> dict[str, float]:
 def bench_codec(runs: int) -> dict[str, float]:
     from snac import SNAC
 
-    from miniomni.codec import Codec, SNACStream
+    from miniomni.codec import Codec
+    from miniomni.snacstream import SNACStream
 
     torch.manual_seed(0)
     out = {}
@@ -184,7 +205,7 @@ def main() -> None:
     if args.json:
         print(json.dumps(measure(components, args.runs)))
         return
-    kinds = [("native", {})] + ([("AVX2-limited", AVX2_ENV)] if args.avx2 else [])
+    kinds = [("native", {})] + ([("AVX2-limited", AVX2_LIMIT)] if args.avx2 else [])
     results = []
     for _, env in kinds:
         done = subprocess.run([sys.executable, __file__, "--json", "--only", args.only, "--runs", str(args.runs)],

@@ -255,3 +255,32 @@ def test_a_finished_answer_is_freed_without_waiting_for_the_garbage_collector(en
         assert [ref() for ref in refs] == [None, None, None]
     finally:
         gc.enable()
+
+
+@pytest.mark.parametrize("kernels", ["weight-only", "int8 activations"])
+def test_answers_batched_equal_answers_alone(checkpoint_dir, kernels):
+    """Eight answers at once (16 rows in a decode step) each equal the same answer alone: tokens and PCM."""
+    import miniomni
+    from miniomni import int8act
+
+    if kernels == "int8 activations" and not int8act.available():
+        pytest.skip("fbgemm's int8 products need an x86 PyTorch")
+    omni = miniomni.load(checkpoint_dir, device="cpu", quantize="int8",
+                         int8_activations="on" if kernels == "int8 activations" else "off")
+    requests = [question(steps=20, seed=seed) for seed in range(8)]
+    engine = Engine(omni, max_sessions=8, start=False)
+    try:
+        together: list[list] = [[] for _ in requests]
+        for request, sink in zip(requests, together, strict=True):
+            engine.open(request, sink.append)
+        drain(engine)
+        assert engine.stats.steps < 8 * 20  # the answers did share decode steps
+        for request, batched in zip(requests, together, strict=True):
+            alone: list = []
+            engine.open(request, alone.append)
+            drain(engine)
+            assert batched[-1].text_tokens == alone[-1].text_tokens
+            assert batched[-1].audio_tokens == alone[-1].audio_tokens
+            assert audio_of(batched) == audio_of(alone) and audio_of(alone)
+    finally:
+        engine.close()

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import miniomni
-from miniomni import precision
-from miniomni.precision import Machine, Plan, choose, confirm_codec
+from miniomni import int8act, precision
+from miniomni.precision import AVX2_LIMIT, Machine, Plan, choose, confirm_codec
 from miniomni.quantize import Int8Linear
 
 CPU = torch.device("cpu")
@@ -32,15 +32,29 @@ def test_int8_plan_follows_the_cpu(monkeypatch, cpu, expected):
     monkeypatch.setattr(precision, "machine", lambda: cpu)
     plan = choose(CPU, "int8")
     assert as_names(plan) == expected
-    assert set(plan.chosen) == {"activations", "encoder", "codec"}
+    assert set(plan.chosen) == {"activations", "encoder", "codec", "int8_activations"}
     assert cpu.describe() in plan.describe()
+
+
+@pytest.mark.skipif(not int8act.available(), reason="fbgemm's int8 products need an x86 PyTorch")
+def test_int8_activations_by_default_only_with_vnni(monkeypatch):
+    monkeypatch.setattr(precision, "machine", lambda: BF16_CPU)
+    assert choose(CPU, "int8").int8_activations == 8
+    assert "8-bit activations" in choose(CPU, "int8").describe()
+    assert choose(CPU, "int8", int8_activations="off").int8_activations == 0
+    assert choose(CPU, None).int8_activations == 0  # float weights: nothing to do with int8
+    monkeypatch.setattr(precision, "machine", lambda: AVX2_ONLY)
+    assert choose(CPU, "int8").int8_activations == 0  # 7-bit activations cost too much to be a default
+    assert choose(CPU, "int8", int8_activations="on").int8_activations == 7
+    with pytest.raises(miniomni.MiniOmniError, match="int8_activations"):
+        choose(CPU, "int8", int8_activations="yes")
 
 
 @pytest.mark.parametrize("cpu", [AVX2_ONLY, BF16_CPU])
 def test_float_weights_stay_faithful_and_overrides_win(monkeypatch, cpu):
     monkeypatch.setattr(precision, "machine", lambda: cpu)
     assert as_names(choose(CPU, None)) == ["float32"] * 4
-    asked = choose(CPU, "int8", "bfloat16", codec="float32")
+    asked = choose(CPU, "int8", "bfloat16", codec="float32", int8_activations="off")
     assert asked.activations == torch.bfloat16 and asked.codec == torch.float32 and asked.chosen == ("encoder",)
     # Whisper follows the activations only where bfloat16 is fast.
     assert asked.encoder == (torch.bfloat16 if cpu.native_bfloat16 else torch.float32)
@@ -49,16 +63,17 @@ def test_float_weights_stay_faithful_and_overrides_win(monkeypatch, cpu):
 
 
 def test_the_avx2_limit_gives_the_avx2_plan():
-    """Under ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 this machine plans as an AVX2-only CPU."""
+    """Limited to AVX2 (precision.AVX2_LIMIT) this machine plans as an AVX2-only CPU."""
     code = ("import json, torch; from miniomni.precision import choose, machine; "
-            "p = choose(torch.device('cpu'), 'int8'); "
-            "print(json.dumps([machine().capability, machine().native_bfloat16, str(p.activations), str(p.codec)]))")
-    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+            "p = choose(torch.device('cpu'), 'int8'); print(json.dumps([machine().capability, "
+            "machine().native_bfloat16, str(p.activations), str(p.codec), p.int8_activations]))")
+    env = {**os.environ, **AVX2_LIMIT}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    capability, native, activations, codec = json.loads(out.stdout)
+    capability, native, activations, codec, bits = json.loads(out.stdout)
     assert capability in ("AVX2", "DEFAULT")
     assert native is False
     assert activations == codec == "torch.float32"
+    assert bits == 0  # fbgemm limited to AVX2 has no VNNI: weight-only kernels
 
 
 def test_int8_weights_with_float32_activations(checkpoint_dir, question_wav, omni):

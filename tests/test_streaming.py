@@ -8,10 +8,10 @@ import torch
 from torch import nn
 
 import miniomni
-from miniomni.codec import StreamingDecoder
 from miniomni.models.llm import linear_rows
 from miniomni.precision import machine
 from miniomni.quantize import Int8Linear, quantize_int8
+from miniomni.snacstream import StreamingDecoder
 from miniomni.streaming import AudioChunk, Done, TextDelta, TextStreamer
 
 

@@ -23,6 +23,7 @@ from .cooperative import Steps, run, within
 from .devices import autocast, resolve_device
 from .errors import CheckpointError, MiniOmniError
 from .generate import MAX_POSITIONS, DecodeInput, SamplingOptions, Step, answer_text_ids, decode
+from .int8act import use_int8_activations
 from .models.omni import OmniModel
 from .models.whisper import WhisperEncoder
 from .precision import Plan, choose
@@ -109,6 +110,7 @@ class MiniOmni:
         fast_encoder: bool = False,
         encoder_dtype: str | torch.dtype = "auto",
         codec_dtype: str | torch.dtype = "auto",
+        int8_activations: str = "auto",
     ) -> MiniOmni:
         """Build the pipeline; ``quantize="int8"`` swaps the decoder's linears for int8 ones.
 
@@ -117,7 +119,7 @@ class MiniOmni:
         quantize = parse_quantize(quantize)
         if parts.quantize == "int8":
             quantize = "int8"  # an int8 bundle holds no float weights to run without it
-        plan = choose(device, quantize, dtype, encoder_dtype, codec_dtype)
+        plan = choose(device, quantize, dtype, encoder_dtype, codec_dtype, int8_activations)
         dtype = plan.activations
         state = parts.model_state
         if parts.quantize is None and (quantize == "int8" or any(
@@ -141,6 +143,8 @@ class MiniOmni:
         model.llm.init_rope()  # the meta-device tables were never filled
         model = model.to(device=device, dtype=dtype)
         model.requires_grad_(False)
+        if plan.int8_activations:
+            use_int8_activations(model.llm, plan.int8_activations)
         encoder = WhisperEncoder.from_state_dict(parts.whisper_dims, parts.whisper_state, device=device)
         encoder.requires_grad_(False)
         codec = Codec.from_state_dict(parts.snac_config, parts.snac_state, device, stream_dtype=plan.codec)
@@ -314,18 +318,21 @@ def load(
     fast_encoder: bool = False,
     encoder_dtype: str | torch.dtype = "auto",
     codec_dtype: str | torch.dtype = "auto",
+    int8_activations: str = "auto",
 ) -> MiniOmni:
     """Load a checkpoint directory (published layout), a ``.safetensors`` bundle or a hub repo id.
 
     ``dtype`` is the decoder's activations: ``auto`` (the default) is float32 (faithful) with
     float weights, and with ``quantize="int8"`` bfloat16 where the machine runs it fast;
-    ``encoder_dtype`` and ``codec_dtype`` likewise (see :func:`miniomni.precision.choose`).
+    ``encoder_dtype`` and ``codec_dtype`` likewise; ``int8_activations`` (auto, on, off): int8
+    weights times int8 activations where fbgemm runs (see :func:`miniomni.precision.choose`).
     ``fast_encoder`` runs Whisper on the real audio only instead of 30 s (faster, not faithful).
     """
     resolved_device = resolve_device(device)
     source = path_or_repo if isinstance(path_or_repo, str) else Path(path_or_repo)
     parts = read_checkpoint(source)
     omni = MiniOmni.from_parts(parts, resolved_device, dtype or "auto", quantize=quantize, fast_encoder=fast_encoder,
-                               encoder_dtype=encoder_dtype, codec_dtype=codec_dtype)
+                               encoder_dtype=encoder_dtype, codec_dtype=codec_dtype,
+                               int8_activations=int8_activations)
     log.info("loaded %s onto %s: %s", path_or_repo, resolved_device, omni.plan.describe())
     return omni

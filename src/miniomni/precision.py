@@ -21,13 +21,18 @@ if TYPE_CHECKING:
     from .codec import Codec
 
 
+# Environment that makes PyTorch, oneDNN and fbgemm use no more than AVX2 on a bigger CPU: how
+# benchmarks and tests see what most laptops and many servers do.
+AVX2_LIMIT = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "FBGEMM_ENABLE_INSTRUCTIONS": "AVX2"}
+
+
 @dataclass(frozen=True)
 class Machine:
     """What the CPU does natively, as PyTorch and oneDNN will use it in this process."""
 
     capability: str  # PyTorch's kernel level: DEFAULT, AVX2, AVX512, ...
     native_bfloat16: bool  # oneDNN runs bfloat16 in hardware (AVX512-BF16 or AMX)
-    vnni: bool  # 8-bit dot products in hardware (AVX512-VNNI or AVX-VNNI)
+    vnni: bool  # fbgemm's int8 products have 8-bit dot-product instructions (AVX512-VNNI)
 
     def describe(self) -> str:
         bf16 = "native bfloat16" if self.native_bfloat16 else "no native bfloat16"
@@ -36,12 +41,15 @@ class Machine:
 
 @functools.lru_cache(maxsize=1)
 def machine() -> Machine:
-    """This process's CPU as PyTorch sees it (``ATEN_CPU_CAPABILITY`` and ``ONEDNN_MAX_CPU_ISA`` included)."""
+    """This process's CPU as PyTorch sees it.
+
+    The limits ``ATEN_CPU_CAPABILITY``, ``ONEDNN_MAX_CPU_ISA`` and ``FBGEMM_ENABLE_INSTRUCTIONS``
+    are honoured, as PyTorch, oneDNN and fbgemm honour them.
+    """
     capability = torch.backends.cpu.get_cpu_capability()
     native = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()) and capability.startswith("AVX512")
-    flags = _cpu_flags()
-    limited = os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper().startswith(("AVX2", "SSE"))
-    vnni = ("avx512_vnni" in flags and capability.startswith("AVX512")) or ("avx_vnni" in flags and not limited)
+    fbgemm = os.environ.get("FBGEMM_ENABLE_INSTRUCTIONS", "").upper()
+    vnni = "avx512_vnni" in _cpu_flags() and (not fbgemm or "E1" in fbgemm or "VNNI" in fbgemm)
     return Machine(capability=capability, native_bfloat16=native, vnni=vnni)
 
 
@@ -57,6 +65,7 @@ def _cpu_flags() -> set[str]:
 
 
 PLAN_DTYPES = ("auto", "float32", "bfloat16")  # what --dtype, --encoder-dtype and --codec-dtype accept
+INT8_ACTIVATIONS = ("auto", "on", "off")  # what --int8-activations accepts
 
 
 @dataclass(frozen=True)
@@ -64,6 +73,8 @@ class Plan:
     """The precision of each component.
 
     ``weights`` is the decoder's linears (``float32``, ``bfloat16`` or ``int8``);
+    ``int8_activations`` the bits their input is quantized to per row for fbgemm's int8
+    products (8, or 7 without VNNI; 0: weight-only kernels, see :mod:`miniomni.int8act`);
     ``activations`` everything else in the decoder (attention, norms, KV cache, the
     prompt's GEMMs on dequantized int8 weights); ``encoder`` Whisper (bfloat16 means
     autocast); ``codec`` the SNAC stream. ``chosen`` names the components the machine
@@ -76,15 +87,21 @@ class Plan:
     codec: torch.dtype
     chosen: tuple[str, ...] = ()
     why: str = ""
+    int8_activations: int = 0
 
     def describe(self) -> str:
         """One line: each component's precision, and why the machine's choices were made."""
         def name(dtype: torch.dtype) -> str:
             return str(dtype).removeprefix("torch.")
 
-        weights = "int8 weights" if self.weights == "int8" else f"{self.weights} weights"
-        line = (f"{weights}, {name(self.activations)} activations, Whisper in {name(self.encoder)}, "
-                f"codec in {name(self.codec)}")
+        if self.weights != "int8":
+            decoder = f"decoder in {name(self.activations)}"
+        elif self.int8_activations:
+            decoder = (f"int8 linears on {self.int8_activations}-bit activations (fbgemm), the rest of the "
+                       f"decoder in {name(self.activations)}")
+        else:
+            decoder = f"int8 weight-only linears, the rest of the decoder in {name(self.activations)}"
+        line = f"{decoder}, Whisper in {name(self.encoder)}, codec in {name(self.codec)}"
         return f"{line} ({self.why})" if self.why else line
 
 
@@ -98,7 +115,8 @@ def fast_bfloat16(device: torch.device) -> bool:
 
 
 def choose(device: torch.device, weights: str | None, activations: str | torch.dtype = "auto",
-           encoder: str | torch.dtype = "auto", codec: str | torch.dtype = "auto") -> Plan:
+           encoder: str | torch.dtype = "auto", codec: str | torch.dtype = "auto",
+           int8_activations: str = "auto") -> Plan:
     """The plan for ``device``: each ``"auto"`` component in the fastest precision that keeps tokens as documented.
 
     ``weights`` is ``"int8"`` or None (the checkpoint's float weights, in the activations'
@@ -106,12 +124,28 @@ def choose(device: torch.device, weights: str | None, activations: str | torch.d
     With int8 weights the activations are bfloat16 where bfloat16 is fast, float32 where it
     is emulated (a decode step costs the same in both there; a prompt's GEMM, Whisper and
     the codec cost 8 to 25 times more in emulated bfloat16). Whisper and the codec run in
-    bfloat16 only where the decoder does and bfloat16 is fast.
+    bfloat16 only where the decoder does and bfloat16 is fast. int8 weights multiply 8-bit
+    activations (fbgemm: about the same cost for 1 to 16 rows) on an x86 CPU with VNNI; without
+    VNNI only when ``int8_activations`` is ``"on"`` (7 bits there, which cost three times the
+    8-bit KL divergence on a real model); ``"off"`` keeps the weight-only kernels.
     """
+    from . import int8act
     from .devices import resolve_dtype
+    from .errors import MiniOmniError
 
+    if int8_activations not in INT8_ACTIVATIONS:
+        raise MiniOmniError(f"int8_activations={int8_activations!r}; use {', '.join(INT8_ACTIVATIONS)}")
     fast = fast_bfloat16(device)
     chosen = []
+    bits = 0
+    if weights == "int8" and int8_activations != "off":
+        possible = device.type == "cpu" and int8act.available()
+        if int8_activations == "on" and not possible:
+            raise MiniOmniError("int8 activations need fbgemm (PyTorch on an x86 CPU); use --int8-activations off")
+        if possible and (machine().vnni or int8_activations == "on"):
+            bits = 8 if machine().vnni else 7
+        if int8_activations == "auto":
+            chosen.append("int8_activations")
     if activations == "auto":
         chosen.append("activations")
         activations = torch.bfloat16 if weights == "int8" and fast else torch.float32
@@ -129,7 +163,7 @@ def choose(device: torch.device, weights: str | None, activations: str | torch.d
         why = f"{device.type}: bfloat16 {'supported' if fast else 'not used'}"
     return Plan(weights=weights or str(activations).removeprefix("torch."), activations=activations,
                 encoder=resolve_dtype(encoder), codec=resolve_dtype(codec), chosen=tuple(chosen),
-                why=why if chosen else "")
+                why=why if chosen else "", int8_activations=bits)
 
 
 def confirm_codec(codec: Codec, plan: Plan, margin: float = 1.5) -> Plan:

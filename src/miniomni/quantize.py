@@ -25,7 +25,13 @@ _INT8_MM_MAX_ROWS = 16
 
 
 class Int8Linear(nn.Module):
-    """y = x @ (int8 weight * row scale).T + bias."""
+    """y = x @ (int8 weight * row scale).T + bias.
+
+    ``int8_activations`` (set by :func:`miniomni.int8act.use_int8_activations`) runs the
+    product on int8 activations instead; None keeps the weight-only kernels.
+    """
+
+    int8_activations = None
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False,
                  device: torch.device | str | None = None) -> None:
@@ -52,6 +58,8 @@ class Int8Linear(nn.Module):
                            None if self.bias is None else self.bias[start:end])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.int8_activations is not None:
+            return self.int8_activations(x)
         return int8_linear(x, self.weight, self.scales, self.bias)
 
     def extra_repr(self) -> str:

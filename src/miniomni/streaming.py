@@ -9,8 +9,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .audio import OUTPUT_SAMPLE_RATE
-from .codec import Codec, StreamingDecoder
+from .codec import Codec
 from .generate import Step, answer_text_ids
+from .snacstream import StreamingDecoder
 from .tokens import NUM_AUDIO_LAYERS, Task, delayed_frame
 
 

@@ -34,7 +34,12 @@ class RMSNorm(nn.Module):
 
 
 class SwiGLU(nn.Module):
-    """``down(silu(gate(x)) * up(x))``; also the Whisper-to-LLM audio adapter."""
+    """``down(silu(gate(x)) * up(x))``; also the Whisper-to-LLM audio adapter.
+
+    ``gate_up`` (int8 activations, see :mod:`miniomni.int8act`) computes gate and up in one product.
+    """
+
+    gate_up = None
 
     def __init__(self, in_features: int, hidden: int, out_features: int, bias: bool = False) -> None:
         super().__init__()
@@ -43,6 +48,10 @@ class SwiGLU(nn.Module):
         self.down = nn.Linear(hidden, out_features, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate_up is not None:
+            from ..int8act import swiglu_gate_up
+
+            return self.down(swiglu_gate_up(self.gate_up, x))
         return self.down(F.silu(self.gate(x)) * self.up(x))
 
 
@@ -58,6 +67,10 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return (x * cos + rotated * sin).to(x.dtype)
+
+
+# Groups of batch rows, each with the number of cache positions it reads (see forward_hidden).
+KVSegments = list[tuple[slice, int]]
 
 
 @dataclass
@@ -95,7 +108,7 @@ class Attention(nn.Module):
         mask: torch.Tensor | None,
         positions: torch.Tensor,
         cache: tuple[torch.Tensor, torch.Tensor] | None,
-        kv_len: int,
+        kv_len: int | KVSegments,
     ) -> torch.Tensor:
         cfg = self.config
         batch, length, _ = x.shape
@@ -121,11 +134,17 @@ class Attention(nn.Module):
             rows = torch.arange(batch, device=x.device).unsqueeze(1)
             cache_k[rows, :, positions] = k.transpose(1, 2).to(cache_k.dtype)
             cache_v[rows, :, positions] = v.transpose(1, 2).to(cache_v.dtype)
-        k = cache_k[:, :, :kv_len]
-        v = cache_v[:, :, :kv_len]
         # Fold each group's queries into the sequence axis so K/V are never copied per head.
         q = q.reshape(batch, n_kv, cfg.q_per_kv * length, hs)
-        y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask)
+        if isinstance(kv_len, int):
+            k, v = cache_k[:, :, :kv_len], cache_v[:, :, :kv_len]
+            y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask)
+        else:  # each group of rows reads its own cache length, as it would alone; other rows stay idle
+            y = q.new_zeros(q.shape)
+            for rows, length_read in kv_len:
+                k, v = cache_k[rows, :, :length_read], cache_v[rows, :, :length_read]
+                y[rows] = F.scaled_dot_product_attention(q[rows], k.to(q.dtype), v.to(q.dtype),
+                                                         attn_mask=mask[rows, ..., :length_read].contiguous())
         y = y.reshape(batch, n_head, length, hs).transpose(1, 2).reshape(batch, length, n_head * hs)
         return self.out(y)
 
@@ -195,13 +214,15 @@ class Transformer(nn.Module):
         x: torch.Tensor,
         positions: torch.Tensor | None = None,
         cache: KVCache | None = None,
-        kv_len: int | None = None,
+        kv_len: int | KVSegments | None = None,
     ) -> torch.Tensor:
         """Run the blocks and the final norm over input vectors x (B, T, C).
 
         ``positions`` is (T,) shared by all rows or (B, T) per row; with a cache, keys and
         values are written there and each query attends to cached positions <= its own.
-        ``kv_len`` (the number of cache positions to read) defaults to max(positions) + 1.
+        ``kv_len`` (the number of cache positions to read) defaults to max(positions) + 1; a list of
+        (rows, length) segments makes each group of rows read its own length, so that a row's result
+        is the same as in a batch of its group alone (rows in no segment get no attention).
         """
         return run(self.forward_hidden_steps(x, positions, cache, kv_len))
 
@@ -210,7 +231,7 @@ class Transformer(nn.Module):
         x: torch.Tensor,
         positions: torch.Tensor | None = None,
         cache: KVCache | None = None,
-        kv_len: int | None = None,
+        kv_len: int | KVSegments | None = None,
     ) -> Steps[torch.Tensor]:
         """:meth:`forward_hidden` one block at a time (see :mod:`miniomni.cooperative`)."""
         batch, length, _ = x.shape
@@ -218,6 +239,9 @@ class Transformer(nn.Module):
             positions = torch.arange(length, device=x.device)
         if cache is not None and kv_len is None:
             kv_len = int(positions.max()) + 1
+        segments = kv_len if isinstance(kv_len, list) else None
+        if segments is not None:
+            kv_len = max(read for _, read in segments)
         limit = self.config.block_size if cache is None else cache.max_length
         if (kv_len or length) > limit:
             raise ValueError(f"sequence of {kv_len or length} positions exceeds the context of {limit}")
@@ -236,7 +260,7 @@ class Transformer(nn.Module):
             mask = (pos.unsqueeze(-1) >= pos.unsqueeze(-2)).unsqueeze(1)
         for index, block in enumerate(self.layers):
             layer_cache = None if cache is None else (cache.keys[index], cache.values[index])
-            x = block(x, cos, sin, mask, positions, layer_cache, kv_len)
+            x = block(x, cos, sin, mask, positions, layer_cache, kv_len if segments is None else segments)
             yield
         return self.final_norm(x)
 

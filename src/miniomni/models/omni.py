@@ -10,7 +10,7 @@ from torch import nn
 from ..config import OmniConfig
 from ..cooperative import Steps, run
 from ..tokens import NUM_AUDIO_LAYERS, NUM_STREAMS
-from .llm import KVCache, SwiGLU, Transformer, linear_rows
+from .llm import KVCache, KVSegments, SwiGLU, Transformer, linear_rows
 
 
 class OmniModel(nn.Module):
@@ -77,7 +77,7 @@ class OmniModel(nn.Module):
         cache: KVCache | None = None,
         audio_features: torch.Tensor | None = None,
         audio_lengths: Sequence[int] | None = None,
-        kv_len: int | None = None,
+        kv_len: int | KVSegments | None = None,
     ) -> torch.Tensor:
         """Final-norm hidden states (B, T, C), before the heads."""
         return run(self.hidden_states_steps(streams, positions, cache, audio_features, audio_lengths, kv_len))
@@ -89,7 +89,7 @@ class OmniModel(nn.Module):
         cache: KVCache | None = None,
         audio_features: torch.Tensor | None = None,
         audio_lengths: Sequence[int] | None = None,
-        kv_len: int | None = None,
+        kv_len: int | KVSegments | None = None,
     ) -> Steps[torch.Tensor]:
         """:meth:`hidden_states` one block at a time (see :mod:`miniomni.cooperative`)."""
         x = self.embed_streams(streams, audio_features, audio_lengths)
@@ -102,7 +102,7 @@ class OmniModel(nn.Module):
         cache: KVCache | None = None,
         audio_features: torch.Tensor | None = None,
         audio_lengths: Sequence[int] | None = None,
-        kv_len: int | None = None,
+        kv_len: int | KVSegments | None = None,
         last_only: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits for every position, or only the last one with ``last_only``."""

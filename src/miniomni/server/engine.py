@@ -542,9 +542,11 @@ class Engine:
             rows = self._rows(session)
             ids[rows] = session.state.next_ids()
             positions[rows] = session.state.position
-        kv_len = int(positions.max()) + 1
+        # Each answer's rows read their own cache length: a row's arithmetic is then the same whatever
+        # else is in the batch (with one cache length for all, attention rounds differently).
+        segments = [(self._rows(session), session.state.position + 1) for session in self.active]
         hidden = self.omni.model.hidden_states(ids.unsqueeze(-1), positions, self.cache.rows(slice(0, total_rows)),
-                                               kv_len=kv_len)
+                                               kv_len=segments)
         self._sample(list(self.active), {s.id: hidden[self._rows(s)] for s in self.active})
         for session in [s for s in self.active if s.state.finished]:
             self.active.remove(session)

@@ -1,0 +1,107 @@
+"""int8 weights times int8 activations on the CPU (fbgemm), each row of the batch scaled on its own.
+
+The weight-only int8 kernel (``aten._weight_int8pack_mm``) streams the whole weight again
+for every block of 4 rows, so a decode step for 8 or 16 rows costs 2 to 4 times one for 2.
+fbgemm's int8 GEMM reads the weight once for any number of rows, but it quantizes its input
+with one scale for the whole batch, which would make one talker's answer depend on the
+others'. So each row is quantized here with its own symmetric scale (``x / s_r``, given to
+fbgemm with scale 1 and a zero point in the middle of its unsigned range) and its output
+multiplied by ``s_r`` again: a row's result never depends on the other rows (tested for
+every batch size from 1 to 16).
+
+Without 8-bit dot-product instructions (VNNI), fbgemm adds pairs of 8-bit products in
+16 bits, which saturate for large activations; there the activations use 7 bits.
+
+The cost in quality is that of 8-bit (or 7-bit) activations, measured on a real language
+model by ``benchmarks/int8_quality.py`` (``docs/performance.md``): why the precision plan
+turns this path on by itself only where the CPU has VNNI.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+_OPS = getattr(torch.ops, "quantized", None)
+_MATMUL = getattr(_OPS, "linear_with_input_q_dq_qweight_dq_output_fp32", None) if _OPS is not None else None
+
+
+def available() -> bool:
+    """Whether this PyTorch has fbgemm's int8 GEMM (x86 builds)."""
+    return _MATMUL is not None and "fbgemm" in torch.backends.quantized.supported_engines
+
+
+class Int8ActLinear:
+    """One prepacked int8 weight (a linear, or several sharing an input) with per-row int8 activations.
+
+    Not a module: it holds a packed copy of weights that an :class:`~miniomni.quantize.Int8Linear`
+    (or several) already own, and adds nothing to a state dict.
+    """
+
+    def __init__(self, linears: list[nn.Module], bits: int) -> None:
+        if bits not in (7, 8):
+            raise ValueError("activations are quantized to 7 or 8 bits")
+        weight = torch.cat([m.weight for m in linears])
+        scales = torch.cat([m.scales for m in linears]).double()
+        biases = [m.bias for m in linears]
+        self.bias = None if all(b is None for b in biases) else torch.cat(
+            [torch.zeros(m.out_features) if b is None else b.detach().float() for m, b in zip(linears, biases,
+                                                                                           strict=True)])
+        quantized = torch._make_per_channel_quantized_tensor(
+            weight.cpu(), scales.cpu(), torch.zeros(len(scales), dtype=torch.long), 0)
+        self.packed = torch.ops.quantized.linear_prepack(quantized, None)
+        self.in_features = weight.shape[1]
+        self.splits = [m.out_features for m in linears]
+        self.limit = float(2 ** (bits - 1) - 1)  # |x / s_r| <= limit
+        self.zero_point = 2 ** (bits - 1)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., in) -> (..., sum of outputs), in x's dtype."""
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1]).float()
+        scale = flat.abs().amax(dim=1, keepdim=True).clamp_(min=1e-30) / self.limit
+        out = _MATMUL(flat / scale, 1.0, self.zero_point, self.packed).mul_(scale)
+        if self.bias is not None:
+            out += self.bias
+        return out.to(x.dtype).reshape(*shape[:-1], out.shape[-1])
+
+
+KINDS = ("qkv", "out", "gate_up", "down")  # the products of a block
+
+
+def use_int8_activations(model: nn.Module, bits: int, kinds: tuple[str, ...] = KINDS) -> int:
+    """Give the int8 linears of every block of ``model`` (an LLM) the int8-activation path; how many were packed.
+
+    Attention's q/k/v product and output projection each become one call, the MLP's gate and
+    up projections one call together, and its down projection one: four calls a block.
+    ``kinds`` limits it to some of them (the rest stay weight-only); the heads always stay
+    weight-only (they read only the rows they need).
+    """
+    from .quantize import Int8Linear
+
+    unknown = set(kinds) - set(KINDS)
+    if unknown:
+        raise ValueError(f"unknown products {sorted(unknown)}; choose from {KINDS}")
+    packed = 0
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*")
+        for block in model.layers:
+            attention, mlp = block.attn, block.mlp
+            for owner, name in ((attention, "qkv"), (attention, "out"), (mlp, "down")):
+                linear = getattr(owner, name)
+                if name in kinds and isinstance(linear, Int8Linear):
+                    linear.int8_activations = Int8ActLinear([linear], bits)
+                    packed += 1
+            if "gate_up" in kinds and isinstance(mlp.gate, Int8Linear) and isinstance(mlp.up, Int8Linear):
+                mlp.gate_up = Int8ActLinear([mlp.gate, mlp.up], bits)
+                packed += 1
+    return packed
+
+
+def swiglu_gate_up(gate_up: Int8ActLinear, x: torch.Tensor) -> torch.Tensor:
+    """silu(gate(x)) * up(x) from the fused product."""
+    gate, up = gate_up(x).split(gate_up.splits, dim=-1)
+    return F.silu(gate) * up
