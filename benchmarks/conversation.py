@@ -358,6 +358,8 @@ def main() -> None:
                         help="also run every configuration with the miniomni package in SRC (e.g. an older "
                              "checkout's src/), first, labelled 'before'")
     parser.add_argument("--before-talkers", default="1", help="values of K for the --before runs")
+    parser.add_argument("--new-config", action="append", default=[],
+                        help="server flags run with this version only (flags the --before version lacks)")
     parser.add_argument("--details", default=None, help="write every answer's arrival times here (JSON)")
     parser.add_argument("--avx2", action="store_true",
                         help="limit the server to AVX2 (miniomni.precision.AVX2_LIMIT)")
@@ -381,7 +383,7 @@ def main() -> None:
     lines, details = [], []
     transcribing = {"off": [False], "on": [True], "both": [False, True]}[args.transcribe]
     runs = [(args.before, config, False) for config in configs] if args.before else []
-    runs += [(None, config, t) for config in configs for t in transcribing]
+    runs += [(None, config, t) for config in configs + args.new_config for t in transcribing]
     for source, config, args.transcribing in runs:
         label = f"`{config}`" if config else "none (the default)"
         if args.before:

@@ -27,7 +27,7 @@ from fullsize import SNAC_24KHZ, WHISPER_SMALL, random_model, speech_like
 
 from miniomni.precision import AVX2_LIMIT
 
-COMPONENTS = ("linears", "step", "prefill", "encoder", "codec")
+COMPONENTS = ("linears", "step", "talkers", "prefill", "encoder", "codec")
 
 
 def timed(fn, runs: int) -> float:
@@ -123,6 +123,44 @@ def bench_step(runs: int) -> dict[str, float]:
     return out
 
 
+def bench_talkers(runs: int) -> dict[str, float]:
+    """The server's decode step (layers, heads, sampling and codec) with K answers at once, per kernel."""
+    import fullsize
+
+    from miniomni import int8act
+    from miniomni.precision import choose, machine
+    from miniomni.server.engine import AnswerRequest, Engine
+
+    out: dict[str, float] = {}
+    kernels = {"int8 weight-only": 0}
+    if int8act.available():
+        kernels["int8 x int8 activations (8 bits with VNNI, else 7)"] = 8 if machine().vnni else 7
+    for label, bits in kernels.items():
+        plan = choose(torch.device("cpu"), "int8", int8_activations="on" if bits else "off")
+        omni = fullsize.build(str(plan.activations).removeprefix("torch."), "int8", "cpu", fast_encoder=True)
+        omni.codec.set_stream_dtype(plan.codec)
+        if bits:
+            int8act.use_int8_activations(omni.model.llm, bits)
+        for talkers in (1, 4, 8):
+            engine = Engine(omni, max_sessions=talkers, start=False)
+            for seed in range(talkers):
+                engine.open(AnswerRequest(task="A1A2-batch", audio=speech_like(1.0 + 0.1 * seed), sample_rate=16000,
+                                          max_new_tokens=16 + 8 * runs, max_chunk=4), lambda event: None)
+            engine._admit()  # prepare every answer first: then each step decodes all of them
+            while engine.preparing:
+                engine._advance(engine.preparing[0])
+            times = []
+            while len(engine.active) == talkers:
+                began = time.perf_counter()
+                engine.run_once()
+                times.append(1000 * (time.perf_counter() - began))
+            engine.close()
+            out[f"server step, {talkers} talkers ({2 * talkers} rows, codec included), {label}"] = (
+                statistics.median(times) if times else float("nan"))
+        del omni
+    return out
+
+
 def bench_prefill(runs: int) -> dict[str, float]:
     out = {}
     model = random_model(torch.float32)
@@ -134,6 +172,21 @@ def bench_prefill(runs: int) -> dict[str, float]:
         model = model.to(dtype)
         out[f"prefill linears, {positions} positions x 2 rows, int8 weights, {str(dtype)[6:]} GEMM"] = run_linears(
             layer_linears(model), 2, dtype, max(1, runs // 2), positions)
+    from miniomni import int8act
+    from miniomni.precision import machine
+
+    if int8act.available():
+        int8act.use_int8_activations(model.llm, 8 if machine().vnni else 7)
+        x = {n: torch.randn(2, positions, n) for n in (896, 4864)}
+
+        def products():
+            for block in model.llm.layers:
+                block.attn.qkv(x[896])
+                block.attn.out(x[896])
+                block.mlp.gate_up(x[896])
+                block.mlp.down(x[4864])
+        out[f"prefill linears, {positions} positions x 2 rows, int8 x int8 activations (fbgemm)"] = timed(
+            products, max(1, runs // 2))
     return out
 
 

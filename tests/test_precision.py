@@ -111,3 +111,19 @@ def test_confirm_codec_keeps_asked_precisions_and_switches_on_a_clear_difference
 
 def test_codec_measures_itself(omni):
     assert omni.codec.stream_ms_per_frame() > 0
+
+
+def test_the_start_up_advice_is_true_on_the_machine(monkeypatch):
+    import argparse
+
+    from miniomni.cli import _advice
+
+    args = argparse.Namespace(device="cpu")
+    monkeypatch.setattr(precision, "machine", lambda: AVX2_ONLY)
+    assert "--quantize int8" in _advice(choose(CPU, None), args)
+    assert _advice(choose(CPU, "int8", codec="bfloat16"), args) == "leave --codec-dtype at auto"
+    if int8act.available():
+        assert "--int8-activations on" in _advice(choose(CPU, "int8"), args)
+    monkeypatch.setattr(precision, "machine", lambda: BF16_CPU)
+    assert _advice(choose(CPU, "int8", "float32"), args) == "leave --dtype at auto"
+    assert "fastest precision plan" in _advice(choose(CPU, "int8"), args)

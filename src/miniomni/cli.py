@@ -372,6 +372,7 @@ def _report_speed(timings: object, plan: Plan, args: argparse.Namespace) -> None
 
 def _advice(plan: Plan, args: argparse.Namespace) -> str:
     """What would make a frame cheaper on this machine, from what was asked and what the plan chose."""
+    from . import int8act
     from .precision import choose
 
     device = resolve_device(args.device)
@@ -383,6 +384,9 @@ def _advice(plan: Plan, args: argparse.Namespace) -> str:
              if part not in plan.chosen and getattr(plan, part) != getattr(best, part)]
     if asked:
         return f"leave {' and '.join(asked)} at auto"
+    if not plan.int8_activations and device.type == "cpu" and int8act.available():
+        return ("--int8-activations on makes steps cheaper, at a cost in quality (docs/performance.md); "
+                "otherwise this is the fastest precision plan here")
     return "this is already the fastest precision plan here: use a faster machine or a GPU"
 
 

@@ -50,11 +50,14 @@ class Int8ActLinear:
         self.bias = None if all(b is None for b in biases) else torch.cat(
             [torch.zeros(m.out_features) if b is None else b.detach().float() for m, b in zip(linears, biases,
                                                                                            strict=True)])
-        quantized = torch._make_per_channel_quantized_tensor(
-            weight.cpu(), scales.cpu(), torch.zeros(len(scales), dtype=torch.long), 0)
+        with warnings.catch_warnings():  # quantized tensors are deprecated; fbgemm's prepack still takes one
+            warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*")
+            quantized = torch._make_per_channel_quantized_tensor(
+                weight.cpu(), scales.cpu(), torch.zeros(len(scales), dtype=torch.long), 0)
         self.packed = torch.ops.quantized.linear_prepack(quantized, None)
         self.in_features = weight.shape[1]
         self.splits = [m.out_features for m in linears]
+        self.max_rows: int | None = None  # more rows (a prompt) go to the weight-only kernels; None: all
         self.limit = float(2 ** (bits - 1) - 1)  # |x / s_r| <= limit
         self.zero_point = 2 ** (bits - 1)
 
@@ -72,13 +75,15 @@ class Int8ActLinear:
 KINDS = ("qkv", "out", "gate_up", "down")  # the products of a block
 
 
-def use_int8_activations(model: nn.Module, bits: int, kinds: tuple[str, ...] = KINDS) -> int:
+def use_int8_activations(model: nn.Module, bits: int, kinds: tuple[str, ...] = KINDS,
+                         max_rows: int | None = None) -> int:
     """Give the int8 linears of every block of ``model`` (an LLM) the int8-activation path; how many were packed.
 
     Attention's q/k/v product and output projection each become one call, the MLP's gate and
     up projections one call together, and its down projection one: four calls a block.
     ``kinds`` limits it to some of them (the rest stay weight-only); the heads always stay
-    weight-only (they read only the rows they need).
+    weight-only (they read only the rows they need). ``max_rows`` leaves products of more rows
+    (a prompt's prefill) to the weight-only path, where a bfloat16 GEMM is the faster one.
     """
     from .quantize import Int8Linear
 
@@ -86,19 +91,24 @@ def use_int8_activations(model: nn.Module, bits: int, kinds: tuple[str, ...] = K
     if unknown:
         raise ValueError(f"unknown products {sorted(unknown)}; choose from {KINDS}")
     packed = 0
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*")
-        for block in model.layers:
-            attention, mlp = block.attn, block.mlp
-            for owner, name in ((attention, "qkv"), (attention, "out"), (mlp, "down")):
-                linear = getattr(owner, name)
-                if name in kinds and isinstance(linear, Int8Linear):
-                    linear.int8_activations = Int8ActLinear([linear], bits)
-                    packed += 1
-            if "gate_up" in kinds and isinstance(mlp.gate, Int8Linear) and isinstance(mlp.up, Int8Linear):
-                mlp.gate_up = Int8ActLinear([mlp.gate, mlp.up], bits)
+    for block in model.layers:
+        attention, mlp = block.attn, block.mlp
+        for owner, name in ((attention, "qkv"), (attention, "out"), (mlp, "down")):
+            linear = getattr(owner, name)
+            if name in kinds and isinstance(linear, Int8Linear):
+                linear.int8_activations = Int8ActLinear([linear], bits)
+                linear.int8_activations.max_rows = max_rows
                 packed += 1
+        if "gate_up" in kinds and isinstance(mlp.gate, Int8Linear) and isinstance(mlp.up, Int8Linear):
+            mlp.gate_up = Int8ActLinear([mlp.gate, mlp.up], bits)
+            mlp.gate_up.max_rows = max_rows
+            packed += 1
     return packed
+
+
+def takes(product: Int8ActLinear, x: torch.Tensor) -> bool:
+    """Whether ``product`` runs on ``x`` (not more rows than its ``max_rows``)."""
+    return product.max_rows is None or x.numel() // x.shape[-1] <= product.max_rows
 
 
 def swiglu_gate_up(gate_up: Int8ActLinear, x: torch.Tensor) -> torch.Tensor:

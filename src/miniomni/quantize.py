@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import MiniOmniError
+from .int8act import takes
 
 # What ``--quantize`` accepts; "none" keeps the checkpoint's float weights.
 QUANTIZE_MODES = ("none", "int8")
@@ -21,7 +22,7 @@ QUANTIZE_MODES = ("none", "int8")
 _INT8_MM = getattr(torch.ops.aten, "_weight_int8pack_mm", None)
 # The int8 kernel is a matrix-vector path: fast for decode steps, slower than a bf16 GEMM on a
 # dequantized weight for prompts (measured: 789 ms vs 368 ms for a 154-position prefill).
-_INT8_MM_MAX_ROWS = 16
+MAX_DECODE_ROWS = 16
 
 
 class Int8Linear(nn.Module):
@@ -58,7 +59,7 @@ class Int8Linear(nn.Module):
                            None if self.bias is None else self.bias[start:end])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.int8_activations is not None:
+        if self.int8_activations is not None and takes(self.int8_activations, x):
             return self.int8_activations(x)
         return int8_linear(x, self.weight, self.scales, self.bias)
 
@@ -97,7 +98,7 @@ def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def int8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     shape = x.shape
     flat = x.reshape(-1, shape[-1])
-    if _INT8_MM is not None and x.device.type == "cpu" and flat.shape[0] <= _INT8_MM_MAX_ROWS:
+    if _INT8_MM is not None and x.device.type == "cpu" and flat.shape[0] <= MAX_DECODE_ROWS:
         out = _INT8_MM(flat.to(torch.bfloat16), weight, scales)
     else:
         dtype = flat.dtype if flat.dtype in (torch.float32, torch.bfloat16) else scales.dtype

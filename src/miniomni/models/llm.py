@@ -49,9 +49,10 @@ class SwiGLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_up is not None:
-            from ..int8act import swiglu_gate_up
+            from ..int8act import swiglu_gate_up, takes
 
-            return self.down(swiglu_gate_up(self.gate_up, x))
+            if takes(self.gate_up, x):
+                return self.down(swiglu_gate_up(self.gate_up, x))
         return self.down(F.silu(self.gate(x)) * self.up(x))
 
 
