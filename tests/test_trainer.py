@@ -382,7 +382,7 @@ def test_fsdp_on_mixed_speech_and_text_matches_one_process(train, checkpoint_dir
     """Speech and text rows, 2 FSDP ranks x 2 accumulation steps against one process: positions where only
     one rank has speech (its partner keeps the adapter in its graph), positions where no rank has speech
     (adapter-only: no backward anywhere), and a step whose last micro-batches have no backward."""
-    from miniomni.train.trainer import DataPlan
+    from miniomni.train.dataplan import DataPlan
 
     speech = {"kind": "voiceassistant", "path": str(voice_parquet[0]), "task": "A1A2"}
     sources = [speech, speech, {"kind": "jsonl", "path": str(qa_jsonl)}]  # 4 speech + 4 text micro-batches

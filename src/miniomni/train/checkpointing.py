@@ -25,7 +25,7 @@ from ..safeload import load_torch_file
 from .distributed import state_options
 
 if TYPE_CHECKING:
-    from .trainer import DataPlan
+    from .dataplan import DataPlan
 
 log = logging.getLogger(__name__)
 

@@ -43,6 +43,7 @@ from ..models.omni import OmniModel
 from ..tokens import Task
 from . import checkpointing, distributed
 from .collate import TrainingExample, bucket_by_length, collate_batch, collate_record
+from .dataplan import DataPlan, split_validation
 from .features import FeatureCache
 from .logs import LOG_FILE, RunLogs, StepRecord, plot_losses
 from .loss import STREAMS
@@ -136,60 +137,6 @@ def load_examples(recipe: Recipe, parts: CheckpointParts, encode: Callable | Non
     if not examples:
         raise MiniOmniError("the recipe's data sources yielded no examples")
     return examples
-
-
-def split_validation(examples: list[TrainingExample], fraction: float, seed: int
-                     ) -> tuple[list[TrainingExample], list[TrainingExample]]:
-    """(training, held out): a seeded ``fraction`` of the examples (at least one when fraction > 0) held out."""
-    if fraction <= 0:
-        return examples, []
-    count = max(1, round(fraction * len(examples)))
-    if count >= len(examples):
-        raise MiniOmniError(f"data.validation_split={fraction} would hold out all {len(examples)} examples; "
-                            "lower it or add data")
-    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed)).tolist()
-    held = set(order[:count])
-    return ([e for i, e in enumerate(examples) if i not in held], [e for i, e in enumerate(examples) if i in held])
-
-
-class DataPlan:
-    """Deterministic micro-batch order: epoch e is a permutation seeded by (seed, e)."""
-
-    def __init__(self, batches: list[list[TrainingExample]], seed: int, world: int, accum: int, shuffle: bool) -> None:
-        self.batches = batches
-        self.seed = seed
-        self.world = world
-        self.accum = accum
-        self.shuffle = shuffle
-        self.per_step = world * accum
-        self.steps_per_epoch = len(batches) // self.per_step
-        if self.steps_per_epoch < 1:
-            raise MiniOmniError(
-                f"{len(batches)} micro-batches cannot fill one step of {world} rank(s) x {accum} accumulation "
-                "step(s); add data, lower data.batch_tokens or data.grad_accum"
-            )
-        self._order: tuple[int, list[int]] | None = None
-
-    def order(self, epoch: int) -> list[int]:
-        """The micro-batch indices of epoch ``epoch``, in the order they are trained."""
-        if self._order is None or self._order[0] != epoch:
-            if self.shuffle:
-                generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-                order = torch.randperm(len(self.batches), generator=generator).tolist()
-            else:
-                order = list(range(len(self.batches)))
-            self._order = (epoch, order)
-        return self._order[1]
-
-    def position(self, step: int) -> tuple[int, int]:
-        """(epoch, step index within the epoch) of optimizer step ``step``."""
-        return divmod(step, self.steps_per_epoch)
-
-    def micro_batches(self, step: int, rank: int) -> list[list[TrainingExample]]:
-        """The micro-batches rank ``rank`` trains in optimizer step ``step``."""
-        epoch, index = self.position(step)
-        group = self.order(epoch)[index * self.per_step : (index + 1) * self.per_step]
-        return [self.batches[i] for i in group[rank :: self.world]]
 
 
 # ----------------------------------------------------------------------------- trainer
