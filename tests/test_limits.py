@@ -324,3 +324,30 @@ def test_speech_is_heard_by_the_shared_vad_without_a_model_per_connection(port, 
 
     asyncio.run(run())
     assert vad._shared is not None and vad.shared_silero() is vad._shared
+
+
+def test_a_text_frame_that_is_not_utf8_is_one_log_line_and_a_1007(port):
+    import os
+
+    records: list[logging.LogRecord] = []
+    collect = logging.Handler()
+    collect.emit = records.append  # uvicorn's loggers do not propagate to the root one
+    logging.getLogger("uvicorn.error").addHandler(collect)
+    with socket.create_connection(("127.0.0.1", port)) as raw:
+        key = base64.b64encode(os.urandom(16)).decode()
+        raw.sendall(f"GET /v1/realtime HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                    f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode())
+        assert raw.recv(4096).startswith(b"HTTP/1.1 101")
+        payload, mask = b"\xff\xfe not utf-8", os.urandom(4)
+        raw.sendall(bytes([0x81, 0x80 | len(payload)]) + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload)))
+        raw.settimeout(5)
+        received = b""
+        while b"\x88\x02\x03\xef" not in received:  # a close frame with code 1007
+            chunk = raw.recv(4096)
+            assert chunk, "the server closed without a 1007 close frame"
+            received += chunk
+    time.sleep(0.2)
+    logging.getLogger("uvicorn.error").removeHandler(collect)
+    said = [r for r in records if "not UTF-8" in r.getMessage()]
+    assert len(said) == 1 and said[0].exc_info is None and "127.0.0.1:" in said[0].getMessage()
+    assert not any(r.exc_info for r in records)  # no traceback for a client's fault

@@ -13,6 +13,7 @@ import contextlib
 import logging
 import struct
 from collections.abc import AsyncIterator
+from types import TracebackType
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -73,9 +74,35 @@ def uvicorn_options(settings: ServerSettings) -> dict[str, Any]:
     return {"ws_max_size": settings.max_message_bytes}
 
 
+class _OneLineClientErrors(logging.Filter):
+    """uvicorn logs a text frame that is not UTF-8 with a traceback: a client's fault is one line here."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], UnicodeDecodeError):
+            peer = _peer(record.exc_info[2])
+            record.msg = (f"WebSocket client{peer} sent a text frame that is not UTF-8; its connection was closed "
+                          "with 1007")
+            record.args = ()
+            record.exc_info = record.exc_text = None
+        return True
+
+
+def _peer(traceback: TracebackType | None) -> str:
+    """' host:port' of the connection whose protocol raised, when its frame shows it."""
+    while traceback is not None:
+        client = getattr(traceback.tb_frame.f_locals.get("self"), "client", None)
+        if isinstance(client, tuple) and len(client) == 2:
+            return f" {client[0]}:{client[1]}"
+        traceback = traceback.tb_next
+    return ""
+
+
 def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAPI:
     """The FastAPI application around a running :class:`Engine`."""
     settings = settings or ServerSettings()
+    uvicorn_log = logging.getLogger("uvicorn.error")
+    if not any(isinstance(f, _OneLineClientErrors) for f in uvicorn_log.filters):
+        uvicorn_log.addFilter(_OneLineClientErrors())
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
