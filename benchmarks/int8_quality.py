@@ -53,20 +53,14 @@ def real_text() -> str:
 
 
 def load_llm():
-    """SmolLM2 as this project's transformer (float32) and its tokenizer."""
+    """SmolLM2 as this project's transformer (float32), its tokenizer and its vocabulary size."""
     from tokenizers import Tokenizer
 
-    from miniomni.models.omni import OmniModel
-    from miniomni.train.init import grow_to_omni, read_gguf
+    from miniomni.train.init import grown_model, read_gguf
 
     lm = read_gguf(gguf_path())
-    config, state = grow_to_omni(lm, whisper_dim=32)
-    with torch.device("meta"):
-        model = OmniModel(config)
-    model.load_state_dict(state, strict=False, assign=True)
-    model.llm.lm_head.weight = model.llm.embed.weight
-    model.llm.init_rope()
-    return model.llm.eval().requires_grad_(False), Tokenizer.from_str(lm.tokenizer_json), lm.vocab_size
+    model = grown_model(lm, whisper_dim=32)
+    return model.llm.requires_grad_(False), Tokenizer.from_str(lm.tokenizer_json), lm.vocab_size
 
 
 def variants(llm, kinds_sweep: bool) -> dict[str, torch.nn.Module]:

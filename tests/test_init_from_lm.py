@@ -23,6 +23,7 @@ from miniomni.tokens import (
 from miniomni.train.init import (
     add_init_command,
     grow_to_omni,
+    grown_model,
     init_from_lm,
     read_gguf,
     read_hf_dir,
@@ -182,16 +183,10 @@ def smollm2_grown(smollm2):
     """The grown OmniModel (tied, 181,120 rows) and its logits over SmolLM2's vocabulary for PROMPT."""
     from tokenizers import Tokenizer
 
-    from miniomni.models.omni import OmniModel
-
     _, lm = smollm2
     tokenizer = Tokenizer.from_str(lm.tokenizer_json)
-    config, state = grow_to_omni(lm, whisper_dim=32)
-    with torch.device("meta"):
-        model = OmniModel(config)
-    model.load_state_dict(state, strict=False, assign=True)
-    model.llm.lm_head.weight = model.llm.embed.weight
-    model.llm.init_rope()
+    model = grown_model(lm, whisper_dim=32)
+    assert model.llm.lm_head.weight is model.llm.embed.weight  # tied, as SmolLM2 is
     ids = tokenizer.encode(PROMPT).ids
     with torch.no_grad():
         logits = model.llm(torch.tensor([ids]))[0, :, : lm.vocab_size]

@@ -41,7 +41,7 @@ class Int8ActLinear:
     (or several) already own, and adds nothing to a state dict.
     """
 
-    def __init__(self, linears: list[nn.Module], bits: int) -> None:
+    def __init__(self, linears: list[nn.Module], bits: int, max_rows: int | None = None) -> None:
         if bits not in (7, 8):
             raise ValueError("activations are quantized to 7 or 8 bits")
         weight = torch.cat([m.weight for m in linears])
@@ -55,11 +55,14 @@ class Int8ActLinear:
             quantized = torch._make_per_channel_quantized_tensor(
                 weight.cpu(), scales.cpu(), torch.zeros(len(scales), dtype=torch.long), 0)
         self.packed = torch.ops.quantized.linear_prepack(quantized, None)
-        self.in_features = weight.shape[1]
         self.splits = [m.out_features for m in linears]
-        self.max_rows: int | None = None  # more rows (a prompt) go to the weight-only kernels; None: all
+        self.max_rows = max_rows  # more rows (a prompt) go to the weight-only kernels; None: all
         self.limit = float(2 ** (bits - 1) - 1)  # |x / s_r| <= limit
         self.zero_point = 2 ** (bits - 1)
+
+    def takes(self, x: torch.Tensor) -> bool:
+        """Whether this product runs on ``x`` (not more rows than ``max_rows``)."""
+        return self.max_rows is None or x.numel() // x.shape[-1] <= self.max_rows
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., in) -> (..., sum of outputs), in x's dtype."""
@@ -96,19 +99,12 @@ def use_int8_activations(model: nn.Module, bits: int, kinds: tuple[str, ...] = K
         for owner, name in ((attention, "qkv"), (attention, "out"), (mlp, "down")):
             linear = getattr(owner, name)
             if name in kinds and isinstance(linear, Int8Linear):
-                linear.int8_activations = Int8ActLinear([linear], bits)
-                linear.int8_activations.max_rows = max_rows
+                linear.int8_activations = Int8ActLinear([linear], bits, max_rows)
                 packed += 1
         if "gate_up" in kinds and isinstance(mlp.gate, Int8Linear) and isinstance(mlp.up, Int8Linear):
-            mlp.gate_up = Int8ActLinear([mlp.gate, mlp.up], bits)
-            mlp.gate_up.max_rows = max_rows
+            mlp.gate_up = Int8ActLinear([mlp.gate, mlp.up], bits, max_rows)
             packed += 1
     return packed
-
-
-def takes(product: Int8ActLinear, x: torch.Tensor) -> bool:
-    """Whether ``product`` runs on ``x`` (not more rows than its ``max_rows``)."""
-    return product.max_rows is None or x.numel() // x.shape[-1] <= product.max_rows
 
 
 def swiglu_gate_up(gate_up: Int8ActLinear, x: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import MiniOmniError
-from .int8act import takes
 
 # What ``--quantize`` accepts; "none" keeps the checkpoint's float weights.
 QUANTIZE_MODES = ("none", "int8")
@@ -59,7 +58,7 @@ class Int8Linear(nn.Module):
                            None if self.bias is None else self.bias[start:end])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.int8_activations is not None and takes(self.int8_activations, x):
+        if self.int8_activations is not None and self.int8_activations.takes(x):
             return self.int8_activations(x)
         return int8_linear(x, self.weight, self.scales, self.bias)
 

@@ -48,11 +48,10 @@ class SwiGLU(nn.Module):
         self.down = nn.Linear(hidden, out_features, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.gate_up is not None:
-            from ..int8act import swiglu_gate_up, takes
+        if self.gate_up is not None and self.gate_up.takes(x):
+            from ..int8act import swiglu_gate_up
 
-            if takes(self.gate_up, x):
-                return self.down(swiglu_gate_up(self.gate_up, x))
+            return self.down(swiglu_gate_up(self.gate_up, x))
         return self.down(F.silu(self.gate(x)) * self.up(x))
 
 

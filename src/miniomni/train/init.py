@@ -38,6 +38,7 @@ from ..checkpoints import (
 from ..config import OmniConfig
 from ..devices import resolve_dtype
 from ..errors import CheckpointError
+from ..models.omni import OmniModel
 from ..tokens import TEXT_VOCAB_SIZE, VOCAB_SIZE
 
 log = logging.getLogger(__name__)
@@ -360,6 +361,18 @@ def grow_to_omni(source: SourceLM, whisper_dim: int, seed: int = 0, noise: float
     for name, tensor in adapter.state_dict().items():
         state[f"adapter.{name}"] = tensor
     return config, state
+
+
+def grown_model(source: SourceLM, whisper_dim: int) -> OmniModel:
+    """The source LM grown (:func:`grow_to_omni`) as an :class:`OmniModel` in memory, float32, eval mode."""
+    config, state = grow_to_omni(source, whisper_dim=whisper_dim)
+    with torch.device("meta"):
+        model = OmniModel(config)
+    model.load_state_dict(state, strict=not config.tie_word_embeddings, assign=True)
+    if config.tie_word_embeddings:
+        model.llm.lm_head.weight = model.llm.embed.weight
+    model.llm.init_rope()
+    return model.eval()
 
 
 # ------------------------------------------------------------------------- writing
