@@ -14,7 +14,8 @@ Per K it prints:
 * how often a player that starts at the first answer byte runs dry, and for how long in
   all, with a 0 ms and a 200 ms jitter buffer (a dry player resumes as soon as audio comes);
 * answers completed and answer audio received (seconds);
-* the server's mean decode step and its CPU use (cores busy, from /proc).
+* the server's mean decode step and its CPU use (cores busy, from /proc), and below the row
+  each busy server thread's share and this process's (the clients').
 
 Random weights never end an answer, so answers are capped by max_output_tokens
 (--answer-steps; 144 steps = 12.2 s of speech) and their text runs all along (the text head
@@ -235,6 +236,21 @@ def step_seconds(text: str) -> float:
     return metric(text, "miniomni_decode_step_seconds_total") if value != value else value
 
 
+def thread_cpu(pid: int) -> dict[str, float]:
+    """CPU seconds per thread of process ``pid`` ("tid name")."""
+    out: dict[str, float] = {}
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{task}/stat") as stat:
+                text = stat.read()
+        except OSError:
+            continue
+        name = f"{task} {text[text.index('(') + 1 : text.rindex(')')]}"
+        fields = text.rsplit(")", 1)[1].split()
+        out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return out
+
+
 def cpu_seconds(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as stat:
         fields = stat.read().rsplit(")", 1)[1].split()
@@ -278,6 +294,7 @@ class Server:
 def run_k(server: Server, k: int, args: argparse.Namespace, questions: list[np.ndarray]) -> dict:
     before_metrics, before_cpu, began = http_get(server.url + "/metrics"), cpu_seconds(server.process.pid), \
         time.perf_counter()
+    before_threads, before_own = thread_cpu(server.process.pid), time.process_time()
     logs = [TalkerLog() for _ in range(k)]
     url = server.url.replace("http", "ws") + "/v1/realtime?model=mini-omni"
 
@@ -287,6 +304,9 @@ def run_k(server: Server, k: int, args: argparse.Namespace, questions: list[np.n
     asyncio.run(everyone())
     wall = time.perf_counter() - began
     after_metrics, after_cpu = http_get(server.url + "/metrics"), cpu_seconds(server.process.pid)
+    after_threads, own = thread_cpu(server.process.pid), time.process_time() - before_own
+    threads = {name: round((seconds - before_threads.get(name, 0.0)) / wall, 3)
+               for name, seconds in after_threads.items()}
     answers = [a for log in logs for a in log.answers]
     v2v = sorted(a.first_audio - a.speech_end for a in answers if a.first_audio is not None)
     steps = metric(after_metrics, "miniomni_decode_steps_total") - metric(before_metrics, "miniomni_decode_steps_total")
@@ -301,6 +321,8 @@ def run_k(server: Server, k: int, args: argparse.Namespace, questions: list[np.n
         "errors": [e for log in logs for e in log.errors],
         "step_ms": 1000 * step_s / steps if steps else float("nan"),
         "cpu_cores": (after_cpu - before_cpu) / wall,
+        "thread_cores": {name: cores for name, cores in threads.items() if cores >= 0.005},
+        "client_cores": own / wall,
         "timelines": [{"speech_end": a.speech_end, "first_audio": a.first_audio, "deltas": a.deltas} for a in answers],
     }
     for buffer_ms in (0, 200):
@@ -406,6 +428,9 @@ def main() -> None:
                 details.append({"config": config, "before": bool(source), **r})
                 lines.append(row(label, r))
                 print(lines[-1], flush=True)
+                busy = sorted(r["thread_cores"].values(), reverse=True)
+                print(f"  server threads (cores): {', '.join(f'{c:.2f}' for c in busy)}; "
+                      f"this benchmark's clients: {r['client_cores']:.2f}", flush=True)
                 if r["errors"]:
                     print(f"  errors: {r['errors'][:3]}", flush=True)
                 if args.stop_when_failing and r["dry200"][0]:
