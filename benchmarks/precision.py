@@ -227,7 +227,31 @@ def bench_codec(runs: int) -> dict[str, float]:
             def push(s=stream, f=frames):
                 s.push(f)
             out[f"SNAC stream per frame, {chunk}-frame calls, {str(dtype)[6:]}"] = timed(push, runs) / chunk
+            for streams in (2, 4, 8):  # several answers' frames stacked in one call: what batching would save
+                out[f"SNAC stream per frame and answer, {chunk}-frame calls, {streams} answers in one call, "
+                    f"{str(dtype)[6:]}"] = timed(batched_stream(codec, chunk, streams), runs) / chunk / streams
     return out
+
+
+def batched_stream(codec, frames: int, streams: int):
+    """A call of the streaming decoder on ``streams`` answers' frames stacked as one batch."""
+    from miniomni.snacstream import _Noise
+    from miniomni.tokens import layers_to_codes
+
+    plan = codec.stream_plan()
+    state = [{} for _ in plan]  # this batch's own stream
+
+    @torch.inference_mode()
+    def call() -> None:
+        codes = layers_to_codes(torch.randint(0, 4096, (7, frames)))
+        x = codec.model.quantizer.from_codes(codes).to(codec.stream_dtype).repeat(streams, 1, 1)
+        noise = _Noise(0, codec.noise)
+        for op, slot in zip(plan, state, strict=True):
+            x = op.run(x, slot, False, noise)
+
+    for _ in range(3):  # past the stream's start, as the single stream above
+        call()
+    return call
 
 
 def measure(components: list[str], runs: int) -> dict:
