@@ -410,7 +410,8 @@ BAD_INPUT = [
         "format": {"type": "audio/pcm", "rate": 16000}}}}}, "unsupported_audio_format"),
     ({"type": "session.update", "session": {"input_audio_format": "g711_ulaw"}}, "unsupported_audio_format"),
     ({"type": "session.update", "session": {"output_modalities": ["video"]}}, "invalid_value"),
-    ({"type": "session.update", "session": {"turn_detection": {"type": "semantic_vad"}}}, "invalid_value"),
+    ({"type": "session.update", "session": {"turn_detection": {"type": "semantic_vad", "eagerness": "eager"}}},
+     "invalid_value"),
     ({"type": "conversation.item.create", "item": {"type": "message", "role": "user", "content": [
         {"type": "input_image", "image_url": "data:"}]}}, "invalid_value"),
 ]

@@ -1,4 +1,5 @@
-"""Server VAD and turn-taking without a socket: the NumPy Silero network, VAD events, the turn state machine."""
+"""Turn-taking without a socket: the NumPy Silero network, VAD events, the turn state machine (server VAD,
+semantic VAD with scripted end-of-turn probabilities, the idle timeout)."""
 
 from __future__ import annotations
 
@@ -14,13 +15,18 @@ import torch
 
 from miniomni.server.protocol import TurnDetection
 from miniomni.server.turns import (
+    EAGERNESS_CAP_MS,
+    QUIET_MS,
     TURN_TAIL_MS,
     InputTurns,
     SpeechStarted,
     SpeechStopped,
+    TimeoutTriggered,
+    TurnCheck,
     TurnEnded,
     TurnMayEnd,
     TurnResumed,
+    vad_settings,
 )
 from miniomni.server.vad import WINDOW, StreamingVAD, VADEvent, shared_silero
 
@@ -156,3 +162,121 @@ def test_a_monologue_is_cut_at_the_buffer_limit():
     out = feed(machine, 0.4, [])  # a second of talk: the limit
     assert [type(e) for e in out] == [SpeechStopped, TurnEnded]
     assert len(out[1].pcm) == RATE * 2
+
+
+# ---------------------------------------------------------------------- semantic VAD and the idle timeout
+
+
+class CountingVAD(NoVAD):
+    def __init__(self) -> None:
+        self.ended = 0
+
+    def end_speech(self) -> None:
+        self.ended += 1
+
+
+def semantic(eagerness: str = "high") -> tuple[InputTurns, CountingVAD]:
+    machine = InputTurns(30.0, TurnDetection(type="semantic_vad", eagerness=eagerness, prefix_padding_ms=0))
+    vad = CountingVAD()
+    machine.start_vad(vad, 0)
+    return machine, vad
+
+
+def test_the_vad_waits_for_the_eagerness_cap_under_semantic_vad():
+    assert vad_settings(TurnDetection(silence_duration_ms=700)) == (0.5, 700)
+    caps = {e: vad_settings(TurnDetection(type="semantic_vad", eagerness=e))[1] for e in EAGERNESS_CAP_MS}
+    assert caps == {"low": 8000, "medium": 4000, "high": 2000, "auto": 4000}
+
+
+def test_a_complete_turn_is_committed_as_soon_as_the_model_says_so():
+    machine, vad = semantic()
+    feed(machine, 1.0, [])
+    assert isinstance(feed(machine, 2.0, [vad_at("speech_started", 1.0)], value=2000)[0], SpeechStarted)
+    # The first quiet window: the turn is offered at once (no tail), the model not asked yet.
+    out = feed(machine, 0.1, [vad_at("silence_started", 3.0)], value=5)
+    assert [type(e) for e in out] == [TurnMayEnd]
+    offered = out[0]
+    assert len(offered.pcm) == 2 * RATE * 2
+    out = feed(machine, QUIET_MS / 1000 - 0.1, [], value=5)
+    assert [type(e) for e in out] == [TurnCheck]
+    check = out[0]
+    assert check.item_id == offered.item_id and check.silence_start == 3 * RATE
+    assert len(check.pcm) == int((2.0 + QUIET_MS / 1000) * RATE) * 2  # the turn so far, pause included
+    assert feed(machine, 0.05, [], value=5) == []  # one question per pause
+    out = machine.on_end_of_turn(check, 0.9)
+    assert [type(e) for e in out] == [SpeechStopped, TurnEnded]
+    assert out[0].audio_end_ms == 3250 and out[1].item_id == offered.item_id
+    assert out[1].pcm == offered.pcm and vad.ended == 1
+    assert machine.on_end_of_turn(check, 0.9) == []  # that turn is over: a repeated answer changes nothing
+
+
+def test_an_incomplete_turn_waits_and_is_committed_at_the_cap():
+    td = TurnDetection(type="semantic_vad", eagerness="high", prefix_padding_ms=0)
+    script = [0.0] * 10 + [0.9] * 40 + [0.0] * 100  # 32 ms windows: speech from 0.32 s to 1.6 s, then quiet
+    vad = StreamingVAD(*vad_settings(td), input_rate=RATE, model=Scripted(script))
+    machine = InputTurns(30.0, td)
+    machine.start_vad(vad, 0)
+    events = []
+    for _ in range(int(1.6 / 0.1) + 3):  # up to 1.9 s: the pause is 300 ms old
+        machine.append(pcm(0.1))
+        events += machine.on_vad(vad.process(np.zeros(int(0.1 * RATE), dtype=np.float32)))
+    assert [type(e) for e in events] == [SpeechStarted, TurnMayEnd, TurnCheck]
+    assert machine.on_end_of_turn(events[-1], 0.2) == []  # incomplete: keep listening
+    assert machine.on_end_of_turn(events[-1], None) == []  # (a failed decision is no decision)
+    later = []
+    while not any(isinstance(e, TurnEnded) for e in later):
+        machine.append(pcm(0.1))
+        later += machine.on_vad(vad.process(np.zeros(int(0.1 * RATE), dtype=np.float32)))
+        assert machine.stream_samples < 5 * RATE
+    assert [type(e) for e in later] == [SpeechStopped, TurnEnded]
+    silence = later[0].audio_end_ms - 1600
+    assert 2000 <= silence < 2000 + 32 + 100  # the cap of "high", to a window and a chunk
+    assert later[1].pcm == events[1].pcm  # the audio offered at the first quiet window
+
+
+def test_an_incomplete_pause_then_a_complete_one_make_one_turn():
+    machine, _ = semantic("low")
+    feed(machine, 1.0, [vad_at("speech_started", 0.0)], value=2000)
+    first = feed(machine, 0.3, [vad_at("silence_started", 1.0)])
+    assert [type(e) for e in first] == [TurnMayEnd, TurnCheck]
+    assert machine.on_end_of_turn(first[1], 0.1) == []
+    out = feed(machine, 1.0, [vad_at("speech_resumed", 2.0)], value=2000)  # a 1 s pause mid-sentence, then more
+    assert [type(e) for e in out] == [TurnResumed]
+    second = feed(machine, 0.3, [vad_at("silence_started", 2.3)])
+    assert [type(e) for e in second] == [TurnMayEnd, TurnCheck] and second[1].item_id == first[1].item_id
+    ended = machine.on_end_of_turn(second[1], 0.97)
+    assert [type(e) for e in ended] == [SpeechStopped, TurnEnded]
+    assert len(ended[1].pcm) == round(2.3 * RATE) * 2 and ended[1].pcm == second[0].pcm  # both parts, one turn
+
+
+def test_speech_resuming_during_the_decision_withdraws_the_offer_and_voids_the_answer():
+    machine, vad = semantic()
+    feed(machine, 1.0, [vad_at("speech_started", 0.0)], value=2000)
+    offered, check = feed(machine, 0.25, [vad_at("silence_started", 1.0)])
+    out = feed(machine, 0.2, [vad_at("speech_resumed", 1.22)], value=2000)  # while the model is thinking
+    assert [type(e) for e in out] == [TurnResumed] and out[0].item_id == offered.item_id
+    assert machine.on_end_of_turn(check, 0.99) == []  # too late: the speaker went on
+    assert machine.speech_start == 0 and vad.ended == 0
+
+
+def test_the_idle_timeout_commits_the_silence_once_the_answer_has_played():
+    machine = InputTurns(30.0, TurnDetection(idle_timeout_ms=5000, prefix_padding_ms=0))
+    machine.start_vad(NoVAD(), 0)
+    assert feed(machine, 4.9, [], value=3) == []
+    out = feed(machine, 0.2, [], value=3)
+    assert [type(e) for e in out] == [TimeoutTriggered, TurnEnded]
+    assert (out[0].audio_start_ms, out[0].audio_end_ms) == (0, 5100) and out[0].item_id == out[1].item_id
+    assert len(out[1].pcm) == round(5.1 * RATE) * 2 and not machine.buffer
+    machine.pause_idle()  # it is answered: no timeout while the answer runs
+    assert feed(machine, 6.0, []) == []
+    machine.resume_idle(answer_samples=10 * RATE)  # it began at 5.1 s and speaks for 10 s: played out at 15.1 s
+    assert feed(machine, 8.9, []) == []  # 4.9 s after that
+    out = feed(machine, 0.2, [])
+    assert [type(e) for e in out] == [TimeoutTriggered, TurnEnded] and out[0].audio_start_ms == 15100
+    # Speech restarts the count where it stops.
+    feed(machine, 1.0, [vad_at("speech_started", 20.2)], value=2000)
+    out = feed(machine, 1.0, [vad_at("speech_stopped", 21.5, silence_start=21.0)])
+    assert [type(e) for e in out] == [SpeechStopped, TurnEnded]
+    assert feed(machine, 4.0, []) == []  # 4.7 s after the speech stopped
+    out = feed(machine, 0.5, [])
+    assert [type(e) for e in out] == [TimeoutTriggered, TurnEnded] and out[0].audio_start_ms == 21500

@@ -192,8 +192,10 @@ class AudioSink:
 
 def _cmd_download(args: argparse.Namespace) -> int:
     from .checkpoints import download
+    from .server.endofturn import download_turn_model
 
     directory = download(args.directory, revision=args.revision)
+    download_turn_model(directory)  # semantic VAD's end-of-turn model, beside the checkpoint
     print(directory)
     return 0
 
@@ -273,6 +275,9 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                         "features slightly)")
     p.add_argument("--no-speculation", action="store_true",
                    help="do not start answering while the VAD makes sure a spoken turn has ended")
+    p.add_argument("--turn-model", default=None,
+                   help="semantic VAD's end-of-turn model (Smart Turn v3 ONNX); default: the one `miniomni download` "
+                        "put in the --checkpoint directory, else the pipecat-ai wheel's copy")
     p.set_defaults(func=_cmd_serve)
 
 
@@ -281,6 +286,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         import uvicorn
 
         from .server.app import create_app, shut_down, uvicorn_options
+        from .server.endofturn import turn_model_for_serving
         from .server.engine import Engine
         from .server.settings import ServerSettings
     except ImportError as exc:
@@ -289,6 +295,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     if bool(args.ssl_certfile) != bool(args.ssl_keyfile):
         raise MiniOmniError("give both --ssl-certfile and --ssl-keyfile, or neither")
+    turn_model = turn_model_for_serving(args.turn_model, args.checkpoint)
     quantize = args.quantize
     if quantize == "auto":
         quantize = "int8" if resolve_device(args.device).type == "cpu" else "none"
@@ -299,7 +306,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                               max_connections=args.max_connections, idle_timeout=args.idle_timeout,
                               max_message_bytes=int(args.max_message_mb * 1024 * 1024),
                               max_request_bytes=int(args.max_request_mb * 1024 * 1024),
-                              max_events_per_second=args.max_events_per_second)
+                              max_events_per_second=args.max_events_per_second, turn_model=turn_model)
     engine = Engine(omni, max_sessions=args.max_sessions, start=False)
     _report_speed(engine.warm_up(), omni.plan, args)
     app = create_app(engine, settings)

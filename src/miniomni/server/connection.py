@@ -13,11 +13,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import ctypes
-import functools
 import json
 import logging
-import sys
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -31,6 +28,7 @@ from ..audio import float_to_pcm16
 from ..generate import SamplingOptions
 from ..streaming import AudioChunk, Done, TextDelta
 from .access import choose_subprotocol, websocket_refusal
+from .endofturn import EndOfTurnModel, TurnModelUnavailable, load_turn_model
 from .engine import (
     TRANSCRIPT_TOKENS,
     AnswerRequest,
@@ -42,6 +40,7 @@ from .engine import (
     TranscriptDone,
     TranscriptFailed,
 )
+from .heap import trim_heap
 from .protocol import (
     PROTOCOL_SAMPLE_RATE,
     UNSUPPORTED_EVENTS,
@@ -63,7 +62,18 @@ from .protocol import (
     user_audio_item,
 )
 from .settings import ServerSettings
-from .turns import InputTurns, SpeechStarted, SpeechStopped, TurnEnded, TurnEvent, TurnMayEnd, TurnResumed
+from .turns import (
+    InputTurns,
+    SpeechStarted,
+    SpeechStopped,
+    TimeoutTriggered,
+    TurnCheck,
+    TurnEnded,
+    TurnEvent,
+    TurnMayEnd,
+    TurnResumed,
+    vad_settings,
+)
 from .vad import StreamingVAD, vad_available
 
 log = logging.getLogger(__name__)
@@ -132,6 +142,7 @@ class RealtimeConnection:
         if not self.vad_available:
             self.config.turn_detection = None
         self.turns = InputTurns(settings.max_audio_seconds, self.config.turn_detection)
+        self.end_of_turn: EndOfTurnModel | None = None  # semantic VAD's model, loaded when a session asks for it
         self.last_user: UserInput | None = None
         self.last_item_id: str | None = None
         self.response: Response | None = None
@@ -348,6 +359,12 @@ class RealtimeConnection:
             raise ClientError("server VAD needs the silero-vad package on the server (pip install 'miniomni[server]'); "
                               "set turn_detection to null", code="vad_unavailable",
                               param="session.audio.input.turn_detection")
+        if config.turn_detection is not None and config.turn_detection.semantic and self.end_of_turn is None:
+            try:
+                self.end_of_turn = await run_in_threadpool(load_turn_model, self.settings.turn_model)
+            except TurnModelUnavailable as exc:  # the rest of the update holds; turn detection stays as it was
+                config.turn_detection = self.config.turn_detection
+                self.error(str(exc), code="turn_model_unavailable", param="session.audio.input.turn_detection.type")
         self.config = config
         self.turns.configure(config.turn_detection)
         self.send({"type": "session.updated", "session": self.session_object()})
@@ -365,13 +382,17 @@ class RealtimeConnection:
         if turns.vad is None:
             td = self.config.turn_detection
             first = turns.stream_samples - len(pcm) // 2
-            vad = await run_in_threadpool(StreamingVAD, td.threshold, td.silence_duration_ms, PROTOCOL_SAMPLE_RATE)
+            vad = await run_in_threadpool(StreamingVAD, *vad_settings(td), PROTOCOL_SAMPLE_RATE)
             if not turns.detecting or self.closing:  # turned off while the VAD was being loaded
                 return
             turns.start_vad(vad, first)
         # NumPy, a fraction of a millisecond per 32 ms window: inline, no thread hop.
-        for turn_event in turns.on_vad(turns.vad.process(pcm16_to_float(pcm))):
-            self.on_turn_event(turn_event)
+        self.on_turn_events(turns.on_vad(turns.vad.process(pcm16_to_float(pcm))))
+
+    def on_turn_events(self, events: list[TurnEvent]) -> None:
+        for event in events:
+            if not self.closing:  # (an end-of-turn decision may come back after the connection closed)
+                self.on_turn_event(event)
 
     def on_turn_event(self, event: TurnEvent) -> None:
         if isinstance(event, SpeechStarted):
@@ -386,6 +407,11 @@ class RealtimeConnection:
             self.speculate(event)
         elif isinstance(event, TurnResumed):
             self.drop_speculation()
+        elif isinstance(event, TurnCheck):  # semantic VAD: the end-of-turn model decides, off the event loop
+            self.end_of_turn.ask(event.pcm, lambda p: self.on_turn_events(self.turns.on_end_of_turn(event, p)))
+        elif isinstance(event, TimeoutTriggered):
+            self.send({"type": "input_audio_buffer.timeout_triggered", "audio_start_ms": event.audio_start_ms,
+                       "audio_end_ms": event.audio_end_ms, "item_id": event.item_id})
         elif isinstance(event, TurnEnded):
             td = self.config.turn_detection
             answering = self.config.type == "realtime" and td is not None and td.create_response
@@ -528,6 +554,7 @@ class RealtimeConnection:
             except EngineBusy as exc:
                 raise ClientError(str(exc), code="server_busy", kind="server_error") from None
         self.response = response
+        self.turns.pause_idle()
         user.transcribed = user.transcribed or request.transcribe
         self.remember(response.item_id, ItemRecord("assistant", response=response))
         self.send({"type": "response.created",
@@ -615,6 +642,7 @@ class RealtimeConnection:
         response.session = None
         if self.response is response:
             self.response = None
+            self.turns.resume_idle(response.audio_samples)
         text = "".join(response.text) if text is None else text
         record = self.items.get(response.item_id)
         if record is not None:
@@ -687,38 +715,7 @@ def add_realtime_routes(app: FastAPI, engine: Engine, settings: ServerSettings) 
         finally:
             connections.discard(connection)
             app.state.metrics.connections.dec()
-            _trim_heap()
-
-
-_TRIM_INTERVAL = 10.0  # seconds between two hand-backs of freed heap memory
-_last_trim = 0.0
-
-
-def _trim_heap() -> None:
-    """Give the C heap's free pages back to the system, at most every few seconds (glibc only).
-
-    glibc keeps what a closed connection freed (buffers, arrays) for reuse, scattered so that it
-    is seldom reused: the process's resident memory crept up by about 100 KB a connection.
-    """
-    global _last_trim
-    now = time.monotonic()
-    if now - _last_trim < _TRIM_INTERVAL:
-        return
-    _last_trim = now
-    libc = _glibc()
-    if libc is not None:
-        libc.malloc_trim(0)
-
-
-@functools.cache
-def _glibc() -> Any:
-    if sys.platform != "linux":
-        return None
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        return libc if hasattr(libc, "malloc_trim") else None
-    except OSError:  # another C library (musl)
-        return None
+            trim_heap()
 
 
 async def close_all(app: FastAPI, timeout: float = 3.0) -> None:

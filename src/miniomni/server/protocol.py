@@ -80,18 +80,38 @@ def _is_int(value: Any) -> bool:
 # ---------------------------------------------------------------------- session configuration
 
 
+EAGERNESS = ("low", "medium", "high", "auto")  # semantic VAD's; auto is medium
+IDLE_TIMEOUT_MS = (5000, 30000)  # server VAD's idle_timeout_ms, as OpenAI bounds it
+
+
 @dataclass
 class TurnDetection:
-    """Server VAD settings of a session."""
+    """Turn detection of a session: ``server_vad`` (silence ends a turn) or ``semantic_vad`` (a model decides).
 
+    ``threshold`` and ``prefix_padding_ms`` serve both (semantic VAD keeps their defaults);
+    ``silence_duration_ms`` and ``idle_timeout_ms`` are server VAD's, ``eagerness`` semantic VAD's.
+    """
+
+    type: str = "server_vad"
     threshold: float = 0.5
     silence_duration_ms: int = 500
     prefix_padding_ms: int = 300
     create_response: bool = True
     interrupt_response: bool = True
+    idle_timeout_ms: int | None = None
+    eagerness: str = "auto"
+
+    @property
+    def semantic(self) -> bool:
+        return self.type == "semantic_vad"
 
     def as_dict(self) -> dict[str, Any]:
-        return {"type": "server_vad", **self.__dict__}
+        """The settings as OpenAI's session object shows them (each type with its own fields)."""
+        common = {"create_response": self.create_response, "interrupt_response": self.interrupt_response}
+        if self.semantic:
+            return {"type": "semantic_vad", "eagerness": self.eagerness, **common}
+        return {"type": "server_vad", "threshold": self.threshold, "silence_duration_ms": self.silence_duration_ms,
+                "prefix_padding_ms": self.prefix_padding_ms, **common, "idle_timeout_ms": self.idle_timeout_ms}
 
 
 @dataclass
@@ -144,25 +164,40 @@ def check_format(value: Any, param: str) -> None:
 
 
 def parse_turn_detection(value: Any, param: str) -> TurnDetection | None:
+    """``turn_detection``: a ``server_vad`` or ``semantic_vad`` object, or null (the client commits)."""
     if value is None:
         return None
     if not isinstance(value, dict):
         raise ClientError(f"{param} must be an object or null", param=param)
     kind = value.get("type", "server_vad")
-    if kind != "server_vad":
-        raise ClientError(f"{param}.type {kind!r} is not supported; use \"server_vad\" or null", param=f"{param}.type")
-    td = TurnDetection()
-    threshold = value.get("threshold")
-    if threshold is not None:
-        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 <= threshold <= 1.0:
-            raise ClientError(f"{param}.threshold must be a number from 0 to 1", param=f"{param}.threshold")
-        td.threshold = float(threshold)
-    for name, top in (("silence_duration_ms", 10_000), ("prefix_padding_ms", 10_000)):
-        item = value.get(name)
-        if item is not None:
-            if not _is_int(item) or not 0 <= item <= top:
-                raise ClientError(f"{param}.{name} must be an integer from 0 to {top}", param=f"{param}.{name}")
-            setattr(td, name, item)
+    if kind not in ("server_vad", "semantic_vad"):
+        raise ClientError(f"{param}.type {kind!r} is not supported; use \"server_vad\", \"semantic_vad\" or null",
+                          param=f"{param}.type")
+    td = TurnDetection(type=kind)
+    if kind == "semantic_vad":
+        eagerness = value.get("eagerness")
+        if eagerness is not None:
+            if eagerness not in EAGERNESS:
+                raise ClientError(f"{param}.eagerness must be one of {', '.join(map(json.dumps, EAGERNESS))}; "
+                                  f"got {eagerness!r}", param=f"{param}.eagerness")
+            td.eagerness = eagerness
+        if value.get("idle_timeout_ms") is not None:
+            raise ClientError(f"{param}.idle_timeout_ms applies to \"server_vad\" only",
+                              param=f"{param}.idle_timeout_ms")
+    else:
+        threshold = value.get("threshold")
+        if threshold is not None:
+            if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 <= threshold <= 1.0:
+                raise ClientError(f"{param}.threshold must be a number from 0 to 1", param=f"{param}.threshold")
+            td.threshold = float(threshold)
+        for name, low, top in (("silence_duration_ms", 0, 10_000), ("prefix_padding_ms", 0, 10_000),
+                               ("idle_timeout_ms", *IDLE_TIMEOUT_MS)):
+            item = value.get(name)
+            if item is not None:
+                if not _is_int(item) or not low <= item <= top:
+                    raise ClientError(f"{param}.{name} must be an integer from {low} to {top}"
+                                      + (" or null" if name == "idle_timeout_ms" else ""), param=f"{param}.{name}")
+                setattr(td, name, item)
     for name in ("create_response", "interrupt_response"):
         item = value.get(name)
         if item is not None:

@@ -1,4 +1,4 @@
-"""What ``miniomni serve`` lets an operator set: access, limits."""
+"""What ``miniomni serve`` lets an operator set: access, limits, the end-of-turn model."""
 
 from __future__ import annotations
 
@@ -19,3 +19,4 @@ class ServerSettings:
     max_message_bytes: int = 4 * 1024 * 1024  # the largest WebSocket message (30 s of PCM is under 2 MB)
     idle_timeout: float = 300.0  # seconds without a client event while no answer runs
     max_events_per_second: float = 200.0  # per connection, in bursts of up to twice that
+    turn_model: str | None = None  # semantic VAD's end-of-turn model file (None: the pipecat-ai wheel's copy, if any)
