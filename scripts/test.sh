@@ -41,5 +41,13 @@ if [ ${#need[@]} -gt 0 ]; then
   fi
 fi
 
+# The pinned Node packages of tests/js (the @openai/agents-realtime client); its test skips without npm.
+if command -v npm >/dev/null; then
+  npm ci --prefix tests/js --no-audit --no-fund --loglevel=error \
+    || echo "npm ci in tests/js failed; tests/test_agents_client.py will say why" >&2
+else
+  echo "npm is not installed: tests/test_agents_client.py (the @openai/agents-realtime client) will be skipped" >&2
+fi
+
 "$PY" -m ruff check .
 "$PY" -m pytest -q "$@"
