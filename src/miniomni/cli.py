@@ -278,10 +278,17 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--turn-model", default=None,
                    help="semantic VAD's end-of-turn model (Smart Turn v3 ONNX); default: the one `miniomni download` "
                         "put in the --checkpoint directory, else the pipecat-ai wheel's copy")
+    from .server.rayserve import add_ray_arguments  # ray itself is imported only with --ray
+
+    add_ray_arguments(p)
     p.set_defaults(func=_cmd_serve)
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
+    if args.ray:
+        from .server.rayserve import serve_from_args
+
+        return serve_from_args(args)
     try:
         import uvicorn
 

@@ -391,6 +391,10 @@ def serve_from_args(args: argparse.Namespace) -> int:
     os.environ.setdefault("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH", PROXY_CALLBACK)  # for a cluster started here
     if not ray.is_initialized():
         ray.init(address=args.ray_address, include_dashboard=False)
+    # After ray.init, which installs handlers of its own: a signal from here on stops the replicas cleanly.
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
     http = {"host": args.host, "port": args.port, "request_timeout_s": None,  # a talk may last for hours
             "ssl_certfile": args.ssl_certfile, "ssl_keyfile": args.ssl_keyfile}
     serve.start(http_options=http)
@@ -398,9 +402,6 @@ def serve_from_args(args: argparse.Namespace) -> int:
     log.info("serving on Ray: http://%s:%d/ (%s)", args.host, args.port,
              f"{scale.min_replicas}..{scale.max_replicas} replicas" if scale.max_replicas or scale.min_replicas
              else f"{scale.replicas} replica(s)")
-    stop = threading.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: stop.set())
     while not stop.wait(1.0):
         pass
     started = time.monotonic()
