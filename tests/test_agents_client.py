@@ -154,9 +154,6 @@ def test_a_spoken_question_gets_the_users_transcript_and_a_spoken_answer(talk):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="after each user transcript the SDK sends conversation.item.retrieve (to "
-                   "rebuild the item with its transcript), which the server answers with an unsupported_event error; "
-                   "it needs a conversation.item.retrieve handler in the realtime connection")
 def test_the_sdk_reports_no_error_and_its_history_has_the_users_words(talk):
     assert talk["errors"] == [] and not [e for e in talk["events"] if e["type"] == "error"]
     assert event(talk, "conversation.item.retrieved")["item"]["id"] == event(talk, "input_audio_buffer.committed")[

@@ -225,8 +225,9 @@ def shut_down(app: FastAPI, message: str = "the server is shutting down; reconne
 
     Returns a future that is done once the connections are closed (None when the server never started).
     """
-    app.state.engine.request_shutdown(message)
     loop = getattr(app.state, "loop", None)
     if loop is not None and not loop.is_closed():
-        return asyncio.run_coroutine_threadsafe(close_all(app), loop)
+        # The connections say why first; then the engine ends every other answer (/chat) with the message.
+        return asyncio.run_coroutine_threadsafe(close_all(app, message), loop)
+    app.state.engine.request_shutdown(message)
     return None

@@ -1,0 +1,357 @@
+"""A Realtime session's answers: responses, their events, transcripts of the user's turns, truncation.
+
+:class:`Answering` is the half of :class:`~.realtime.RealtimeSession` that turns engine
+events into protocol events; the session provides the attributes annotated below.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..audio import float_to_pcm16
+from ..generate import SamplingOptions
+from ..streaming import AudioChunk, Done, TextDelta
+from .engine import (
+    TRANSCRIPT_TOKENS,
+    AnswerRequest,
+    Engine,
+    EngineBusy,
+    ErrorEvent,
+    Session,
+    TranscriptDelta,
+    TranscriptDone,
+    TranscriptFailed,
+)
+from .protocol import (
+    PROTOCOL_SAMPLE_RATE,
+    ClientError,
+    ResponseIds,
+    ResponseParams,
+    SessionConfig,
+    UserInput,
+    cut_transcript,
+    new_id,
+    parse_message,
+    parse_response_create,
+    user_audio_item,
+)
+from .settings import ServerSettings
+from .turns import InputTurns
+
+AUDIO_CHUNK_FRAMES = 4  # frames (85 ms each) per audio delta once streaming is under way
+
+
+@dataclass
+class Response(ResponseIds):
+    """A running response: its ids, the engine session answering it, the text so far."""
+
+    session: Session | None = None
+    text: list[str] = field(default_factory=list)
+    finished: bool = False
+    user_item_id: str | None = None  # the user's turn it answers (and transcribes, when asked)
+    audio_samples: int = 0  # audio sent so far
+
+
+@dataclass
+class ItemRecord:
+    """What the session remembers of a conversation item (for transcripts, truncation and retrieval)."""
+
+    role: str
+    transcript: str | None = None
+    audio_ms: int = 0  # an assistant item's audio
+    response: Response | None = None
+    item: dict[str, Any] | None = None  # a user item as it was announced
+
+    def as_item(self, item_id: str) -> dict[str, Any]:
+        """The item as ``conversation.item.retrieve`` gives it back now."""
+        if self.response is not None:
+            return self.response.item("completed" if self.response.finished else "in_progress", self.transcript)
+        if self.item is not None and self.item["content"][0].get("type") != "input_audio":
+            return self.item
+        return user_audio_item(item_id, self.transcript)
+
+
+MAX_ITEMS = 256  # items remembered per connection (the oldest go first)
+
+
+@dataclass
+class Speculation:
+    """An answer already being prepared (held in the engine) for a turn the VAD may be about to end."""
+
+    item_id: str
+    pcm: bytes
+    request: AnswerRequest
+    response: Response
+
+    def matches(self, item_id: str, pcm: bytes, request: AnswerRequest) -> bool:
+        """Whether it answers exactly this turn, asked exactly this way (else it is dropped)."""
+        ours, theirs = self.request, request
+        return (self.item_id == item_id and self.pcm == pcm and ours.task == theirs.task
+                and ours.max_new_tokens == theirs.max_new_tokens and ours.max_chunk == theirs.max_chunk
+                and ours.options == theirs.options and ours.transcribe == theirs.transcribe)
+
+
+class Answering:
+    """Responses and transcripts of one session (mixed into :class:`~.realtime.RealtimeSession`)."""
+
+    engine: Engine
+    settings: ServerSettings
+    config: SessionConfig
+    turns: InputTurns
+    conversation_id: str
+    last_user: UserInput | None
+    last_item_id: str | None
+    response: Response | None
+    speculation: Speculation | None
+    items: OrderedDict[str, ItemRecord]
+    transcriptions: dict[str, Session]
+    closing: bool
+
+    def send(self, event: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def error(self, message: str, code: str | None = None, param: str | None = None,
+              kind: str = "invalid_request_error", event_id: str | None = None) -> None:
+        raise NotImplementedError
+
+    def remember(self, item_id: str, record: ItemRecord) -> None:
+        self.items[item_id] = record
+        while len(self.items) > MAX_ITEMS:
+            self.items.popitem(last=False)
+
+    # ------------------------------------------------------------------ the user's words
+
+    def transcribe(self, user: UserInput) -> None:
+        """Transcribe a spoken user turn on its own (the model's asr task); events carry its item id."""
+        request = AnswerRequest(task="asr", audio=user.audio, sample_rate=PROTOCOL_SAMPLE_RATE,
+                                max_new_tokens=TRANSCRIPT_TOKENS)
+        item_id = user.item_id
+        user.transcribed = True
+        try:
+            self.transcriptions[item_id] = self.engine.open(request, lambda ev: self.from_transcriber(item_id, ev))
+        except EngineBusy as exc:
+            self.on_transcript(item_id, TranscriptFailed(str(exc)))
+
+    def from_transcriber(self, item_id: str, event: Any) -> None:
+        """Called on the compute thread with a standalone transcription's events."""
+        if isinstance(event, TextDelta):
+            event = TranscriptDelta(event.text)
+        elif isinstance(event, Done):
+            event = TranscriptDone(event.text)
+        elif isinstance(event, ErrorEvent):
+            event = TranscriptFailed(event.message)
+        with contextlib.suppress(RuntimeError):  # the loop is gone (server shutting down)
+            self.loop.call_soon_threadsafe(self.on_transcript, item_id, event)
+
+    def on_transcript(self, item_id: str, event: Any) -> None:
+        if self.closing:
+            return
+        where = {"item_id": item_id, "content_index": 0}
+        if isinstance(event, TranscriptDelta):
+            self.send({"type": "conversation.item.input_audio_transcription.delta", **where, "delta": event.text})
+            return
+        self.transcriptions.pop(item_id, None)
+        if isinstance(event, TranscriptDone):
+            record = self.items.get(item_id)
+            if record is None:
+                self.remember(item_id, ItemRecord("user", transcript=event.text))
+            else:
+                record.transcript = event.text
+            self.send({"type": "conversation.item.input_audio_transcription.completed", **where,
+                       "transcript": event.text})
+        elif isinstance(event, TranscriptFailed):
+            self.send({"type": "conversation.item.input_audio_transcription.failed", **where, "error": {
+                "type": "transcription_error", "code": "transcription_failed", "message": event.message,
+                "param": None}})
+
+    def announce_item(self, item: dict[str, Any]) -> None:
+        previous, self.last_item_id = self.last_item_id, item["id"]
+        self.send({"type": "conversation.item.added", "previous_item_id": previous, "item": item})
+        self.send({"type": "conversation.item.done", "previous_item_id": previous, "item": item})
+
+
+    def parse_message(self, item: Any, param: str) -> tuple[UserInput | None, dict[str, Any]]:
+        return parse_message(item, param, self.turns.max_buffer_bytes, self.settings.max_audio_seconds)
+
+
+    # ------------------------------------------------------------------ responses
+
+    async def on_response_create(self, event: dict[str, Any]) -> None:
+        self.start_response(event.get("response"))
+
+    def start_response(self, raw: Any) -> None:
+        if self.config.type == "transcription":
+            raise ClientError("this is a transcription session: it transcribes spoken turns and does not answer; "
+                              "update the session to type \"realtime\" for answers", code="invalid_value",
+                              param="type")
+        if self.response is not None:
+            raise ClientError(f"response {self.response.id} is still running; cancel it or wait for response.done",
+                              code="conversation_already_has_active_response")
+        params = parse_response_create(raw, self.config, self.settings.max_tokens_limit)
+        user = self.last_user
+        if params.input_items is not None:
+            user = None
+            for index, item in enumerate(params.input_items):
+                parsed, _ = self.parse_message(item, f"response.input[{index}]")
+                user = parsed or user
+        if user is None:
+            raise ClientError("nothing to answer: commit input audio or create a user message first",
+                              code="response_no_input")
+        request, response = self.plan_response(user, params)
+        speculation, self.speculation = self.speculation, None
+        if speculation is not None and user.pcm is not None and speculation.matches(user.item_id, user.pcm, request):
+            response = speculation.response  # already prepared (and maybe speaking) while the VAD made sure
+        else:
+            if speculation is not None:
+                speculation.response.session.cancel()
+            try:
+                response.session = self.engine.open(request, lambda ev: self.from_engine(response, ev))
+            except EngineBusy as exc:
+                raise ClientError(str(exc), code="server_busy", kind="server_error") from None
+        self.response = response
+        self.turns.pause_idle()
+        user.transcribed = user.transcribed or request.transcribe
+        self.remember(response.item_id, ItemRecord("assistant", response=response))
+        self.send({"type": "response.created",
+                   "response": response.response_object(self.conversation_id, "in_progress", [])})
+        item = response.item("in_progress", None)
+        self.send({"type": "response.output_item.added", "response_id": response.id, "output_index": 0, "item": item})
+        previous, self.last_item_id = self.last_item_id, response.item_id
+        self.send({"type": "conversation.item.added", "previous_item_id": previous, "item": item})
+        self.send({"type": "response.content_part.added", **response.where(), "part": response.part("")})
+        response.session.release()  # a held answer's events follow the events above
+
+    def plan_response(self, user: UserInput, params: ResponseParams) -> tuple[AnswerRequest, Response]:
+        """The engine request answering ``user`` as ``params`` ask, and the response that will carry it."""
+        audio_out = params.output_modalities == ["audio"]
+        limit = self.settings.max_tokens_limit if params.max_output_tokens is None else params.max_output_tokens
+        if user.audio is not None:
+            request = AnswerRequest(task="A1A2-batch" if audio_out else "A1T2", audio=user.audio,
+                                    sample_rate=PROTOCOL_SAMPLE_RATE)
+        else:
+            request = AnswerRequest(task="T1A2" if audio_out else "T1T2", text=user.text)
+        request.max_new_tokens = limit
+        request.options = SamplingOptions()
+        request.max_chunk = AUDIO_CHUNK_FRAMES
+        # The transcript of a spoken turn committed by the VAD comes from a row beside its answer.
+        request.transcribe = (self.config.transcription is not None and user.pcm is not None
+                              and not user.transcribed and params.input_items is None)
+        response = Response(new_id("resp"), new_id("item"), audio_out, limit, params.metadata)
+        response.user_item_id = user.item_id
+        return request, response
+
+    def from_engine(self, response: Response, event: Any) -> None:
+        """Called on an engine thread: hand the event to the loop."""
+        try:
+            self.loop.call_soon_threadsafe(self.on_engine_event, response, event)
+        except RuntimeError:  # the loop is gone (server shutting down)
+            if response.session is not None:
+                response.session.cancel()
+
+    def on_engine_event(self, response: Response, event: Any) -> None:
+        if isinstance(event, (TranscriptDelta, TranscriptDone, TranscriptFailed)):
+            self.on_transcript(response.user_item_id, event)  # the user's words: wanted even after a barge-in
+            return
+        if response.finished or self.closing:
+            return
+        if isinstance(event, TextDelta):
+            response.text.append(event.text)
+            kind = "response.output_audio_transcript.delta" if response.audio_out else "response.output_text.delta"
+            self.send({"type": kind, **response.where(), "delta": event.text})
+        elif isinstance(event, AudioChunk):
+            response.audio_samples += len(event.audio)
+            audio = base64.b64encode(float_to_pcm16(event.audio)).decode("ascii")
+            self.send({"type": "response.output_audio.delta", **response.where(), "delta": audio})
+        elif isinstance(event, Done):
+            usage = {"total_tokens": event.prompt_length + len(event.text_tokens),
+                     "input_tokens": event.prompt_length, "output_tokens": len(event.text_tokens)}
+            self.finish(response, "completed", text=event.text, usage=usage)
+        elif isinstance(event, ErrorEvent):
+            kind = "server_error" if event.message.startswith("internal error") else "invalid_request_error"
+            self.error(event.message, code="response_failed", kind=kind)
+            self.finish(response, "failed", details={"type": "failed", "error": {"type": kind,
+                                                                                 "code": "response_failed",
+                                                                                 "message": event.message}})
+
+    async def on_response_cancel(self, event: dict[str, Any]) -> None:
+        wanted = event.get("response_id")
+        if self.response is None or (wanted and wanted != self.response.id):
+            raise ClientError("there is no running response to cancel" if self.response is None
+                              else f"response {wanted!r} is not running", code="response_cancel_not_active")
+        self.cancel_response("client_cancelled")
+
+    def cancel_response(self, reason: str) -> None:
+        response = self.response
+        if response is None:
+            return
+        if response.session is not None:
+            response.session.cancel(keep_transcript=True)  # the engine drops it before its next step
+        self.finish(response, "cancelled", details={"type": "cancelled", "reason": reason})
+
+    def finish(self, response: Response, status: str, text: str | None = None, details: Any = None,
+               usage: Any = None) -> None:
+        if response.finished:
+            return
+        response.finished = True
+        # The item record outlives the answer; the engine session (with the question's audio) need not.
+        response.session = None
+        if self.response is response:
+            self.response = None
+            self.turns.resume_idle(response.audio_samples)
+        text = "".join(response.text) if text is None else text
+        record = self.items.get(response.item_id)
+        if record is not None:
+            record.transcript = text
+            record.audio_ms = response.audio_samples * 1000 // PROTOCOL_SAMPLE_RATE
+        where = response.where()
+        if response.audio_out:
+            self.send({"type": "response.output_audio.done", **where})
+            self.send({"type": "response.output_audio_transcript.done", **where, "transcript": text})
+        else:
+            self.send({"type": "response.output_text.done", **where, "text": text})
+        self.send({"type": "response.content_part.done", **where, "part": response.part(text)})
+        item = response.item("completed" if status == "completed" else "incomplete", text)
+        self.send({"type": "response.output_item.done", "response_id": response.id, "output_index": 0, "item": item})
+        self.send({"type": "conversation.item.done", "item": item})
+        self.send({"type": "response.done",
+                   "response": response.response_object(self.conversation_id, status, [item], details=details,
+                                                        usage=usage)})
+
+
+    async def on_item_retrieve(self, event: dict[str, Any]) -> None:
+        """The item as the server has it now (a user turn with its transcript, once there is one)."""
+        item_id = event.get("item_id")
+        record = self.items.get(item_id) if isinstance(item_id, str) else None
+        if record is None:
+            raise ClientError(f"item {item_id!r} is not in this conversation (or is one of the oldest, no longer "
+                              f"kept: the last {MAX_ITEMS} are)", code="item_retrieve_invalid_item_id",
+                              param="item_id")
+        self.send({"type": "conversation.item.retrieved", "item": record.as_item(item_id)})
+
+    # ------------------------------------------------------------------ interruptions
+
+    async def on_item_truncate(self, event: dict[str, Any]) -> None:
+        """The client played only ``audio_end_ms`` of an answer: its transcript is cut to match."""
+        item_id, content_index, end = event.get("item_id"), event.get("content_index", 0), event.get("audio_end_ms")
+        record = self.items.get(item_id) if isinstance(item_id, str) else None
+        if record is None or record.role != "assistant":
+            raise ClientError(f"item {item_id!r} is not an assistant message of this conversation",
+                              code="item_truncate_invalid_item_id", param="item_id")
+        if content_index != 0:
+            raise ClientError("content_index must be 0 (an answer has one part)", param="content_index")
+        running = record.response is not None and not record.response.finished
+        audio_ms = record.response.audio_samples * 1000 // PROTOCOL_SAMPLE_RATE if record.response else 0
+        if isinstance(end, bool) or not isinstance(end, int) or not 0 <= end <= max(audio_ms, record.audio_ms):
+            raise ClientError(f"audio_end_ms must be an integer from 0 to {max(audio_ms, record.audio_ms)}, the audio "
+                              "sent for this item", code="item_truncate_invalid_audio_end_ms", param="audio_end_ms")
+        if running:
+            self.cancel_response("client_cancelled")
+        record.transcript = cut_transcript(record.transcript or "", end, max(record.audio_ms, 1))
+        record.audio_ms = end
+        self.send({"type": "conversation.item.truncated", "item_id": item_id, "content_index": 0,
+                   "audio_end_ms": end})
+

@@ -1,0 +1,132 @@
+"""The Realtime session without any transport: JSON text in, JSON text out, closes as calls."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+
+import numpy as np
+import pytest
+from conftest import speech_like
+
+from miniomni.server.engine import Engine
+from miniomni.server.protocol import pcm16_to_float
+from miniomni.server.realtime import RealtimeSession
+from miniomni.server.settings import ServerSettings
+
+RATE = 24000
+
+
+class Recorder:
+    """An Output that keeps what the session says."""
+
+    def __init__(self) -> None:
+        self.events: list[dict] = []
+        self.closed: tuple[int, str] | None = None
+        self.arrived = asyncio.Event()
+
+    def send_text(self, data: str) -> None:
+        self.events.append(json.loads(data))
+        self.arrived.set()
+
+    def close(self, code: int, reason: str) -> None:
+        self.closed = (code, reason)
+
+    def types(self) -> list[str]:
+        return [e["type"] for e in self.events]
+
+    async def wait_for(self, kind: str, timeout: float = 60.0) -> dict:
+        async def seen() -> dict:
+            while True:
+                for event in self.events:
+                    if event["type"] == kind:
+                        return event
+                self.arrived.clear()
+                await self.arrived.wait()
+        return await asyncio.wait_for(seen(), timeout)
+
+
+@pytest.fixture(scope="module")
+def engine(omni):
+    engine = Engine(omni, max_sessions=2)
+    yield engine
+    engine.close()
+
+
+def run(coroutine):
+    return asyncio.run(coroutine)
+
+
+def test_a_spoken_question_is_answered_through_the_session_alone(engine, omni):
+    pcm = (np.clip(speech_like(1.0, sample_rate=RATE), -1, 1) * 32767).astype("<i2").tobytes()
+
+    async def talk() -> Recorder:
+        out = Recorder()
+        session = RealtimeSession(engine, ServerSettings(), "mini-omni", out)
+        session.start()
+        await session.receive(json.dumps({"type": "session.update", "session": {
+            "max_output_tokens": 12, "audio": {"input": {"turn_detection": None}}}}))
+        audio = base64.b64encode(pcm).decode()
+        await session.receive(json.dumps({"type": "input_audio_buffer.append", "audio": audio}))
+        await session.receive(json.dumps({"type": "input_audio_buffer.commit"}))
+        await session.receive(json.dumps({"type": "response.create"}))
+        await out.wait_for("response.done")
+        session.close()
+        return out
+
+    out = run(talk())
+    types = out.types()
+    assert types[:2] == ["session.created", "session.updated"]
+    assert "input_audio_buffer.committed" in types and "response.created" in types
+    audio = b"".join(base64.b64decode(e["delta"]) for e in out.events if e["type"] == "response.output_audio.delta")
+    expected = omni.generate("A1A2-batch", audio=pcm16_to_float(pcm), sample_rate=RATE, max_new_tokens=12)
+    assert audio and len(audio) == 2 * len(expected.audio)
+    done = next(e for e in out.events if e["type"] == "response.done")
+    assert done["response"]["status"] == "completed"
+    assert out.closed is None
+    assert len({e["event_id"] for e in out.events}) == len(out.events)
+
+
+def test_bad_events_are_errors_and_a_flood_closes_the_session(engine):
+    async def talk() -> tuple[Recorder, RealtimeSession]:
+        out = Recorder()
+        session = RealtimeSession(engine, ServerSettings(max_events_per_second=5), "mini-omni", out)
+        session.start()
+        await session.receive("{not json")
+        await session.receive(None)  # a binary frame
+        await session.receive(json.dumps({"type": "no.such.event"}))
+        for _ in range(40):
+            await session.receive(json.dumps({"type": "input_audio_buffer.clear"}))
+        return out, session
+
+    out, session = run(talk())
+    codes = [e["error"]["code"] for e in out.events if e["type"] == "error"]
+    assert codes[:3] == ["invalid_json", "binary_frame", "unknown_event_type"]
+    assert "rate_limit_exceeded" in codes
+    assert out.closed is not None and out.closed[0] == 1008
+    session.close()
+    count = len(out.events)
+    session.send({"type": "input_audio_buffer.cleared"})
+    assert len(out.events) == count  # a closed session says nothing more
+
+
+def test_shutting_down_fails_the_running_answer_and_closes_with_1001(engine):
+    async def talk() -> Recorder:
+        out = Recorder()
+        session = RealtimeSession(engine, ServerSettings(), "mini-omni", out)
+        session.start()
+        await session.receive(json.dumps({"type": "conversation.item.create", "item": {
+            "type": "message", "role": "user", "content": [{"type": "input_text", "text": "Hello there"}]}}))
+        await session.receive(json.dumps({"type": "response.create", "response": {"max_output_tokens": 400}}))
+        await out.wait_for("response.output_audio.delta")
+        session.shut_down()
+        session.close()
+        return out
+
+    out = run(talk())
+    errors = [e for e in out.events if e["type"] == "error"]
+    assert errors and errors[0]["error"]["code"] == "server_shutting_down"
+    done = next(e for e in out.events if e["type"] == "response.done")
+    assert done["response"]["status"] == "failed"
+    assert out.closed == (1001, "the server is shutting down")
