@@ -26,10 +26,9 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def process_rss_mb(names: tuple[str, ...] = ("ray", "raylet", "gcs_server", "ServeReplica", "ProxyActor",
-                                              "ServeController")) -> float:
-    """Resident memory (MB) of this machine's Ray processes (raylet, GCS, workers, replicas, proxy)."""
-    total = 0
+def process_rss_mb(names: tuple[str, ...] = ("raylet", "gcs_server", "ray::", "default_worker.py", "/ray/")) -> dict:
+    """Resident memory (MB) of this machine's Ray processes (raylet, GCS, workers, replicas, proxy), by process."""
+    found: dict[str, float] = {}
     for pid in os.listdir("/proc"):
         if not pid.isdigit() or int(pid) == os.getpid():
             continue
@@ -39,10 +38,11 @@ def process_rss_mb(names: tuple[str, ...] = ("ray", "raylet", "gcs_server", "Ser
             if not any(name in cmdline for name in names):
                 continue
             with open(f"/proc/{pid}/statm") as f:
-                total += int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+                rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+            found[f"{pid} {cmdline.split()[0][-40:]}"] = rss
         except OSError:
             continue
-    return total / 2**20
+    return found
 
 
 @pytest.fixture(scope="module")
@@ -63,9 +63,12 @@ def ray_serve(checkpoint_dir):
                            load_options={"device": "cpu", "quantize": "none"})
         serve.run(application(spec, ScaleOptions(replicas=2, replica_cpus=1, graceful_shutdown_timeout_s=8)),
                   name=APP_NAME, route_prefix="/")
+        rss = process_rss_mb()
         yield port
     finally:
-        print(f"\nRSS of the Ray processes: {process_rss_mb():.0f} MB")
+        print(f"\nRSS of the Ray processes, two replicas up: {sum(rss.values()):.0f} MB")
+        for name, mb in sorted(rss.items(), key=lambda kv: -kv[1]):
+            print(f"  {mb:6.0f} MB  {name}")
         serve.shutdown()
         ray.shutdown()
 
@@ -271,3 +274,47 @@ def _replica_actor(serve, unique_id: str):
     import ray
 
     return ray.get_actor(f"{DEPLOYMENT_TAG}{unique_id}", namespace="serve")
+
+
+def _through_proxy_middleware(app, extensions: dict | None = None) -> list[dict]:
+    """What a WebSocket client's server side is asked to send when ``app`` (standing for Ray's proxy) runs."""
+    from miniomni.server.rayserve import ProxyWebSockets
+
+    sent: list[dict] = []
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    async def receive() -> dict:
+        return {"type": "websocket.connect"}
+
+    extensions = {"websocket.http.response": {}} if extensions is None else extensions
+    scope = {"type": "websocket", "extensions": extensions}
+    asyncio.run(ProxyWebSockets(app)(scope, receive, send))
+    return sent
+
+
+def test_proxy_middleware_turns_a_backpressure_answer_into_a_503_handshake():
+    async def refusing(scope, receive, send):  # what Ray's proxy sends for a request it drops
+        await send({"type": "http.response.start", "status": 503, "headers": [(b"content-type", b"text/plain")]})
+        await send({"type": "http.response.body", "body": b"Request dropped due to backpressure"})
+
+    sent = _through_proxy_middleware(refusing)
+    assert [m["type"] for m in sent] == ["websocket.http.response.start", "websocket.http.response.body"]
+    assert sent[0]["status"] == 503
+    # A server without the denial-response extension closes with 1013 instead.
+    assert _through_proxy_middleware(refusing, extensions={}) == [
+        {"type": "websocket.close", "code": 1013, "reason": "the server is full"}]
+
+
+def test_proxy_middleware_closes_an_orphaned_socket_with_1011_and_leaves_others_alone():
+    async def orphaning(scope, receive, send):  # accepted, then the replica died
+        await send({"type": "websocket.accept"})
+
+    async def closing(scope, receive, send):
+        await send({"type": "websocket.accept"})
+        await send({"type": "websocket.close", "code": 1001})
+
+    assert _through_proxy_middleware(orphaning)[-1]["code"] == 1011
+    assert _through_proxy_middleware(closing) == [{"type": "websocket.accept"},
+                                                  {"type": "websocket.close", "code": 1001}]

@@ -107,13 +107,18 @@ class ReplicaHeader:
         await self.app(scope, receive, named)
 
 
-class CloseOrphanedSockets:
-    """ASGI middleware for Ray's proxy: a WebSocket whose replica died is closed with 1011 and a reason.
+class ProxyWebSockets:
+    """ASGI middleware for Ray's proxy: clear answers to WebSocket clients in two cases the proxy leaves unclear.
 
-    Without it the proxy drops the TCP connection of a replica that crashed or was killed, and
-    the client sees no close frame (1006). Ray's proxy loads it through the environment variable
+    * Refused by backpressure (every replica full and the proxy's queue too): the proxy answers a
+      handshake with an HTTP response, which uvicorn turns into ``500 Internal Server Error``;
+      here it goes out as what it is, ``503`` with Ray's reason (the WebSocket denial response).
+    * A replica that crashed or was killed: the proxy drops the TCP connection and the client
+      sees no close frame (1006); here the socket is closed with 1011 and a reason.
+
+    Ray's proxy loads it through the environment variable
     ``RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=miniomni.server.rayserve.proxy_middlewares``,
-    which must be set where the cluster starts (``miniomni serve --ray`` sets it for the cluster
+    which must be set where the cluster starts (``miniomni serve --ray`` sets it for a cluster
     it starts itself).
     """
 
@@ -125,12 +130,21 @@ class CloseOrphanedSockets:
             await self.app(scope, receive, send)
             return
         state = {"accepted": False, "closed": False}
+        denial = "websocket.http.response" in scope.get("extensions", {})
 
         async def watched(message: dict) -> None:
-            if message["type"] == "websocket.accept":
+            kind = message["type"]
+            if kind == "websocket.accept":
                 state["accepted"] = True
-            elif message["type"] in ("websocket.close", "websocket.http.response.start"):
+            elif kind in ("websocket.close", "websocket.http.response.start"):
                 state["closed"] = True
+            elif kind in ("http.response.start", "http.response.body") and not state["accepted"]:
+                state["closed"] = True
+                if not denial:  # the server cannot send an HTTP answer to a handshake: a close says no
+                    if kind == "http.response.start":
+                        await send({"type": "websocket.close", "code": 1013, "reason": "the server is full"})
+                    return
+                message = {**message, "type": "websocket." + kind}
             await send(message)
 
         try:
@@ -151,7 +165,7 @@ def proxy_middlewares() -> list:
     """Ray's HTTP proxy callback (``RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH``): the proxy's middlewares."""
     from starlette.middleware import Middleware
 
-    return [Middleware(CloseOrphanedSockets)]
+    return [Middleware(ProxyWebSockets)]
 
 
 def replica_draining() -> bool:
