@@ -110,6 +110,7 @@ class Answering:
     items: OrderedDict[str, ItemRecord]
     transcriptions: dict[str, Session]
     closing: bool
+    output: Any  # an Output; one that can ``play`` (an AudioOutput, WebRTC) gets the answer's samples itself
 
     def send(self, event: dict[str, Any]) -> None:
         raise NotImplementedError
@@ -264,6 +265,9 @@ class Answering:
             self.send({"type": kind, **response.where(), "delta": event.text})
         elif isinstance(event, AudioChunk):
             response.audio_samples += len(event.audio)
+            if hasattr(self.output, "play"):  # a media track plays it: no delta on the events channel
+                self.output.play(response.id, response.item_id, event.audio)
+                return
             audio = base64.b64encode(float_to_pcm16(event.audio)).decode("ascii")
             self.send({"type": "response.output_audio.delta", **response.where(), "delta": audio})
         elif isinstance(event, Done):
@@ -290,7 +294,18 @@ class Answering:
             return
         if response.session is not None:
             response.session.cancel(keep_transcript=True)  # the engine drops it before its next step
+        if hasattr(self.output, "play"):
+            self.clear_played_audio()
         self.finish(response, "cancelled", details={"type": "cancelled", "reason": reason})
+
+    def clear_played_audio(self) -> None:
+        """A media track stops playing at once: the running answer's audio counts what it really played."""
+        played_ms = self.output.stop_playing()
+        response = self.response
+        if response is not None:
+            response.audio_samples = min(response.audio_samples, played_ms * PROTOCOL_SAMPLE_RATE // 1000)
+        self.send({"type": "output_audio_buffer.cleared",
+                   **({"response_id": response.id} if response is not None else {})})
 
     def finish(self, response: Response, status: str, text: str | None = None, details: Any = None,
                usage: Any = None) -> None:

@@ -97,6 +97,16 @@ def _peer(traceback: TracebackType | None) -> str:
     return ""
 
 
+def add_webrtc_routes_if_available(app: FastAPI, engine: Engine, settings: ServerSettings) -> None:
+    """The WebRTC transport (:mod:`.webrtc`) needs aiortc, an optional dependency: without it, no such route."""
+    try:
+        from .webrtc import add_webrtc_routes
+    except ImportError as exc:
+        log.info("no WebRTC transport (POST /v1/realtime/calls): %s", exc)
+        return
+    add_webrtc_routes(app, engine, settings)
+
+
 def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAPI:
     """The FastAPI application around a running :class:`Engine`."""
     settings = settings or ServerSettings()
@@ -210,6 +220,7 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
                                           "X-Channels": "1"})
 
     add_realtime_routes(app, engine, settings)  # WS /v1/realtime, with its own API-key and origin check
+    add_webrtc_routes_if_available(app, engine, settings)  # POST /v1/realtime/calls, when aiortc is installed
     add_web_routes(app)  # the page at /
 
     @app.exception_handler(MiniOmniError)

@@ -121,6 +121,7 @@ class RealtimeSession(Answering):
             "conversation.item.truncate": self.on_item_truncate,
             "conversation.item.retrieve": self.on_item_retrieve,
             "transcription_session.update": self.on_transcription_session_update,
+            "output_audio_buffer.clear": self.on_output_audio_clear,
         }
 
     # ------------------------------------------------------------------ out
@@ -263,8 +264,11 @@ class RealtimeSession(Answering):
     # ------------------------------------------------------------------ input audio and turns
 
     async def on_append(self, event: dict[str, Any]) -> None:
-        pcm = decode_pcm16(event.get("audio"), "audio")
-        if not pcm:
+        await self.append_audio(decode_pcm16(event.get("audio"), "audio"))
+
+    async def append_audio(self, pcm: bytes) -> None:
+        """Add 24 kHz mono 16-bit input audio (an append event's, or a media track's) and run turn detection."""
+        if not pcm or self.closing:
             return
         turns = self.turns
         turns.append(pcm)
@@ -334,6 +338,14 @@ class RealtimeSession(Answering):
 
     async def on_commit(self, event: dict[str, Any]) -> None:
         self.add_user_audio(self.turns.commit(), transcribe_here=True)
+
+    async def on_output_audio_clear(self, event: dict[str, Any]) -> None:
+        """WebRTC only: drop the answer audio queued on the track (the answer itself goes on; cancel it apart)."""
+        if not hasattr(self.output, "play"):
+            raise ClientError(f"output_audio_buffer.clear is not supported by this server "
+                              f"({UNSUPPORTED_EVENTS['output_audio_buffer.clear']})", code="unsupported_event",
+                              param="type")
+        self.clear_played_audio()
 
     async def on_clear(self, event: dict[str, Any]) -> None:
         self.turns.clear()

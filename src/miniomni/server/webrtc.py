@@ -1,0 +1,378 @@
+"""``POST /v1/realtime/calls``: one WebRTC peer connection carries one Realtime session (:mod:`.realtime`).
+
+The client's SDP offer comes in, the SDP answer (ICE fully gathered, no trickle) goes back.
+The ``oai-events`` data channel carries the same JSON events as the WebSocket; the microphone
+arrives on the remote audio track (Opus 48 kHz, resampled here to 24 kHz for the session) and the
+answer leaves on a local audio track, paced in 20 ms frames, silent when idle: the session hands
+it samples through :class:`~.realtime.AudioOutput` instead of sending ``response.output_audio.delta``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import email.policy
+import fractions
+import logging
+import os
+import time
+from email.parser import BytesParser
+from typing import Any
+
+import av
+import numpy as np
+import soxr
+from aiortc import MediaStreamTrack, RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
+from aiortc.mediastreams import MediaStreamError
+from fastapi import FastAPI, Request
+from fastapi.responses import Response
+
+from ..audio import float_to_pcm16
+from .app import error_response
+from .engine import Engine
+from .heap import trim_heap
+from .protocol import PROTOCOL_SAMPLE_RATE, ClientError, new_id, parse_json
+from .realtime import RealtimeSession
+from .settings import ServerSettings
+
+log = logging.getLogger(__name__)
+
+TRACK_RATE = 48000
+FRAME_SAMPLES = TRACK_RATE // 50  # 20 ms
+CONNECT_TIMEOUT = 30.0  # seconds for a peer to connect after its answer, else it is dropped
+MAX_OFFER_BYTES = 64 * 1024
+ICE_SERVERS_ENV = "MINIOMNI_ICE_SERVERS"  # comma-separated STUN/TURN URLs; none by default (host candidates)
+
+
+def ice_configuration() -> RTCConfiguration:
+    """ICE servers from ``MINIOMNI_ICE_SERVERS``; an empty list, not aiortc's default public STUN server."""
+    urls = [u.strip() for u in os.environ.get(ICE_SERVERS_ENV, "").split(",") if u.strip()]
+    return RTCConfiguration(iceServers=[RTCIceServer(urls=url) for url in urls])
+
+
+class AnswerTrack(MediaStreamTrack):
+    """The answer's audio: 20 ms frames of 48 kHz mono s16, paced in real time, silence when idle."""
+
+    kind = "audio"
+
+    def __init__(self, call: WebRTCCall) -> None:
+        super().__init__()
+        self.call = call
+        self.started_at: float | None = None
+        self.timestamp = 0
+
+    async def recv(self) -> av.AudioFrame:
+        if self.readyState != "live":
+            raise MediaStreamError
+        if self.started_at is None:
+            self.started_at = time.monotonic()
+        else:
+            self.timestamp += FRAME_SAMPLES
+            wait = self.started_at + self.timestamp / TRACK_RATE - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
+        samples = self.call.next_samples(FRAME_SAMPLES)
+        frame = av.AudioFrame.from_ndarray(samples.reshape(1, -1), format="s16", layout="mono")
+        frame.sample_rate = TRACK_RATE
+        frame.pts = self.timestamp
+        frame.time_base = fractions.Fraction(1, TRACK_RATE)
+        return frame
+
+
+class WebRTCCall:
+    """One peer connection and its session; an :class:`~.realtime.AudioOutput`; runs on the event loop."""
+
+    def __init__(self, engine: Engine, settings: ServerSettings, model: str) -> None:
+        self.call_id = new_id("rtc")
+        self.pc = RTCPeerConnection(ice_configuration())
+        self.channel: Any = None
+        self.pending: list[str] = []  # events said before the data channel opened
+        self.inbox: asyncio.Queue[str | None] = asyncio.Queue()
+        self.closing = False
+        self.close_reason: tuple[int, str] | None = None
+        self.ended = asyncio.Event()
+        self.connected = asyncio.Event()
+        self.main_task: asyncio.Task | None = None
+        self.tasks: set[asyncio.Task] = set()
+        # playback: chunks of 48 kHz int16 samples, each with the response it belongs to
+        self.queue: collections.deque[tuple[str, np.ndarray]] = collections.deque()
+        self.playing: str | None = None  # the response whose audio the track plays (or last played)
+        self.played = 0  # its samples played, at 48 kHz
+        self.stopped_sent = True
+        self.track = AnswerTrack(self)
+        self.session = RealtimeSession(engine, settings, model, self)
+        self.pc.on("datachannel", self.on_datachannel)
+        self.pc.on("track", self.on_track)
+        self.pc.on("connectionstatechange", self.on_state)
+
+    # ------------------------------------------------------------------ what the session needs
+
+    def send_text(self, data: str) -> None:
+        if self.closing:
+            return
+        if self.channel is not None and self.channel.readyState == "open":
+            self.channel.send(data)
+        else:
+            self.pending.append(data)
+
+    def close(self, code: int, reason: str) -> None:
+        self.abort(code, reason)
+
+    def play(self, response_id: str, item_id: str, audio: np.ndarray) -> None:
+        """Queue 24 kHz float32 samples of an answer; the track takes them 20 ms at a time."""
+        samples = soxr.resample(np.asarray(audio, dtype=np.float32), PROTOCOL_SAMPLE_RATE, TRACK_RATE)
+        self.queue.append((response_id, np.frombuffer(float_to_pcm16(samples), dtype=np.int16)))
+
+    def stop_playing(self) -> int:
+        """Drop the queued audio; the milliseconds of the answer being played that were played."""
+        self.queue.clear()
+        self.stopped_sent = True  # cleared, not stopped
+        return self.played * 1000 // TRACK_RATE
+
+    def next_samples(self, n: int) -> np.ndarray:
+        """The track's next ``n`` samples: queued answer audio, then silence; says started and stopped."""
+        out = np.zeros(n, dtype=np.int16)
+        filled = 0
+        while filled < n and self.queue:
+            response_id, chunk = self.queue[0]
+            if response_id != self.playing or self.stopped_sent:
+                if not self.stopped_sent and self.playing is not None:
+                    self.say({"type": "output_audio_buffer.stopped", "response_id": self.playing})
+                self.playing, self.played, self.stopped_sent = response_id, 0, False
+                self.say({"type": "output_audio_buffer.started", "response_id": response_id})
+            take = min(n - filled, len(chunk))
+            out[filled:filled + take] = chunk[:take]
+            filled += take
+            self.played += take
+            if take == len(chunk):
+                self.queue.popleft()
+            else:
+                self.queue[0] = (response_id, chunk[take:])
+        if not self.queue and not self.stopped_sent and self.playing is not None:
+            running = self.session.response
+            if running is None or running.id != self.playing:  # its answer is over and all of it played
+                self.stopped_sent = True
+                self.say({"type": "output_audio_buffer.stopped", "response_id": self.playing})
+        return out
+
+    def say(self, event: dict[str, Any]) -> None:
+        self.session.send(event)
+
+    # ------------------------------------------------------------------ the peer
+
+    def on_datachannel(self, channel: Any) -> None:
+        if channel.label != "oai-events":
+            log.info("webrtc call %s: ignoring data channel %r", self.call_id, channel.label)
+            return
+        self.channel = channel
+        channel.on("message", lambda message: self.inbox.put_nowait(message if isinstance(message, str) else None))
+        channel.on("open", self.flush_pending)
+        channel.on("close", lambda: self.abort(1000, "the client closed its data channel"))
+        if channel.readyState == "open":
+            self.flush_pending()
+
+    def flush_pending(self) -> None:
+        pending, self.pending = self.pending, []
+        for data in pending:
+            self.channel.send(data)
+
+    def on_track(self, track: MediaStreamTrack) -> None:
+        if track.kind == "audio":
+            self.spawn(self.listen(track))
+
+    def on_state(self) -> None:
+        state = self.pc.connectionState
+        if state == "connected":
+            self.connected.set()
+        elif state in ("failed", "closed"):
+            self.abort(1000, f"the peer connection is {state}")
+
+    def spawn(self, coroutine: Any) -> None:
+        task = asyncio.create_task(coroutine)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def listen(self, track: MediaStreamTrack) -> None:
+        """The microphone: decoded frames, resampled to 24 kHz mono 16-bit, into the session's input buffer."""
+        resampler: soxr.ResampleStream | None = None
+        rate = 0
+        while not self.closing:
+            try:
+                frame = await track.recv()
+            except MediaStreamError:
+                return
+            samples = frame.to_ndarray()
+            channels = len(frame.layout.channels)
+            if frame.format.is_planar:
+                mono = samples.astype(np.float32).mean(axis=0)
+            else:
+                mono = samples.reshape(-1, channels).astype(np.float32).mean(axis=1)
+            if samples.dtype == np.int16:
+                mono /= 32768.0
+            if resampler is None or frame.sample_rate != rate:
+                rate = frame.sample_rate
+                resampler = soxr.ResampleStream(rate, PROTOCOL_SAMPLE_RATE, 1, dtype="float32")
+            pcm = float_to_pcm16(resampler.resample_chunk(mono))
+            try:
+                await self.session.append_audio(pcm)
+            except ClientError as exc:  # a full buffer without turn detection: said once per frame, as append does
+                self.session.error(exc.message, exc.code, exc.param, exc.kind)
+
+    async def read_events(self) -> None:
+        while not self.closing:
+            message = await self.inbox.get()
+            await self.session.receive(message)
+
+    # ------------------------------------------------------------------ life and end
+
+    async def answer(self, offer: str) -> str:
+        """Take the offer; the SDP answer once ICE gathering is complete."""
+        await self.pc.setRemoteDescription(RTCSessionDescription(sdp=offer, type="offer"))
+        self.pc.addTrack(self.track)
+        await self.pc.setLocalDescription(await self.pc.createAnswer())
+        return self.pc.localDescription.sdp
+
+    def shut_down(self) -> None:
+        """The server is stopping: the session says so and the call ends."""
+        self.session.shut_down()
+
+    def abort(self, code: int | None, reason: str | None) -> None:
+        """End the call: its answer stops at once and :meth:`run` cleans up."""
+        if self.closing:
+            return
+        if code is not None:
+            log.log(logging.INFO if code in (1000, 1001) else logging.WARNING, "webrtc call %s: %s; closing it",
+                    self.call_id, reason)
+            self.close_reason = (code, reason or "")
+        self.closing = True
+        self.session.close()
+        self.ended.set()
+
+    async def run(self) -> None:
+        """The call's life: connected within :data:`CONNECT_TIMEOUT`, then until it ends; then closed."""
+        self.spawn(self.read_events())
+        try:
+            try:
+                await asyncio.wait_for(self.connected.wait(), timeout=CONNECT_TIMEOUT)
+            except asyncio.TimeoutError:
+                self.abort(1000, f"not connected within {CONNECT_TIMEOUT:g} s")
+            await self.ended.wait()
+        finally:
+            self.closing = True
+            self.session.close()
+            channel = self.channel
+            if channel is not None and channel.readyState == "open":  # the last words (the error) still go out
+                deadline = time.monotonic() + 2
+                while channel.bufferedAmount and time.monotonic() < deadline:
+                    await asyncio.sleep(0.02)
+            for task in list(self.tasks):
+                task.cancel()
+            self.track.stop()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.pc.close(), timeout=5)
+
+
+def form_fields(content_type: str, body: bytes) -> dict[str, str]:
+    """The text fields of a ``multipart/form-data`` body (the standard library's MIME parser)."""
+    message = BytesParser(policy=email.policy.HTTP).parsebytes(
+        b"Content-Type: " + content_type.encode("latin-1", errors="replace") + b"\r\n\r\n" + body)
+    fields: dict[str, str] = {}
+    if not message.is_multipart():
+        raise ClientError("the multipart/form-data body could not be read (a boundary is missing?)")
+    for part in message.iter_parts():
+        name = part.get_param("name", header="content-disposition")
+        if isinstance(name, str):
+            payload = part.get_payload(decode=True) or b""
+            fields[name] = payload.decode("utf-8", errors="replace")
+    return fields
+
+
+def add_webrtc_routes(app: FastAPI, engine: Engine, settings: ServerSettings) -> None:
+    """``POST /v1/realtime/calls`` and the hang-up routes; calls share ``app.state.connections``."""
+    calls: dict[str, WebRTCCall] = {}
+    connections: set[Any] = app.state.connections  # the WebSocket's, so that limits and shutdown cover both
+
+    async def read_offer(request: Request) -> tuple[str, Any]:
+        """The SDP offer and the optional session configuration, or a ClientError."""
+        content_type = request.headers.get("content-type", "")
+        kind = content_type.split(";")[0].strip().lower()
+        if kind not in ("application/sdp", "multipart/form-data"):
+            raise ClientError(f"send the SDP offer as application/sdp (or multipart/form-data with \"sdp\" and "
+                              f"\"session\"), not {kind or 'no content type'}", code="unsupported_media_type")
+        body = await request.body()
+        if len(body) > MAX_OFFER_BYTES:
+            raise ClientError(f"an offer is at most {MAX_OFFER_BYTES} bytes", code="offer_too_large")
+        if kind == "application/sdp":
+            return body.decode("utf-8", errors="replace"), None
+        fields = form_fields(content_type, body)
+        if "sdp" not in fields:
+            raise ClientError("the form needs an \"sdp\" field with the SDP offer", param="sdp")
+        session = fields.get("session")
+        return fields["sdp"], None if session is None else parse_json(session, "the session field")
+
+    @app.post("/v1/realtime/calls", status_code=201, responses={201: {"content": {"application/sdp": {}}}})
+    async def create_call(request: Request, model: str = "mini-omni") -> Response:
+        """A WebRTC Realtime session: the body is the SDP offer, the answer the SDP answer (see docs/server.md)."""
+        if getattr(app.state, "stopping", False):
+            app.state.metrics.refused.labels(reason="503").inc()
+            return error_response(503, "the server is shutting down", "server_error")
+        if len(connections) >= settings.max_connections:
+            app.state.metrics.refused.labels(reason="503").inc()
+            return error_response(503, f"all {settings.max_connections} connections are in use; try again later",
+                                  "server_busy")
+        try:
+            offer, session = await read_offer(request)
+        except ClientError as exc:
+            status = {"unsupported_media_type": 415, "offer_too_large": 413}.get(exc.code, 400)
+            return error_response(status, exc.message)
+        if "m=" not in offer or not offer.lstrip().startswith("v=0"):
+            return error_response(400, "the body is not an SDP offer (it must start with v=0 and have m= lines)")
+        call = WebRTCCall(engine, settings, model)
+        if session is not None:
+            try:
+                await call.session.on_session_update({"session": session})
+                call.pending.clear()  # session.created, sent below, already shows it
+            except ClientError as exc:
+                await call.pc.close()
+                return error_response(400, f"session: {exc.message}")
+        try:
+            answer = await call.answer(offer)
+        except Exception as exc:  # noqa: BLE001 - aiortc raises ValueError and others for a bad offer
+            call.abort(None, None)
+            await call.pc.close()
+            return error_response(400, f"the SDP offer was refused: {exc}")
+        calls[call.call_id] = call
+        connections.add(call)
+        app.state.metrics.connections.inc()
+        call.session.start()
+
+        async def lifetime() -> None:
+            try:
+                await call.run()
+            finally:
+                calls.pop(call.call_id, None)
+                connections.discard(call)
+                app.state.metrics.connections.dec()
+                trim_heap()
+
+        call.main_task = asyncio.create_task(lifetime())
+        return Response(answer, status_code=201, media_type="application/sdp",
+                        headers={"Location": f"/v1/realtime/calls/{call.call_id}"})
+
+    async def hang_up(call_id: str) -> Response:
+        call = calls.pop(call_id, None)
+        if call is None:
+            return error_response(404, f"no call {call_id!r} (it has ended, or never was)")
+        call.abort(1000, "the client hung up")
+        return Response(status_code=200)
+
+    @app.post("/v1/realtime/calls/{call_id}/hangup")
+    async def hangup(call_id: str) -> Response:
+        """End a call."""
+        return await hang_up(call_id)
+
+    @app.delete("/v1/realtime/calls/{call_id}")
+    async def delete_call(call_id: str) -> Response:
+        """End a call (the same as its hangup)."""
+        return await hang_up(call_id)
