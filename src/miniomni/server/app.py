@@ -29,6 +29,7 @@ from ..streaming import AudioChunk, Done
 from .access import bearer_ok, is_public
 from .connection import add_realtime_routes, close_all
 from .engine import AnswerRequest, Engine, EngineBusy, ErrorEvent
+from .heap import freeze_loaded, trim_heap
 from .metrics import CONTENT_TYPE as METRICS_MEDIA_TYPE
 from .metrics import ServerMetrics
 from .protocol import ClientError, parse_json
@@ -117,6 +118,7 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.loop = asyncio.get_running_loop()  # where a shutdown from another thread is carried out
+        freeze_loaded()  # the model and modules: the collections after connections skip them
         yield
 
     app = FastAPI(
@@ -138,7 +140,10 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
             if not bearer_ok(request.headers, settings.api_key):
                 return error_response(401, "missing or wrong API key: send 'Authorization: Bearer KEY'",
                                       "authentication_error")
-        return await call_next(request)
+        response = await call_next(request)
+        if request.url.path == "/chat":
+            trim_heap()  # a question's audio and features, freed (deferred: at most once per interval)
+        return response
 
     @app.get("/healthz")
     async def healthz() -> dict[str, Any]:
