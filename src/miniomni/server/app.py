@@ -26,9 +26,10 @@ from ..audio import OUTPUT_SAMPLE_RATE, WHISPER_SAMPLE_RATE, AudioTooLong, float
 from ..errors import AudioError, MiniOmniError
 from ..generate import SamplingOptions
 from ..streaming import AudioChunk, Done
-from .access import bearer_ok, is_public
+from .access import bearer_ok, client_secret_route, is_public
 from .connection import add_realtime_routes, close_all
 from .engine import AnswerRequest, Engine, EngineBusy, ErrorEvent
+from .ephemeral import add_client_secret_routes, presented_client_secret
 from .heap import freeze_loaded, trim_heap
 from .metrics import CONTENT_TYPE as METRICS_MEDIA_TYPE
 from .metrics import ServerMetrics
@@ -131,13 +132,16 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
     app.state.metrics = ServerMetrics(engine)
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"],
-                           allow_headers=["*"])
+                           allow_headers=["*"], expose_headers=["Location"])  # a WebRTC call's id
 
     # This middleware sees HTTP only: /v1/realtime checks the key (header or subprotocol) itself.
     @app.middleware("http")
     async def require_api_key(request: Request, call_next):
         if settings.api_key and request.method != "OPTIONS" and not is_public(request.url.path):
-            if not bearer_ok(request.headers, settings.api_key):
+            # An ek_ client secret may stand in on a WebRTC call's offer: that route checks it (ephemeral.py).
+            if not bearer_ok(request.headers, settings.api_key) and not (
+                    client_secret_route(request.method, request.url.path)
+                    and presented_client_secret(request.headers) is not None):
                 return error_response(401, "missing or wrong API key: send 'Authorization: Bearer KEY'",
                                       "authentication_error")
         response = await call_next(request)
@@ -224,6 +228,7 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
                                  headers={"X-Sample-Rate": str(OUTPUT_SAMPLE_RATE), "X-Sample-Format": "s16le",
                                           "X-Channels": "1"})
 
+    add_client_secret_routes(app, settings)  # POST /v1/realtime/client_secrets: ek_ keys for pages
     add_realtime_routes(app, engine, settings)  # WS /v1/realtime, with its own API-key and origin check
     add_webrtc_routes_if_available(app, engine, settings)  # POST /v1/realtime/calls, when aiortc is installed
     add_web_routes(app)  # the page at /

@@ -16,7 +16,9 @@ from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from .access import choose_subprotocol, websocket_refusal
 from .engine import Engine
+from .ephemeral import KeyRefused, preconfigure
 from .heap import trim_heap
+from .protocol import ClientError
 from .realtime import RealtimeSession
 from .settings import ServerSettings
 
@@ -140,7 +142,12 @@ def add_realtime_routes(app: FastAPI, engine: Engine, settings: ServerSettings) 
     async def realtime(websocket: WebSocket) -> None:
         """OpenAI Realtime protocol (GA event names); see docs/server.md."""
         offered = [p.strip() for p in websocket.headers.get("sec-websocket-protocol", "").split(",") if p.strip()]
-        reason = websocket_refusal(websocket.headers, settings, offered)
+        grant, reason = None, None
+        try:  # an ek_ client secret instead of the API key: its session configuration comes with it
+            grant = app.state.client_secrets.from_headers(websocket.headers, offered)
+        except KeyRefused as exc:
+            reason = str(exc)
+        reason = reason or websocket_refusal(websocket.headers, settings, offered, client_secret_ok=grant is not None)
         code = 1008
         if reason is None and len(connections) >= settings.max_connections:
             reason, code = f"all {settings.max_connections} connections are in use; try again later", 1013
@@ -151,8 +158,13 @@ def add_realtime_routes(app: FastAPI, engine: Engine, settings: ServerSettings) 
             app.state.metrics.refused.labels(reason=str(code)).inc()
             await websocket.close(code=code, reason=reason.encode()[:123].decode(errors="ignore"))
             return
-        model = websocket.query_params.get("model") or "mini-omni"
+        model = (grant.model if grant else None) or websocket.query_params.get("model") or "mini-omni"
         connection = RealtimeConnection(websocket, engine, settings, model)
+        if grant is not None:
+            try:
+                await preconfigure(connection.session, [grant.session])
+            except ClientError as exc:  # checked when the key was made; the server's state may have changed
+                connection.session.error(f"the client secret's session: {exc.message}", exc.code, exc.param)
         connections.add(connection)
         app.state.metrics.connections.inc()
         try:

@@ -31,6 +31,7 @@ from fastapi.responses import Response
 from ..audio import float_to_pcm16
 from .app import error_response
 from .engine import Engine
+from .ephemeral import KeyRefused, preconfigure
 from .heap import trim_heap
 from .protocol import PROTOCOL_SAMPLE_RATE, ClientError, new_id, parse_json
 from .realtime import RealtimeSession
@@ -321,6 +322,10 @@ def add_webrtc_routes(app: FastAPI, engine: Engine, settings: ServerSettings) ->
             app.state.metrics.refused.labels(reason="503").inc()
             return error_response(503, f"all {settings.max_connections} connections are in use; try again later",
                                   "server_busy")
+        try:  # an ek_ client secret instead of the API key (the middleware let it through): its configuration
+            grant = app.state.client_secrets.from_headers(request.headers)
+        except KeyRefused as exc:
+            return error_response(401, str(exc), "authentication_error")
         try:
             offer, session = await read_offer(request)
         except ClientError as exc:
@@ -328,11 +333,10 @@ def add_webrtc_routes(app: FastAPI, engine: Engine, settings: ServerSettings) ->
             return error_response(status, exc.message)
         if "m=" not in offer or not offer.lstrip().startswith("v=0"):
             return error_response(400, "the body is not an SDP offer (it must start with v=0 and have m= lines)")
-        call = WebRTCCall(engine, settings, model)
-        if session is not None:
-            try:
-                await call.session.on_session_update({"session": session})
-                call.pending.clear()  # session.created, sent below, already shows it
+        call = WebRTCCall(engine, settings, (grant.model if grant else None) or model)
+        if session is not None or grant is not None:
+            try:  # the key's configuration, then the form's; session.created, sent below, shows them
+                await preconfigure(call.session, [grant.session if grant else None, session])
             except ClientError as exc:
                 await call.pc.close()
                 return error_response(400, f"session: {exc.message}")
