@@ -214,8 +214,9 @@ def wait_idle(engine, timeout: float = 10.0) -> bool:
 
 
 @contextlib.contextmanager
-def serve_process(checkpoint_dir: Path, log: Path, *flags: str):
-    """`miniomni serve` in its own process on a free port, up and answering /healthz; yields (process, port)."""
+def serve_process(checkpoint_dir: Path, log: Path, *flags: str, api_key: str | None = None):
+    """`miniomni serve` in its own process on a free port, up and answering /healthz (asked with ``api_key``
+    when the flags give the server one); yields (process, port)."""
     import socket
     import subprocess
     import sys
@@ -233,7 +234,8 @@ def serve_process(checkpoint_dir: Path, log: Path, *flags: str):
         deadline = time.time() + 120
         while True:
             try:
-                if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).json()["status"] == "ok":
+                headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+                if httpx.get(f"http://127.0.0.1:{port}/healthz", headers=headers, timeout=2).json()["status"] == "ok":
                     break
             except httpx.HTTPError:
                 assert process.poll() is None and time.time() < deadline, log.read_text()
