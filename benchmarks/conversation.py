@@ -112,6 +112,7 @@ class Answer:
     first_audio: float | None = None
     deltas: list[tuple[float, float]] = field(default_factory=list)  # (arrival, seconds of audio)
     status: str | None = None
+    gaps: tuple[int, float] | None = None  # measured by the transport itself (WebRTC): (dry-outs, seconds)
 
 
 @dataclass
@@ -196,6 +197,8 @@ async def talker(index: int, url: str, args: argparse.Namespace, question: np.nd
 
 def dry_outs(answer: Answer, buffer_s: float) -> tuple[int, float]:
     """(times a player starting at the first byte + buffer_s ran dry, seconds of silence in all)."""
+    if answer.gaps is not None:
+        return answer.gaps
     if not answer.deltas:
         return 0, 0.0
     count, silence = 0, 0.0
@@ -291,7 +294,8 @@ class Server:
         self.log.close()
 
 
-def run_k(server: Server, k: int, args: argparse.Namespace, questions: list[np.ndarray]) -> dict:
+def run_k(server: Server, k: int, args: argparse.Namespace, questions: list[np.ndarray],
+          transport: str = "websocket") -> dict:
     before_metrics, before_cpu, began = http_get(server.url + "/metrics"), cpu_seconds(server.process.pid), \
         time.perf_counter()
     before_threads, before_own = thread_cpu(server.process.pid), time.process_time()
@@ -299,7 +303,13 @@ def run_k(server: Server, k: int, args: argparse.Namespace, questions: list[np.n
     url = server.url.replace("http", "ws") + "/v1/realtime?model=mini-omni"
 
     async def everyone() -> None:
-        await asyncio.gather(*(talker(i, url, args, questions[i % len(questions)], logs[i]) for i in range(k)))
+        if transport == "webrtc":
+            import webrtc_talker
+
+            await asyncio.gather(*(webrtc_talker.talker(i, server.url, args, questions[i % len(questions)], logs[i])
+                                   for i in range(k)))
+        else:
+            await asyncio.gather(*(talker(i, url, args, questions[i % len(questions)], logs[i]) for i in range(k)))
 
     asyncio.run(everyone())
     wall = time.perf_counter() - began
@@ -382,6 +392,9 @@ def main() -> None:
     parser.add_argument("--before-talkers", default="1", help="values of K for the --before runs")
     parser.add_argument("--new-config", action="append", default=[],
                         help="server flags run with this version only (flags the --before version lacks)")
+    parser.add_argument("--transport", default="websocket", choices=["websocket", "webrtc", "both"],
+                        help="how the talkers connect: WebSocket (a 20 ms PCM event each), WebRTC (Opus tracks and a "
+                             "data channel: benchmarks/webrtc_talker.py), or both in turn")
     parser.add_argument("--details", default=None, help="write every answer's arrival times here (JSON)")
     parser.add_argument("--avx2", action="store_true",
                         help="limit the server to AVX2 (miniomni.precision.AVX2_LIMIT)")
@@ -403,6 +416,7 @@ def main() -> None:
           f"capped at {args.answer_steps} steps ({args.answer_steps * 2048 / 24000:.1f} s); VAD silence "
           f"{args.silence_ms} ms; talkers {args.stagger:g} s apart; {os.cpu_count()} CPUs", flush=True)
     lines, details = [], []
+    transports = {"websocket": ["websocket"], "webrtc": ["webrtc"], "both": ["websocket", "webrtc"]}[args.transport]
     transcribing = {"off": [False], "on": [True], "both": [False, True]}[args.transcribe]
     runs = [(args.before, config, False) for config in configs] if args.before else []
     runs += [(None, config, t) for config in configs + args.new_config for t in transcribing]
@@ -423,10 +437,10 @@ def main() -> None:
                 print("  " + line.split(": ", 1)[-1], flush=True)
         try:
             run_k(server, 1, argparse.Namespace(**{**vars(args), "rounds": 1, "answer_steps": 12}), questions)
-            for k in run_ks:
-                r = run_k(server, k, args, questions)
-                details.append({"config": config, "before": bool(source), **r})
-                lines.append(row(label, r))
+            for k, transport in [(k, t) for k in run_ks for t in transports]:
+                r = run_k(server, k, args, questions, transport)
+                details.append({"config": config, "before": bool(source), "transport": transport, **r})
+                lines.append(row(label + (" (WebRTC)" if transport == "webrtc" else ""), r))
                 print(lines[-1], flush=True)
                 busy = sorted(r["thread_cores"].values(), reverse=True)
                 print(f"  server threads (cores): {', '.join(f'{c:.2f}' for c in busy)}; "
