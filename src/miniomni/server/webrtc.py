@@ -43,6 +43,9 @@ TRACK_RATE = 48000
 FRAME_SAMPLES = TRACK_RATE // 50  # 20 ms
 CONNECT_TIMEOUT = 30.0  # seconds for a peer to connect after its answer, else it is dropped
 MAX_OFFER_BYTES = 64 * 1024
+# An answer starts on the track this long after its first audio reached it (or once all of it has):
+# the jitter buffer a WebSocket client keeps itself, so the codec's ramp-up plays without a gap.
+PLAYOUT_DELAY = 0.2
 ICE_SERVERS_ENV = "MINIOMNI_ICE_SERVERS"  # comma-separated STUN/TURN URLs; none by default (host candidates)
 
 
@@ -101,6 +104,7 @@ class WebRTCCall:
         self.playing: str | None = None  # the response whose audio the track plays (or last played)
         self.played = 0  # its samples played, at 48 kHz
         self.stopped_sent = True
+        self.arrived: dict[str, float] = {}  # response -> when its first audio reached the track (not started yet)
         self.track = AnswerTrack(self)
         self.session = RealtimeSession(engine, settings, model, self)
         self.pc.on("datachannel", self.on_datachannel)
@@ -123,11 +127,20 @@ class WebRTCCall:
     def play(self, response_id: str, item_id: str, audio: np.ndarray) -> None:
         """Queue 24 kHz float32 samples of an answer; the track takes them 20 ms at a time."""
         samples = soxr.resample(np.asarray(audio, dtype=np.float32), PROTOCOL_SAMPLE_RATE, TRACK_RATE)
+        if not any(queued == response_id for queued, _ in self.queue) and response_id != self.playing:
+            self.arrived[response_id] = time.monotonic()
         self.queue.append((response_id, np.frombuffer(float_to_pcm16(samples), dtype=np.int16)))
+
+    def ready(self, response_id: str) -> bool:
+        """Whether a new answer may start: held ``PLAYOUT_DELAY`` after its first audio, or complete."""
+        running = self.session.response
+        complete = running is None or running.id != response_id
+        return complete or time.monotonic() >= self.arrived.get(response_id, 0.0) + PLAYOUT_DELAY
 
     def stop_playing(self) -> int:
         """Drop the queued audio; the milliseconds of the answer being played that were played."""
         self.queue.clear()
+        self.arrived.clear()
         self.stopped_sent = True  # cleared, not stopped
         return self.played * 1000 // TRACK_RATE
 
@@ -138,6 +151,9 @@ class WebRTCCall:
         while filled < n and self.queue:
             response_id, chunk = self.queue[0]
             if response_id != self.playing or self.stopped_sent:
+                if not self.ready(response_id):
+                    break
+                self.arrived.pop(response_id, None)
                 if not self.stopped_sent and self.playing is not None:
                     self.say({"type": "output_audio_buffer.stopped", "response_id": self.playing})
                 self.playing, self.played, self.stopped_sent = response_id, 0, False
