@@ -23,6 +23,9 @@ is computed every step, as in a real answer's first part).
 
     python benchmarks/conversation.py --config "" --config "--quantize int8 --fast-encoder" --talkers 1-6
     python benchmarks/conversation.py --avx2 --talkers 1,2     # the server as on an AVX2-only CPU
+    python benchmarks/conversation.py --talkers 1,2 --transport both          # WebSocket and WebRTC talkers
+    python benchmarks/conversation.py --talkers 1,2 --turn-detection both     # server VAD and semantic VAD
+    python benchmarks/conversation.py --talkers 1,2 --new-config "--ray --replicas 1"  # through Ray Serve
 """
 
 from __future__ import annotations
@@ -122,6 +125,13 @@ class TalkerLog:
     errors: list[str] = field(default_factory=list)
 
 
+def turn_detection(args: argparse.Namespace) -> dict:
+    """The talkers' turn detection: server VAD with --silence-ms, or semantic VAD (its model ends the turn)."""
+    if getattr(args, "detection", "server_vad") == "semantic_vad":
+        return {"type": "semantic_vad", "eagerness": "auto"}
+    return {"type": "server_vad", "silence_duration_ms": args.silence_ms}
+
+
 async def talker(index: int, url: str, args: argparse.Namespace, question: np.ndarray, log: TalkerLog) -> None:
     import websockets
 
@@ -129,7 +139,7 @@ async def talker(index: int, url: str, args: argparse.Namespace, question: np.nd
     await asyncio.sleep(index * args.stagger)
     async with websockets.connect(url, subprotocols=["realtime"], max_size=None, open_timeout=60,
                                   ping_interval=None) as ws:
-        audio_input: dict = {"turn_detection": {"type": "server_vad", "silence_duration_ms": args.silence_ms}}
+        audio_input: dict = {"turn_detection": turn_detection(args)}
         if getattr(args, "transcribing", False):
             audio_input["transcription"] = {"model": "mini-omni"}
         await ws.send(json.dumps({"type": "session.update", "session": {
@@ -395,6 +405,9 @@ def main() -> None:
     parser.add_argument("--transport", default="websocket", choices=["websocket", "webrtc", "both"],
                         help="how the talkers connect: WebSocket (a 20 ms PCM event each), WebRTC (Opus tracks and a "
                              "data channel: benchmarks/webrtc_talker.py), or both in turn")
+    parser.add_argument("--turn-detection", default="server_vad", choices=["server_vad", "semantic_vad", "both"],
+                        help="how the server ends a talker's turn: server VAD after --silence-ms, or semantic VAD "
+                             "(the end-of-turn model at each short pause), or both in turn")
     parser.add_argument("--details", default=None, help="write every answer's arrival times here (JSON)")
     parser.add_argument("--avx2", action="store_true",
                         help="limit the server to AVX2 (miniomni.precision.AVX2_LIMIT)")
@@ -417,6 +430,8 @@ def main() -> None:
           f"{args.silence_ms} ms; talkers {args.stagger:g} s apart; {os.cpu_count()} CPUs", flush=True)
     lines, details = [], []
     transports = {"websocket": ["websocket"], "webrtc": ["webrtc"], "both": ["websocket", "webrtc"]}[args.transport]
+    detections = {"server_vad": ["server_vad"], "semantic_vad": ["semantic_vad"],
+                  "both": ["server_vad", "semantic_vad"]}[args.turn_detection]
     transcribing = {"off": [False], "on": [True], "both": [False, True]}[args.transcribe]
     runs = [(args.before, config, False) for config in configs] if args.before else []
     runs += [(None, config, t) for config in configs + args.new_config for t in transcribing]
@@ -437,10 +452,12 @@ def main() -> None:
                 print("  " + line.split(": ", 1)[-1], flush=True)
         try:
             run_k(server, 1, argparse.Namespace(**{**vars(args), "rounds": 1, "answer_steps": 12}), questions)
-            for k, transport in [(k, t) for k in run_ks for t in transports]:
+            for k, transport, args.detection in [(k, t, d) for k in run_ks for t in transports for d in detections]:
                 r = run_k(server, k, args, questions, transport)
-                details.append({"config": config, "before": bool(source), "transport": transport, **r})
-                lines.append(row(label + (" (WebRTC)" if transport == "webrtc" else ""), r))
+                details.append({"config": config, "before": bool(source), "transport": transport,
+                                "turn_detection": args.detection, **r})
+                lines.append(row(label + (" (WebRTC)" if transport == "webrtc" else "")
+                                 + (", semantic VAD" if args.detection == "semantic_vad" else ""), r))
                 print(lines[-1], flush=True)
                 busy = sorted(r["thread_cores"].values(), reverse=True)
                 print(f"  server threads (cores): {', '.join(f'{c:.2f}' for c in busy)}; "

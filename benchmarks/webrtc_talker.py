@@ -24,7 +24,7 @@ import numpy as np
 import soxr
 from aiortc import MediaStreamTrack, RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError
-from conversation import RATE, Answer, TalkerLog, room_noise
+from conversation import RATE, Answer, TalkerLog, room_noise, turn_detection
 
 TRACK_RATE = 48000
 FRAME = TRACK_RATE // 50  # 20 ms
@@ -120,7 +120,7 @@ async def talker(index: int, base_url: str, args: argparse.Namespace, question: 
             await until(events, "session.created", log, 30)
             channel.send(json.dumps({"type": "session.update", "session": {
                 "type": "realtime", "max_output_tokens": args.answer_steps,
-                "audio": {"input": {"turn_detection": {"type": "server_vad", "silence_duration_ms": args.silence_ms}}},
+                "audio": {"input": {"turn_detection": turn_detection(args)}},
             }}))
             for _ in range(args.rounds):
                 mic.play(room_noise(args.lead_in, rng))
