@@ -1,4 +1,4 @@
-"""The browser page at ``/``: push-to-talk and hands-free voice chat over ``/v1/realtime``."""
+"""The browser page at ``/``: push-to-talk and hands-free voice chat over WebRTC (or the WebSocket)."""
 
 from __future__ import annotations
 

@@ -8,15 +8,17 @@ class Capture extends AudioWorkletProcessor {
 }
 registerProcessor("capture", Capture);
 
-// Gapless playback: a queue of Float32 blocks played back to back; "clear" empties it.
+// Gapless playback: a queue of Float32 blocks played back to back; "clear" empties it; says "idle" once the
+// queue has played out.
 class Player extends AudioWorkletProcessor {
   constructor() {
     super();
     this.queue = [];
     this.offset = 0;
+    this.playing = false;
     this.port.onmessage = (event) => {
       if (event.data === "clear") { this.queue = []; this.offset = 0; }
-      else this.queue.push(event.data);
+      else { this.queue.push(event.data); this.playing = true; }
     };
   }
   process(inputs, outputs) {
@@ -30,6 +32,7 @@ class Player extends AudioWorkletProcessor {
       if (this.offset >= block.length) { this.queue.shift(); this.offset = 0; }
     }
     out.fill(0, i);
+    if (this.playing && !this.queue.length) { this.playing = false; this.port.postMessage("idle"); }
     return true;
   }
 }
