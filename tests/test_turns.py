@@ -280,3 +280,20 @@ def test_the_idle_timeout_commits_the_silence_once_the_answer_has_played():
     assert feed(machine, 4.0, []) == []  # 4.7 s after the speech stopped
     out = feed(machine, 0.5, [])
     assert [type(e) for e in out] == [TimeoutTriggered, TurnEnded] and out[0].audio_start_ms == 21500
+
+
+def test_a_full_buffer_without_detection_refuses_an_append_but_a_microphone_keeps_its_latest_audio():
+    from miniomni.server.protocol import ClientError
+
+    turns = InputTurns(max_audio_seconds=1.0, turn_detection=None)
+    second = 24000 * 2
+    turns.append(b"\x01\x00" * 24000)
+    with pytest.raises(ClientError) as refused:
+        turns.append(b"\x02\x00" * 10)
+    assert refused.value.code == "input_audio_buffer_full" and len(turns.buffer) == second
+    turns.append(b"\x02\x00" * 4800, rolling=True)  # 0.2 s more: the oldest 0.2 s go
+    assert len(turns.buffer) == second
+    assert turns.buffer[-9600:] == b"\x02\x00" * 4800 and turns.buffer[:2] == b"\x01\x00"
+    assert turns.stream_samples == 24000 + 4800
+    turns.append(b"\x03\x00" * 30000, rolling=True)  # more than the buffer holds at once
+    assert bytes(turns.buffer) == b"\x03\x00" * 24000

@@ -266,12 +266,13 @@ class RealtimeSession(Answering):
     async def on_append(self, event: dict[str, Any]) -> None:
         await self.append_audio(decode_pcm16(event.get("audio"), "audio"))
 
-    async def append_audio(self, pcm: bytes) -> None:
-        """Add 24 kHz mono 16-bit input audio (an append event's, or a media track's) and run turn detection."""
+    async def append_audio(self, pcm: bytes, rolling: bool = False) -> None:
+        """Add 24 kHz mono 16-bit input audio (an append event's, or with ``rolling`` a media track's, which keeps
+        the latest audio when the buffer is full) and run turn detection."""
         if not pcm or self.closing:
             return
         turns = self.turns
-        turns.append(pcm)
+        turns.append(pcm, rolling)
         if not turns.detecting:
             return
         if turns.vad is None:

@@ -231,10 +231,8 @@ class WebRTCCall:
                 rate = frame.sample_rate
                 resampler = soxr.ResampleStream(rate, PROTOCOL_SAMPLE_RATE, 1, dtype="float32")
             pcm = float_to_pcm16(resampler.resample_chunk(mono))
-            try:
-                await self.session.append_audio(pcm)
-            except ClientError as exc:  # a full buffer without turn detection: said once per frame, as append does
-                self.session.error(exc.message, exc.code, exc.param, exc.kind)
+            # A microphone track never stops: without turn detection the buffer keeps its latest audio.
+            await self.session.append_audio(pcm, rolling=True)
 
     async def read_events(self) -> None:
         while not self.closing:
