@@ -19,7 +19,7 @@ from .engine import Engine
 from .ephemeral import KeyRefused, preconfigure
 from .heap import trim_heap
 from .protocol import ClientError
-from .realtime import RealtimeSession
+from .realtime import RealtimeSession, Transport
 from .settings import ServerSettings
 
 log = logging.getLogger(__name__)
@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 MAX_PENDING_BYTES = 16 * 1024 * 1024
 
 
-class RealtimeConnection:
+class RealtimeConnection(Transport):
     """One WebSocket and its session; runs on the event loop."""
 
     def __init__(self, websocket: WebSocket, engine: Engine, settings: ServerSettings, model: str) -> None:
@@ -38,8 +38,6 @@ class RealtimeConnection:
         self.settings = settings
         self.outbox: asyncio.Queue[str] = asyncio.Queue()
         self.pending_bytes = 0
-        self.closing = False
-        self.close_reason: tuple[int, str] | None = None
         self.main_task: asyncio.Task | None = None
         self.session = RealtimeSession(engine, settings, model, self)
 
@@ -54,27 +52,9 @@ class RealtimeConnection:
         self.pending_bytes += len(data)
         self.outbox.put_nowait(data)
 
-    def close(self, code: int, reason: str) -> None:
-        self.abort(code, reason)
-
-    # ------------------------------------------------------------------ the socket
-
-    def shut_down(self) -> None:
-        """The server is stopping: the session says so and the socket closes with 1001 (going away)."""
-        self.session.shut_down()
-
-    def abort(self, code: int | None, reason: str | None) -> None:
-        """Stop this connection: its answer is cancelled at once and the receive loop ends."""
-        if self.closing:
-            return
-        if code is not None:
-            log.log(logging.INFO if code in (1000, 1001) else logging.WARNING, "realtime session %s: %s; closing it",
-                    self.session.session_id, reason)
-            self.close_reason = (code, reason or "")
-        self.closing = True
-        self.session.close()
+    def stopped(self) -> None:
         if self.main_task is not None and self.main_task is not asyncio.current_task():
-            self.main_task.cancel()
+            self.main_task.cancel()  # the receive loop ends
 
     async def sender(self) -> None:
         try:

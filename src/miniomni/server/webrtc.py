@@ -34,7 +34,7 @@ from .engine import Engine
 from .ephemeral import KeyRefused, preconfigure
 from .heap import trim_heap
 from .protocol import PROTOCOL_SAMPLE_RATE, ClientError, new_id, parse_json
-from .realtime import RealtimeSession
+from .realtime import RealtimeSession, Transport
 from .settings import ServerSettings
 
 log = logging.getLogger(__name__)
@@ -84,7 +84,7 @@ class AnswerTrack(MediaStreamTrack):
         return frame
 
 
-class WebRTCCall:
+class WebRTCCall(Transport):
     """One peer connection and its session; an :class:`~.realtime.AudioOutput`; runs on the event loop."""
 
     def __init__(self, engine: Engine, settings: ServerSettings, model: str) -> None:
@@ -93,8 +93,6 @@ class WebRTCCall:
         self.channel: Any = None
         self.pending: list[str] = []  # events said before the data channel opened
         self.inbox: asyncio.Queue[str | None] = asyncio.Queue()
-        self.closing = False
-        self.close_reason: tuple[int, str] | None = None
         self.ended = asyncio.Event()
         self.connected = asyncio.Event()
         self.main_task: asyncio.Task | None = None
@@ -120,9 +118,6 @@ class WebRTCCall:
             self.channel.send(data)
         else:
             self.pending.append(data)
-
-    def close(self, code: int, reason: str) -> None:
-        self.abort(code, reason)
 
     def play(self, response_id: str, item_id: str, audio: np.ndarray) -> None:
         """Queue 24 kHz float32 samples of an answer; the track takes them 20 ms at a time."""
@@ -248,21 +243,11 @@ class WebRTCCall:
         await self.pc.setLocalDescription(await self.pc.createAnswer())
         return self.pc.localDescription.sdp
 
-    def shut_down(self) -> None:
-        """The server is stopping: the session says so and the call ends."""
-        self.session.shut_down()
+    def stopped(self) -> None:
+        self.ended.set()  # run() cleans up
 
-    def abort(self, code: int | None, reason: str | None) -> None:
-        """End the call: its answer stops at once and :meth:`run` cleans up."""
-        if self.closing:
-            return
-        if code is not None:
-            log.log(logging.INFO if code in (1000, 1001) else logging.WARNING, "webrtc call %s: %s; closing it",
-                    self.call_id, reason)
-            self.close_reason = (code, reason or "")
-        self.closing = True
-        self.session.close()
-        self.ended.set()
+    def describe(self) -> str:
+        return f"webrtc call {self.call_id}"
 
     async def run(self) -> None:
         """The call's life: connected within :data:`CONNECT_TIMEOUT`, then until it ends; then closed."""
