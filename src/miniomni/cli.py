@@ -427,7 +427,8 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
                    help="question voice to pick from (repeatable); espeak NAME[:RATE[:PITCH]], piper MODEL.onnx "
                         "or joe (default: a built-in list for espeak, joe for piper)")
     s.add_argument("--answer-voice", default=None, help="the one voice of every answer (default: the backend's)")
-    s.add_argument("--workers", type=int, default=1, help="processes, each with its own codec (default 1)")
+    s.add_argument("--workers", type=int, default=1,
+                   help="processes (with --ray: actors), each with its own codec (default 1)")
     s.add_argument("--shard", default="0/1", help="i/N: only rows with index %% N == i (cluster job arrays)")
     s.add_argument("--rows-per-shard", type=int, default=1000, help="rows per parquet file (default 1000)")
     s.add_argument("--split-name", default="synth", help="value of the split_name column (default synth)")
@@ -435,6 +436,9 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--max-question-seconds", type=float, default=30.0)
     s.add_argument("--max-answer-frames", type=int, default=2040)
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
+    from .data.raysynth import add_ray_arguments as add_ray_synth_arguments  # ray itself only with --ray
+
+    add_ray_synth_arguments(s)
     i = data.add_parser("inspect", help="statistics of a dataset; decode one row's answer to a WAV")
     i.add_argument("directory", help="dataset directory (DIR/data/*.parquet) or one parquet file")
     i.add_argument("--row", type=int, default=None, help="the row whose index column is N")
@@ -457,7 +461,12 @@ def _cmd_data(args: argparse.Namespace) -> int:
             max_answer_frames=args.max_answer_frames, progress=not args.no_progress,
         )
         started = time.perf_counter()
-        manifest = synthesize(args.input, args.out, options)
+        if args.ray:
+            from .data.raysynth import synthesize_ray
+
+            manifest = synthesize_ray(args.input, args.out, options, args.ray_address, args.worker_cpus)
+        else:
+            manifest = synthesize(args.input, args.out, options)
         elapsed = time.perf_counter() - started
         summary = {k: manifest[k] for k in ("rows_in", "rows_done", "written", "failed", "question_hours",
                                             "answer_hours")}

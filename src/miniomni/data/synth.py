@@ -301,13 +301,22 @@ def _results(options: SynthOptions, todo: list[tuple[int, str, str]]) -> Iterato
         yield from pool.imap(make_row, todo, chunksize=1)
 
 
+Results = Callable[[SynthOptions, list[tuple[int, str, str]]], Iterator[dict]]
+"""Where rows are made: (options, pairs to make) -> :func:`make_row`'s results, in the pairs' order."""
+
+
 def synthesize(
     input_path: str | Path,
     out: str | Path,
     options: SynthOptions,
     on_shard: Callable[[str | None, JobState], None] | None = None,
+    results: Results | None = None,
 ) -> dict:
-    """Make (or finish) the dataset; returns the manifest. ``on_shard`` runs after each shard is recorded."""
+    """Make (or finish) the dataset; returns the manifest. ``on_shard`` runs after each shard is recorded.
+
+    ``results`` makes the rows (default: this process, or a pool of ``options.workers``
+    processes); whatever makes them, the shards, state files and manifest are written here.
+    """
     require_pyarrow()
     from ..checkpoints import resolve_snac
     from .tts import get_backend
@@ -334,6 +343,8 @@ def synthesize(
 
     pending: list[dict] = []
     bar = tqdm(total=len(todo), unit="row", disable=not options.progress)
+    shards_total = -(-len(todo) // options.rows_per_shard)
+    shards_done = 0
 
     def flush() -> None:
         name = _write_shard(out, state, [r["row"] for r in pending if "row" in r])
@@ -350,11 +361,16 @@ def synthesize(
             state.shards.append(name)
         _save_state(out, state)
         pending.clear()
+        nonlocal shards_done
+        shards_done += 1
+        bar.set_postfix_str(f"shards {shards_done}/{shards_total}")
+        log.info("shard %d/%d recorded (%s)", shards_done, shards_total, name or "no rows written")
         if on_shard is not None:
             on_shard(name, state)
 
+    made = (results or _results)(options, todo) if todo else iter(())
     try:
-        for result in _results(options, todo):
+        for result in made:
             pending.append(result)
             bar.update(1)
             if len(pending) >= options.rows_per_shard:
@@ -362,5 +378,8 @@ def synthesize(
         if pending:
             flush()
     finally:
+        close = getattr(made, "close", None)
+        if close is not None:  # stop the workers now, also when interrupted (a traceback keeps the generator)
+            close()
         bar.close()
     return write_manifest(out, len(pairs))
