@@ -30,7 +30,6 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Generator
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -43,7 +42,7 @@ from ..generate import MAX_POSITIONS, AnswerState, DecodeInput, Step, prefill_st
 from ..pipeline import MiniOmni
 from ..streaming import Done, StreamEvent, TextDelta, Timings
 from ..tokens import Task, audio_prompt, padding_ids
-from .session import AnswerRequest, ErrorEvent, Session, TranscriptDelta, TranscriptDone, TranscriptFailed
+from .session import AnswerRequest, EngineStats, ErrorEvent, Session, TranscriptDelta, TranscriptDone, TranscriptFailed
 
 log = logging.getLogger(__name__)
 
@@ -60,23 +59,6 @@ MAX_WAIT = 1.0
 
 class EngineBusy(MiniOmniError):
     """Every session slot is taken."""
-
-
-@dataclass
-class EngineStats:
-    steps: int = 0
-    step_seconds_total: float = 0.0
-    last_step_ms: float = 0.0
-    job_seconds_total: float = 0.0
-    first_audio_ms_total: float = 0.0
-    first_audio_count: int = 0
-    answers_started: int = 0
-    answers_finished: int = 0
-    answers_failed: int = 0
-    rejected_busy: int = 0
-    speculative_started: int = 0
-    speculative_used: int = 0
-    speculative_dropped: int = 0
 
 
 class Engine:
