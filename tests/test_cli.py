@@ -174,3 +174,16 @@ def test_unwritable_outputs_fail_before_the_work(capsys, checkpoint_dir, questio
     code, _, stderr = run(capsys, "generate", "--checkpoint", str(checkpoint_dir), "--text", "hi",
                           "--tokens-out", str(tmp_path))
     assert code == 2 and "directory" in stderr
+
+
+def test_serve_flags_become_the_server_settings():
+    from miniomni.cli import build_parser
+    from miniomni.server.settings import settings_from_args
+
+    args = build_parser().parse_args(["serve", "--checkpoint", "ckpt", "--webrtc-playout-ms", "0",
+                                      "--max-connections", "7", "--no-speculation", "--max-message-mb", "1"])
+    settings = settings_from_args(args, "key", None)
+    assert settings.webrtc_playout == 0 and settings.max_connections == 7 and not settings.speculate
+    assert settings.max_message_bytes == 1024 * 1024 and settings.api_key == "key"
+    default = settings_from_args(build_parser().parse_args(["serve", "--checkpoint", "ckpt"]), None, None)
+    assert default.webrtc_playout == 0.2 and default.speculate

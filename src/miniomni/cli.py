@@ -266,6 +266,9 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                    help="close a connection after this many seconds without an event while no answer runs")
     p.add_argument("--max-events-per-second", type=float, default=200.0,
                    help="per connection, in bursts of up to twice as many (default 200)")
+    p.add_argument("--webrtc-playout-ms", type=float, default=200.0,
+                   help="a WebRTC answer starts on its track this long after its first audio (default 200): the "
+                        "jitter buffer a WebSocket client keeps itself; 0 starts at once, with gaps at the start")
     p.add_argument("--ssl-certfile", default=None, help="serve HTTPS (browsers need it for the microphone)")
     p.add_argument("--ssl-keyfile", default=None)
     p.add_argument("--device", default="auto")
@@ -298,7 +301,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         from .server.app import create_app, shut_down, uvicorn_options
         from .server.endofturn import turn_model_for_serving
         from .server.engine import Engine
-        from .server.settings import ServerSettings
+        from .server.settings import settings_from_args
     except ImportError as exc:
         raise MiniOmniError(f"serving needs the server extra ({exc}); pip install 'miniomni[server]'") from exc
     from .precision import confirm_codec
@@ -311,12 +314,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         quantize = "int8" if resolve_device(args.device).type == "cpu" else "none"
     omni = _load(args, quantize)
     omni.plan = confirm_codec(omni.codec, omni.plan)
-    settings = ServerSettings(api_key=_api_key(args), cors_origins=args.cors_origin,
-                              max_audio_seconds=args.max_audio_seconds, speculate=not args.no_speculation,
-                              max_connections=args.max_connections, idle_timeout=args.idle_timeout,
-                              max_message_bytes=int(args.max_message_mb * 1024 * 1024),
-                              max_request_bytes=int(args.max_request_mb * 1024 * 1024),
-                              max_events_per_second=args.max_events_per_second, turn_model=turn_model)
+    settings = settings_from_args(args, _api_key(args), turn_model)
     engine = Engine(omni, max_sessions=args.max_sessions, start=False)
     _report_speed(engine.warm_up(), omni.plan, args)
     app = create_app(engine, settings)

@@ -28,7 +28,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .settings import ServerSettings
+from .settings import ServerSettings, settings_from_args
 
 log = logging.getLogger(__name__)
 
@@ -383,12 +383,7 @@ def serve_from_args(args: argparse.Namespace) -> int:
         from ray import serve
     except ImportError as exc:
         raise MiniOmniError(f"--ray needs Ray Serve ({exc}); pip install 'miniomni[ray]'") from exc
-    settings = ServerSettings(api_key=_api_key(args), cors_origins=args.cors_origin,
-                              max_audio_seconds=args.max_audio_seconds, speculate=not args.no_speculation,
-                              idle_timeout=args.idle_timeout, max_message_bytes=int(args.max_message_mb * 1024 * 1024),
-                              max_request_bytes=int(args.max_request_mb * 1024 * 1024),
-                              max_events_per_second=args.max_events_per_second,
-                              turn_model=turn_model_for_serving(args.turn_model, args.checkpoint))
+    settings = settings_from_args(args, _api_key(args), turn_model_for_serving(args.turn_model, args.checkpoint))
     load_options = {"device": args.device, "dtype": args.dtype, "quantize": _quantize(args.quantize, args.device),
                     "fast_encoder": args.fast_encoder, "encoder_dtype": args.encoder_dtype,
                     "codec_dtype": args.codec_dtype, "int8_activations": args.int8_activations}

@@ -43,9 +43,6 @@ TRACK_RATE = 48000
 FRAME_SAMPLES = TRACK_RATE // 50  # 20 ms
 CONNECT_TIMEOUT = 30.0  # seconds for a peer to connect after its answer, else it is dropped
 MAX_OFFER_BYTES = 64 * 1024
-# An answer starts on the track this long after its first audio reached it (or once all of it has):
-# the jitter buffer a WebSocket client keeps itself, so the codec's ramp-up plays without a gap.
-PLAYOUT_DELAY = 0.2
 ICE_SERVERS_ENV = "MINIOMNI_ICE_SERVERS"  # comma-separated STUN/TURN URLs; none by default (host candidates)
 
 
@@ -104,6 +101,7 @@ class WebRTCCall(Transport):
         self.stopped_sent = True
         self.arrived: dict[str, float] = {}  # response -> when its first audio reached the track (not started yet)
         self.track = AnswerTrack(self)
+        self.playout = settings.webrtc_playout
         self.session = RealtimeSession(engine, settings, model, self)
         self.pc.on("datachannel", self.on_datachannel)
         self.pc.on("track", self.on_track)
@@ -127,10 +125,12 @@ class WebRTCCall(Transport):
         self.queue.append((response_id, np.frombuffer(float_to_pcm16(samples), dtype=np.int16)))
 
     def ready(self, response_id: str) -> bool:
-        """Whether a new answer may start: held ``PLAYOUT_DELAY`` after its first audio, or complete."""
+        """Whether a new answer may start: held ``settings.webrtc_playout`` seconds after its first audio reached
+        the track (the jitter buffer a WebSocket client keeps itself, so the codec's ramp-up plays without a
+        gap), or complete."""
         running = self.session.response
         complete = running is None or running.id != response_id
-        return complete or time.monotonic() >= self.arrived.get(response_id, 0.0) + PLAYOUT_DELAY
+        return complete or time.monotonic() >= self.arrived.get(response_id, 0.0) + self.playout
 
     def stop_playing(self) -> int:
         """Drop the queued audio; the milliseconds of the answer being played that were played."""
