@@ -358,6 +358,28 @@ def log_mel_spectrogram(
     return (log_spec + 4.0) / 4.0
 
 
+def log_mel_numpy(audio: np.ndarray, n_mels: int = N_MELS) -> np.ndarray:
+    """:func:`log_mel_spectrogram` of 16 kHz audio without padding to 30 s, in NumPy: float32 (n_mels, frames).
+
+    For threads other than the one that computes the model: PyTorch's operations start an
+    OpenMP thread team on each thread that calls them, and a second team on a machine with
+    few cores makes every later operation of the first one slower. Computed in float64
+    (as the reference feature extractors do), so it matches the PyTorch version to float32
+    rounding.
+    """
+    x = np.asarray(audio, dtype=np.float64).reshape(-1)
+    if x.size < N_FFT // 2 + 1:
+        raise AudioError(f"audio of {x.size} samples is too short for a spectrogram without padding")
+    x = np.pad(x, N_FFT // 2, mode="reflect")
+    frames = np.lib.stride_tricks.sliding_window_view(x, N_FFT)[::HOP_LENGTH]
+    window = 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(N_FFT) / N_FFT)  # periodic Hann
+    power = np.abs(np.fft.rfft(frames * window, axis=-1)[:-1]) ** 2  # (frames, N_FFT // 2 + 1), last one dropped
+    mel = _mel_filters_numpy(n_mels, WHISPER_SAMPLE_RATE, N_FFT).astype(np.float64) @ power.T
+    log_spec = np.log10(np.maximum(mel, 1e-10))
+    log_spec = np.maximum(log_spec, log_spec.max() - 8.0)
+    return ((log_spec + 4.0) / 4.0).astype(np.float32)
+
+
 # ---------------------------------------------------------------------------
 # Output
 # ---------------------------------------------------------------------------

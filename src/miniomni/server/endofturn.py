@@ -3,7 +3,7 @@
 The network is a Whisper-tiny encoder with a one-logit head (an 8 MB int8 ONNX graph, 23
 languages). It hears the last 8 s of a turn at 16 kHz, zero-padded at the front when shorter
 and normalised to zero mean and unit variance, as Whisper's 80-bin log-mel spectrogram
-(:func:`miniomni.audio.log_mel_spectrogram`: 800 frames of 10 ms). Its output ``logits``
+(:func:`miniomni.audio.log_mel_numpy`, no PyTorch on this thread: 800 frames of 10 ms). Its output ``logits``
 is already the probability that the speaker has finished (above 0.5: complete).
 
 The weights, first found first: a path given to ``miniomni serve --turn-model``; the file
@@ -19,8 +19,6 @@ and they take at most one core from the compute thread.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import ctypes
 import importlib.util
 import logging
 import os
@@ -33,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import soxr
 
-from ..audio import HOP_LENGTH, WHISPER_SAMPLE_RATE, log_mel_spectrogram
+from ..audio import HOP_LENGTH, WHISPER_SAMPLE_RATE, log_mel_numpy
 from ..errors import CheckpointError, MiniOmniError
 from .protocol import PROTOCOL_SAMPLE_RATE, pcm16_to_float
 
@@ -65,7 +63,7 @@ def turn_features(audio: np.ndarray) -> np.ndarray:
     if x.size < WINDOW:
         x = np.pad(x, (WINDOW - x.size, 0))
     x = (x - x.mean()) / np.sqrt(x.var() + NORM_EPS)
-    return log_mel_spectrogram(x, padding_to_30s=False).numpy()  # (80, FRAMES): the last STFT frame is dropped
+    return log_mel_numpy(x)  # (80, FRAMES): the last STFT frame is dropped
 
 
 def wheel_turn_model() -> Path | None:
@@ -210,25 +208,11 @@ _models: dict[Path, EndOfTurnModel] = {}
 _worker: ThreadPoolExecutor | None = None
 
 
-def _one_core() -> None:
-    """The end-of-turn thread's PyTorch work (the log-mel) uses one core, as its onnxruntime session does.
-
-    PyTorch's OpenMP thread count belongs to each calling thread once PyTorch has set it there, so it
-    is lowered for this thread alone (``torch.set_num_threads`` would change the default of the process).
-    """
-    import torch
-
-    torch.get_num_threads()  # PyTorch sets this thread's count on first use: lower it afterwards
-    with contextlib.suppress(AttributeError, OSError):  # (PyTorch without OpenMP: nothing to lower)
-        ctypes.CDLL(None).omp_set_num_threads(1)
-
-
 def _executor() -> ThreadPoolExecutor:
     global _worker
     with _lock:
         if _worker is None:
-            _worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="miniomni-end-of-turn",
-                                         initializer=_one_core)
+            _worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="miniomni-end-of-turn")
         return _worker
 
 
