@@ -94,7 +94,7 @@ async def talker(index: int, base_url: str, args: argparse.Namespace, question: 
     channel.on("message", lambda message: events.put_nowait(json.loads(message)))
     mic = Microphone(rng)
     pc.addTrack(mic)
-    heard: list[tuple[float, int, bool]] = []  # (arrival, samples, silent)
+    heard: list[tuple[float, int, bool]] = []  # (arrival, samples per channel at 48 kHz, silent)
 
     async def listen(track: MediaStreamTrack) -> None:
         while True:
@@ -102,8 +102,8 @@ async def talker(index: int, base_url: str, args: argparse.Namespace, question: 
                 frame = await track.recv()
             except MediaStreamError:
                 return
-            samples = frame.to_ndarray().ravel()
-            heard.append((time.perf_counter(), len(samples), bool(np.abs(samples).max() <= SILENT)))
+            samples = frame.to_ndarray().ravel()  # (Opus decodes to stereo: both channels, interleaved)
+            heard.append((time.perf_counter(), frame.samples, bool(np.abs(samples).max() <= SILENT)))
 
     listeners: list[asyncio.Task] = []
     pc.on("track", lambda track: listeners.append(asyncio.create_task(listen(track))))
