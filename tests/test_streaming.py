@@ -147,7 +147,7 @@ def test_int8_and_fast_encoder_pipeline_runs_close_to_float(checkpoint_dir, ques
     assert cosine > 0.99
     *_, done = quantized.stream(audio=question_wav, max_new_tokens=12)
     assert done.timings.steps == 12
-    fast = miniomni.load(checkpoint_dir, device="cpu", fast_encoder=True)
+    fast = miniomni.load(checkpoint_dir, device="cpu", encoder_context="audio")
     faithful_features = omni.prepare(audio=question_wav).audio_features
     fast_features = fast.prepare(audio=question_wav).audio_features
     assert fast_features.shape == faithful_features.shape

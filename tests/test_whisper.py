@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import random_whisper
 
 from miniomni.audio import log_mel_spectrogram
 from miniomni.checkpoints import load_whisper_encoder
@@ -20,7 +21,7 @@ from miniomni.models.whisper import (
 )
 
 whisper = pytest.importorskip("whisper")
-from whisper.model import ModelDimensions, Whisper  # noqa: E402
+from whisper.model import Whisper  # noqa: E402
 
 TINY = dict(
     n_mels=80,
@@ -45,12 +46,7 @@ class Payload:
 
 @pytest.fixture(scope="module")
 def reference() -> Whisper:
-    torch.manual_seed(1234)
-    model = Whisper(ModelDimensions(**TINY)).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn_like(p) * 0.05)
-    return model
+    return random_whisper(TINY, seed=1234)
 
 
 @pytest.fixture(scope="module")

@@ -36,6 +36,7 @@ MIN_SAMPLE_RATE = 1000  # below this a "recording" is not speech, and resampling
 MAX_SAMPLE_RATE = 384000
 MAX_CHANNELS = 8
 MAX_WHISPER_FRAMES = N_FRAMES // 2  # 1500 encoder positions
+ENCODER_CONTEXTS = ("30", "10", "5", "audio")  # how much audio the Whisper encoder attends over (encoder_mel_frames)
 
 _SUPPORTED_FORMATS = "WAV, FLAC, OGG/Vorbis, OGG/Opus and MP3"
 
@@ -53,6 +54,8 @@ __all__ = [
     "load_audio",
     "trim_to_30s",
     "whisper_frame_count",
+    "ENCODER_CONTEXTS",
+    "encoder_mel_frames",
     "mel_filters",
     "log_mel_spectrogram",
     "write_wav",
@@ -239,6 +242,26 @@ def whisper_frame_count(num_samples_16k: int) -> int:
         raise ValueError(f"num_samples_16k must be >= 0, got {n}")
     duration_ms = (n / WHISPER_SAMPLE_RATE) * 1000
     return min(int(duration_ms / 20) + 1, MAX_WHISPER_FRAMES)
+
+
+def encoder_mel_frames(num_samples_16k: int, context: str) -> int:
+    """How many mel frames (of the 30 s-padded log-mel) the Whisper encoder reads for audio of this many samples.
+
+    ``context`` is one of :data:`ENCODER_CONTEXTS`: ``"30"`` reads all 3000 frames (Whisper's
+    30 s window, as the reference does); ``"10"`` and ``"5"`` read the frames the kept positions
+    need (``2 * whisper_frame_count``) rounded up to a whole number of 10 s (1000 frames) or 5 s
+    (500 frames) steps, at least one step and at most 3000; ``"audio"`` reads exactly the frames
+    the kept positions need. The encoder gives one position for every two frames.
+    """
+    needed = 2 * whisper_frame_count(num_samples_16k)
+    if context == "30":
+        return N_FRAMES
+    if context == "audio":
+        return needed
+    if context in ("10", "5"):
+        step = int(context) * WHISPER_SAMPLE_RATE // HOP_LENGTH
+        return min(-(-needed // step) * step, N_FRAMES)
+    raise ValueError(f"encoder context {context!r} is not one of {', '.join(ENCODER_CONTEXTS)}")
 
 
 # ---------------------------------------------------------------------------

@@ -7,13 +7,14 @@ Published layout (``miniomni download DIR`` writes it)::
     DIR/model_config.yaml      gpt-omni/mini-omni
     DIR/lit_model.pth          gpt-omni/mini-omni   (litgpt state dict)
     DIR/tokenizer.json         gpt-omni/mini-omni
-    DIR/small.pt               gpt-omni/mini-omni2  (openai-whisper small)
+    DIR/small.pt               gpt-omni/mini-omni2  (openai-whisper small; or DIR/whisper/, CTranslate2)
     DIR/snac/config.json       hubertsiuzdak/snac_24khz
     DIR/snac/pytorch_model.bin hubertsiuzdak/snac_24khz
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -23,9 +24,12 @@ from typing import Any
 
 import torch
 
+from .calibration import calibration_ids
 from .codec import Codec
 from .config import OmniConfig
 from .errors import CheckpointError, MiniOmniError
+from .hub import host_resolves, manual_download_hint
+from .models.ctranslate2 import is_ct2_dir, whisper_checkpoint_from_ct2
 from .models.omni import OmniModel
 from .models.whisper import WhisperDims, WhisperEncoder, encoder_state_dict_from_whisper
 from .quantize import parse_quantize, quantize_weight
@@ -212,7 +216,9 @@ def read_checkpoint_dir(directory: str | Path) -> CheckpointParts:
     tokenizer_json = tokenizer_path.read_text(encoding="utf-8")
 
     whisper_path = directory / WHISPER_FILE
-    if not whisper_path.is_file() and OPENAI_WHISPER_CACHE.is_file():
+    if not whisper_path.is_file() and is_ct2_dir(directory / "whisper"):
+        whisper_path = directory / "whisper"  # a CTranslate2 Whisper directory in place of small.pt
+    elif not whisper_path.is_file() and OPENAI_WHISPER_CACHE.is_file():
         log.info("using the Whisper encoder from %s", OPENAI_WHISPER_CACHE)
         whisper_path = OPENAI_WHISPER_CACHE
     whisper_dims, whisper_state = read_whisper_file(whisper_path, fix)
@@ -236,8 +242,9 @@ def read_checkpoint_dir(directory: str | Path) -> CheckpointParts:
 
 
 def read_whisper_file(path: Path, fix: str) -> tuple[WhisperDims, dict[str, torch.Tensor]]:
-    """Dimensions and encoder weights of an openai-whisper checkpoint (``small.pt``)."""
-    data = load_torch_file(path, "Whisper checkpoint", fix)
+    """Dimensions and encoder weights of an openai-whisper checkpoint (``small.pt``) or a CTranslate2 Whisper dir."""
+    path = Path(path)
+    data = whisper_checkpoint_from_ct2(path) if is_ct2_dir(path) else load_torch_file(path, "Whisper checkpoint", fix)
     return encoder_state_dict_from_whisper(data, source=f"Whisper checkpoint '{path}'")
 
 
@@ -256,10 +263,10 @@ def download(directory: str | Path, revision: str | None = None) -> Path:
         if (target / filename).is_file():
             log.info("%s already present", target / filename)
             continue
-        if not _hub_host_resolves():
+        if not host_resolves():
             raise CheckpointError(
                 f"cannot reach the Hugging Face Hub to download {filename} from {repo_id}: its host name does "
-                f"not resolve, so this machine looks offline. " + _manual_download_hint(directory, plan)
+                f"not resolve, so this machine looks offline. " + manual_download_hint(directory, plan)
             )
         log.info("downloading %s from %s into %s", filename, repo_id, target)
         try:
@@ -270,35 +277,9 @@ def download(directory: str | Path, revision: str | None = None) -> Path:
                 f"could not download {filename} from the Hugging Face Hub repo {repo_id} "
                 f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}). "
                 "This machine may be offline or unable to reach huggingface.co. "
-                + _manual_download_hint(directory, plan)
+                + manual_download_hint(directory, plan)
             ) from exc
     return directory
-
-
-def _manual_download_hint(directory: Path, plan: list[tuple[str, str, Path]]) -> str:
-    return (
-        f"On a connected machine run `miniomni download {directory}` and copy the folder here, "
-        "or place the files by hand: " + "; ".join(f"{r}/{f} -> {t / f}" for r, f, t in plan)
-    )
-
-
-def _hub_host_resolves() -> bool:
-    """False when the hub's host name does not resolve (offline): fail at once instead of retrying."""
-    import socket
-    from urllib.parse import urlparse
-
-    from huggingface_hub import constants
-
-    if constants.HF_HUB_OFFLINE:
-        return True  # huggingface_hub answers from its cache or fails at once by itself
-    host = urlparse(constants.ENDPOINT).hostname
-    if not host:
-        return True
-    try:
-        socket.getaddrinfo(host, 443)
-    except OSError:
-        return False
-    return True
 
 
 def resolve_repo(repo_id: str) -> Path:
@@ -321,13 +302,17 @@ def convert_model_state(
     dtype: torch.dtype | None = None,
     quantize: str | None = None,
     mapped_from: Path | None = None,
+    calibration: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """Cast floating tensors to ``dtype``; with ``quantize="int8"`` store the decoder's linears as int8 + scales.
 
-    With ``mapped_from`` (the file the tensors are memory-mapped from), each source tensor's pages
-    are released once converted, so peak memory stays near the converted size.
+    ``calibration`` (token ids, see :mod:`miniomni.calibration`) smooths each block before it is
+    quantized and records its outlier channels (:mod:`miniomni.smoothing`). With ``mapped_from``
+    (the file the tensors are memory-mapped from), each source tensor's pages are released once
+    converted, so peak memory stays near the converted size.
     """
     from .safeload import mapped_ranges, release_pages
+    from .smoothing import smoothed_blocks
 
     ranges = mapped_ranges(mapped_from) if mapped_from is not None else []
     quantize = parse_quantize(quantize)
@@ -340,15 +325,21 @@ def convert_model_state(
     out: dict[str, torch.Tensor] = {}
     if quantize == "int8" and config.tie_word_embeddings:
         out["llm.lm_head.weight"], out["llm.lm_head.scales"] = quantize_weight(state["llm.embed.weight"])
-    for key, tensor in state.items():
+    smoothed = smoothed_blocks(state, config, calibration) if quantize == "int8" and calibration is not None else ()
+    for key, tensor in itertools.chain(smoothed, state.items()):
+        if key in out:
+            continue
         if key in linear_weights:
             out[key], out[key[: -len("weight")] + "scales"] = quantize_weight(tensor)
         elif dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype:
             out[key] = tensor.to(dtype)
+        elif tensor is state.get(key):
+            out[key] = tensor  # kept as it is: its pages stay in use
+            continue
         else:
             out[key] = tensor
-            continue
-        release_pages(tensor, ranges)
+        if key in state:
+            release_pages(state[key], ranges)
     return out
 
 
@@ -371,7 +362,8 @@ def write_bundle(
     if dtype is not None or quantize != parts.quantize:
         if parts.quantize:
             raise CheckpointError("this bundle is already quantized; convert from the published checkpoint instead")
-        model_state = convert_model_state(model_state, parts.config, dtype, quantize)
+        calibration = calibration_ids(parts.tokenizer_json) if quantize == "int8" else None
+        model_state = convert_model_state(model_state, parts.config, dtype, quantize, calibration=calibration)
     tensors: dict[str, torch.Tensor] = {}
     for prefix, state in (("omni.", model_state), ("whisper.", parts.whisper_state), ("snac.", parts.snac_state)):
         for key, tensor in state.items():

@@ -14,11 +14,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .audio import OUTPUT_SAMPLE_RATE, float_to_pcm16
+from .audio import ENCODER_CONTEXTS, OUTPUT_SAMPLE_RATE, float_to_pcm16
 from .devices import resolve_device
 from .errors import MiniOmniError
 from .precision import INT8_ACTIVATIONS, PLAN_DTYPES, Plan
 from .quantize import QUANTIZE_MODES
+from .server.settings import SERVE_ENCODER_CONTEXT, add_server_arguments
 from .streaming import AudioChunk, TextDelta
 from .tokens import SAMPLES_PER_FRAME, Task
 
@@ -27,8 +28,7 @@ log = logging.getLogger("miniomni")
 
 def _add_generate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="answer one spoken or written question")
-    p.add_argument("--checkpoint", required=True,
-                   help="checkpoint directory (published layout), .safetensors bundle, or gpt-omni/mini-omni")
+    _add_loading(p, serve=False)
     p.add_argument("--task", default=None, choices=[t.value for t in Task],
                    help="default: A1A2-batch for --audio, T1A2 for --text")
     source = p.add_mutually_exclusive_group(required=True)
@@ -40,10 +40,6 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--stream", action="store_true",
                    help="print text and write (or play) audio as they are generated")
     p.add_argument("--play", action="store_true", help="play the answer as it arrives (needs sounddevice)")
-    p.add_argument("--quantize", choices=QUANTIZE_MODES, default="none",
-                   help="int8 weight-only linears (faster on CPU; not bit-faithful)")
-    p.add_argument("--fast-encoder", action="store_true",
-                   help="run Whisper on the real audio only, not 30 s (faster; changes the features slightly)")
     p.add_argument("--tokens-out", help="write every sampled token as JSON here")
     p.add_argument("--max-new-tokens", type=int, default=None,
                    help="cap on sampled steps (default: up to 2048 positions)")
@@ -51,12 +47,42 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None, help="seed for sampling (temperature > 0)")
-    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:1, mps")
-    _add_precision(p)
     p.set_defaults(func=_cmd_generate)
 
 
-def _add_precision(p: argparse.ArgumentParser) -> None:
+class _EncoderContext(argparse.Action):
+    """``--encoder-context``, and ``--fast-encoder`` as its shorthand: two different choices are refused."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: object,
+                 option_string: str | None = None) -> None:
+        value = self.const if self.nargs == 0 else values
+        earlier = getattr(namespace, "_encoder_context_option", None)
+        if earlier is not None and earlier[1] != value:
+            parser.error(f"{option_string} (encoder context {value}) contradicts {earlier[0]} {earlier[1]}: give one")
+        namespace._encoder_context_option = (option_string, value)
+        setattr(namespace, self.dest, value)
+
+
+def _add_loading(p: argparse.ArgumentParser, serve: bool) -> None:
+    """What to load and how, for generate and serve."""
+    p.add_argument("--checkpoint", required=True,
+                   help="checkpoint directory (published layout), .safetensors bundle, or gpt-omni/mini-omni")
+    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:1, mps")
+    if serve:
+        p.add_argument("--quantize", choices=("auto", *QUANTIZE_MODES), default="auto",
+                       help="auto (default): int8 on a CPU, where float32 cannot keep a conversation in real time, "
+                            "none elsewhere; none: the float32 weights as published (bit-faithful, slow on a CPU)")
+    else:
+        p.add_argument("--quantize", choices=QUANTIZE_MODES, default="none",
+                       help="int8 weight-only linears (faster on CPU; not bit-faithful)")
+    default = SERVE_ENCODER_CONTEXT if serve else "30"
+    p.add_argument("--encoder-context", choices=ENCODER_CONTEXTS, default=default, action=_EncoderContext,
+                   help="how much audio Whisper attends over: 30 (its whole 30 s window, as the reference: "
+                        "faithful), 10 or 5 (the question padded to the next multiple of 10 s or 5 s: quicker, the "
+                        "features change a little), audio (the question only: quickest, the features change most); "
+                        f"default {default}")
+    p.add_argument("--fast-encoder", dest="encoder_context", nargs=0, const="audio", action=_EncoderContext,
+                   help="short for --encoder-context audio")
     p.add_argument("--dtype", default="auto", choices=PLAN_DTYPES,
                    help="the decoder's activations; auto (default): float32 with float weights (faithful), with "
                         "int8 weights bfloat16 where the machine has bfloat16 instructions, else float32")
@@ -75,8 +101,8 @@ def _load(args: argparse.Namespace, quantize: str | None) -> object:
     from .pipeline import load
 
     return load(args.checkpoint, device=args.device, dtype=args.dtype, quantize=quantize,
-                fast_encoder=args.fast_encoder, encoder_dtype=args.encoder_dtype, codec_dtype=args.codec_dtype,
-                int8_activations=args.int8_activations)
+                encoder_context=args.encoder_context, encoder_dtype=args.encoder_dtype,
+                codec_dtype=args.codec_dtype, int8_activations=args.int8_activations)
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
@@ -89,10 +115,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     omni = _load(args, args.quantize)
     log.info("loaded in %.1f s", time.perf_counter() - started)
-    request = dict(
-        audio=args.audio, text=args.text, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-        top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-    )
+    request = dict(audio=args.audio, text=args.text, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                   top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     text_out = sys.stderr if args.out == "-" else sys.stdout
     with AudioSink(args.out if speech_out else None, args.play and speech_out) as sink:
         if args.stream:
@@ -145,9 +169,7 @@ class AudioSink:
 
     def __init__(self, out: str | None, play: bool, sample_rate: int = OUTPUT_SAMPLE_RATE) -> None:
         self.out, self.play, self.sample_rate = out, play, sample_rate
-        self.samples = 0
-        self._file = None
-        self._player = None
+        self.samples, self._file, self._player = 0, None, None
 
     def __enter__(self) -> AudioSink:
         if self.play:
@@ -247,43 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_serve(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="serve voice chat over HTTP (see docs/server.md)")
-    p.add_argument("--checkpoint", required=True, help="checkpoint directory, .safetensors bundle or hub id")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default loopback only)")
-    p.add_argument("--port", type=int, default=8000)
+    _add_loading(p, serve=True)
     p.add_argument("--max-sessions", type=int, default=4, help="concurrent answers; more get HTTP 503")
-    p.add_argument("--api-key-file", default=None,
-                   help="require 'Authorization: Bearer KEY' on every request, KEY being this file's first line "
-                        "(or set MINIOMNI_API_KEY)")
-    p.add_argument("--api-key", default=None, help="the key itself (visible to every user of `ps`: prefer the file "
-                                                   "or the environment variable)")
-    p.add_argument("--cors-origin", action="append", default=[], help="allow this browser origin (repeatable)")
-    p.add_argument("--max-audio-seconds", type=float, default=30.0, help="longest question accepted")
-    p.add_argument("--max-connections", type=int, default=64,
-                   help="open Realtime WebSocket connections, idle ones included (default 64)")
-    p.add_argument("--max-message-mb", type=float, default=4.0, help="largest WebSocket message (default 4 MB)")
-    p.add_argument("--max-request-mb", type=float, default=64.0, help="largest HTTP request body (default 64 MB)")
-    p.add_argument("--idle-timeout", type=float, default=300.0,
-                   help="close a connection after this many seconds without an event while no answer runs")
-    p.add_argument("--max-events-per-second", type=float, default=200.0,
-                   help="per connection, in bursts of up to twice as many (default 200)")
-    p.add_argument("--webrtc-playout-ms", type=float, default=200.0,
-                   help="a WebRTC answer starts on its track this long after its first audio (default 200): the "
-                        "jitter buffer a WebSocket client keeps itself; 0 starts at once, with gaps at the start")
-    p.add_argument("--ssl-certfile", default=None, help="serve HTTPS (browsers need it for the microphone)")
-    p.add_argument("--ssl-keyfile", default=None)
-    p.add_argument("--device", default="auto")
-    _add_precision(p)
-    p.add_argument("--quantize", choices=("auto", *QUANTIZE_MODES), default="auto",
-                   help="auto (default): int8 on a CPU, where float32 cannot keep a conversation in real time, "
-                        "none elsewhere; none: the float32 weights as published (bit-faithful, slow on a CPU)")
-    p.add_argument("--fast-encoder", action="store_true",
-                   help="run Whisper on the real audio only, not 30 s (much quicker first answers; changes the "
-                        "features slightly)")
-    p.add_argument("--no-speculation", action="store_true",
-                   help="do not start answering while the VAD makes sure a spoken turn has ended")
-    p.add_argument("--turn-model", default=None,
-                   help="semantic VAD's end-of-turn model (Smart Turn v3 ONNX); default: the one `miniomni download` "
-                        "put in the --checkpoint directory, else the pipecat-ai wheel's copy")
+    add_server_arguments(p)
     from .server.rayserve import add_ray_arguments  # ray itself is imported only with --ray
 
     add_ray_arguments(p)
@@ -376,13 +364,16 @@ def _report_speed(timings: object, plan: Plan, args: argparse.Namespace) -> None
     cost = timings.step_ms_median + timings.codec_ms / frames
     measured = (f"a frame of speech ({frame_ms:.0f} ms) costs {cost:.0f} ms here (decode step "
                 f"{timings.step_ms_median:.0f} ms, codec {timings.codec_ms / frames:.0f} ms)")
-    log.info("precision: %s", plan.describe())
+    from .pipeline import describe_encoder_context
+
+    log.info("precision: %s; %s; %s", plan.describe(), plan.quality(), describe_encoder_context(args.encoder_context))
     if cost < 0.9 * frame_ms:
         log.info("real time: %s", measured)
         return
     log.warning("this machine cannot keep a spoken answer in real time with these settings: %s, so listeners will "
                 "hear gaps; %s%s", measured, _advice(plan, args),
-                "" if args.fast_encoder else " (--fast-encoder also makes first answers quicker)")
+                "" if args.encoder_context == "audio" else
+                " (a shorter --encoder-context, audio the shortest, also makes first answers quicker)")
 
 
 def _advice(plan: Plan, args: argparse.Namespace) -> str:
@@ -466,9 +457,8 @@ def _cmd_data(args: argparse.Namespace) -> int:
         else:
             manifest = synthesize(args.input, args.out, options)
         elapsed = time.perf_counter() - started
-        summary = {k: manifest[k] for k in ("rows_in", "rows_done", "written", "failed", "question_hours",
-                                            "answer_hours")}
-        print(json.dumps({**summary, "seconds": round(elapsed, 2)}))
+        keys = ("rows_in", "rows_done", "written", "failed", "question_hours", "answer_hours")
+        print(json.dumps({**{k: manifest[k] for k in keys}, "seconds": round(elapsed, 2)}))
         return 0
     from .data.inspect import decode_row, find_row, question_audio, summarize
 

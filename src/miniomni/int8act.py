@@ -12,9 +12,10 @@ every batch size from 1 to 16).
 Without 8-bit dot-product instructions (VNNI), fbgemm adds pairs of 8-bit products in
 16 bits, which saturate for large activations; there the activations use 7 bits.
 
-The cost in quality is that of 8-bit (or 7-bit) activations, measured on a real language
-model by ``benchmarks/int8_quality.py`` (``docs/performance.md``): why the precision plan
-turns this path on by itself only where the CPU has VNNI.
+A weight converted with calibration (:mod:`miniomni.smoothing`) carries its outlier input
+channels: those few channels are multiplied in float beside the int8 product, so they no
+longer set each row's scale. The cost in quality, with and without that, is measured on a
+real language model by ``benchmarks/int8_quality.py`` (``docs/performance.md``).
 """
 
 from __future__ import annotations
@@ -46,6 +47,16 @@ class Int8ActLinear:
             raise ValueError("activations are quantized to 7 or 8 bits")
         weight = torch.cat([m.weight for m in linears])
         scales = torch.cat([m.scales for m in linears]).double()
+        outliers = getattr(linears[0], "outliers", None)
+        self.outliers = outliers if outliers is not None and outliers.numel() else None
+        if self.outliers is not None:
+            # Those channels are multiplied in float by the dequantized weight columns; the int8 product
+            # sees zeros there, so they neither set a row's scale nor add twice.
+            self.side = (weight[:, self.outliers].float() * scales[:, None].float()).T.contiguous()
+            self.keep = torch.ones(weight.shape[1])
+            self.keep[self.outliers] = 0.0
+            weight = weight.clone()
+            weight[:, self.outliers] = 0
         biases = [m.bias for m in linears]
         self.bias = None if all(b is None for b in biases) else torch.cat(
             [torch.zeros(m.out_features) if b is None else b.detach().float() for m, b in zip(linears, biases,
@@ -68,8 +79,12 @@ class Int8ActLinear:
         """x (..., in) -> (..., sum of outputs), in x's dtype."""
         shape = x.shape
         flat = x.reshape(-1, shape[-1]).float()
-        scale = flat.abs().amax(dim=1, keepdim=True).clamp_(min=1e-30) / self.limit
+        magnitude = flat.abs() if self.outliers is None else flat.abs().mul_(self.keep)
+        scale = magnitude.amax(dim=1, keepdim=True).clamp_(min=1e-30) / self.limit
         out = _MATMUL(flat / scale, 1.0, self.zero_point, self.packed).mul_(scale)
+        if self.outliers is not None:  # one product per row (batched): a row's sum never depends on the batch
+            side = flat[:, self.outliers].unsqueeze(1)
+            out.unsqueeze(1).baddbmm_(side, self.side.expand(side.shape[0], *self.side.shape))
         if self.bias is not None:
             out += self.bias
         return out.to(x.dtype).reshape(*shape[:-1], out.shape[-1])

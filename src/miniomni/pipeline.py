@@ -7,7 +7,7 @@ import logging
 import os
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypedDict
 
@@ -16,7 +16,17 @@ import torch
 from tokenizers import Tokenizer
 from typing_extensions import Unpack
 
-from .audio import OUTPUT_SAMPLE_RATE, load_audio, log_mel_spectrogram, trim_to_30s, whisper_frame_count
+from .audio import (
+    ENCODER_CONTEXTS,
+    N_FRAMES,
+    OUTPUT_SAMPLE_RATE,
+    encoder_mel_frames,
+    load_audio,
+    log_mel_spectrogram,
+    trim_to_30s,
+    whisper_frame_count,
+)
+from .calibration import calibration_ids
 from .checkpoints import CheckpointParts, check_state_dict, convert_model_state, read_checkpoint
 from .codec import Codec
 from .cooperative import Steps, run, within
@@ -27,11 +37,34 @@ from .int8act import use_int8_activations
 from .models.omni import OmniModel
 from .models.whisper import WhisperEncoder
 from .precision import Plan, choose, fast_bfloat16
-from .quantize import MAX_DECODE_ROWS, parse_quantize, quantize_int8
+from .quantize import MAX_DECODE_ROWS, attach_outliers, parse_quantize, quantize_int8
 from .streaming import AnswerEvents, AnswerTokens, StreamEvent
 from .tokens import Task, audio_prompt, text_prompt, undelay
 
 log = logging.getLogger(__name__)
+
+
+def check_encoder_context(context: str) -> str:
+    """``context`` if it is one of :data:`miniomni.audio.ENCODER_CONTEXTS`, else a MiniOmniError naming them."""
+    if not isinstance(context, str) or context not in ENCODER_CONTEXTS:
+        raise MiniOmniError(f"encoder_context {context!r} is not one of {', '.join(map(repr, ENCODER_CONTEXTS))}: "
+                            "seconds of audio Whisper attends over (30, as the reference; 10 or 5), or 'audio' "
+                            "(the question only)")
+    return context
+
+
+# What each encoder context does to real Whisper features (Whisper base on Piper speech, mean cosine similarity to
+# the 30 s window's, benchmarks/encoder_context.py; docs/quality.md).
+_CONTEXT_COST = {"30": "the reference's features", "10": "features at cosine 0.993 to the 30 s window's",
+                 "5": "features at cosine 0.985 to the 30 s window's, transcripts start to fail",
+                 "audio": "features at cosine 0.964 to the 30 s window's, transcripts often fail"}
+
+
+def describe_encoder_context(context: str) -> str:
+    """A few words: what Whisper attends over, and what that costs in quality."""
+    heard = "its whole 30 s window" if context == "30" else (
+        "the question alone" if context == "audio" else f"the question padded to the next {context} s")
+    return f"Whisper attends over {heard} ({_CONTEXT_COST[check_encoder_context(context)]})"
 
 
 class Question(TypedDict, total=False):
@@ -87,7 +120,7 @@ class MiniOmni:
         tokenizer: Tokenizer,
         device: torch.device,
         dtype: torch.dtype,
-        fast_encoder: bool = False,
+        encoder_context: str = "30",
         plan: Plan | None = None,
     ) -> None:
         self.model = model.eval()
@@ -96,7 +129,7 @@ class MiniOmni:
         self.tokenizer = tokenizer
         self.device = device
         self.dtype = dtype  # the decoder's activations
-        self.fast_encoder = fast_encoder
+        self.encoder_context = check_encoder_context(encoder_context)
         self.plan = plan or Plan(weights=str(dtype).removeprefix("torch."), activations=dtype,
                                  encoder=dtype, codec=codec.stream_dtype)
 
@@ -107,15 +140,17 @@ class MiniOmni:
         device: torch.device,
         dtype: str | torch.dtype = "auto",
         quantize: str | None = None,
-        fast_encoder: bool = False,
+        encoder_context: str = "30",
         encoder_dtype: str | torch.dtype = "auto",
         codec_dtype: str | torch.dtype = "auto",
         int8_activations: str = "auto",
     ) -> MiniOmni:
         """Build the pipeline; ``quantize="int8"`` swaps the decoder's linears for int8 ones.
 
-        ``"auto"`` precisions are chosen for the machine (:func:`miniomni.precision.choose`).
+        ``"auto"`` precisions are chosen for the machine (:func:`miniomni.precision.choose`);
+        ``encoder_context`` as for :func:`load`.
         """
+        check_encoder_context(encoder_context)
         quantize = parse_quantize(quantize)
         if parts.quantize == "int8":
             quantize = "int8"  # an int8 bundle holds no float weights to run without it
@@ -128,13 +163,19 @@ class MiniOmni:
             # memory-mapped source as we go: float32 weights are never all resident at once.
             # int8 weights keep the other tensors in bfloat16 whatever the activations, as an int8
             # bundle stores them: one int8 model gives one answer however it was loaded.
+            # int8 weights are smoothed and their outlier channels chosen on calibration text first.
             stored = torch.bfloat16 if quantize == "int8" else dtype
-            state = convert_model_state(state, parts.config, stored, quantize, mapped_from=parts.weights_file)
+            calibration = calibration_ids(parts.tokenizer_json) if quantize == "int8" else None
+            state = convert_model_state(state, parts.config, stored, quantize, mapped_from=parts.weights_file,
+                                        calibration=calibration)
         int8 = quantize == "int8"
         with torch.device("meta"):
             model = OmniModel(parts.config)
             if int8:
                 quantize_int8(model.llm)
+                entries = len(state)
+                state = attach_outliers(model, state)
+                plan = replace(plan, calibrated=len(state) < entries)
         check_state_dict(model, state, "the Mini-Omni weights")
         tied = parts.config.tie_word_embeddings and not int8
         model.load_state_dict(state, strict=not tied, assign=True)
@@ -158,7 +199,7 @@ class MiniOmni:
                 f"tokenizer.json could not be read ({exc}); it is probably incomplete. Delete it and "
                 "download it again with `miniomni download DIR`"
             ) from exc
-        return cls(model, encoder, codec, tokenizer, device, dtype, fast_encoder=fast_encoder, plan=plan)
+        return cls(model, encoder, codec, tokenizer, device, dtype, encoder_context=encoder_context, plan=plan)
 
     # ------------------------------------------------------------------ inputs
 
@@ -171,16 +212,16 @@ class MiniOmni:
         frames = whisper_frame_count(len(audio_16k))
         with torch.inference_mode():
             # On the CPU, as the reference does: a GPU FFT differs in the low bits.
-            mel = log_mel_spectrogram(audio_16k).to(self.device)
-            if self.fast_encoder:  # opt-in: encode only the frames that are kept, not 30 s
-                mel = mel[:, : 2 * frames]
+            # The first frames of the 30 s window: how much audio Whisper attends over (encoder_context).
+            mel_frames = encoder_mel_frames(len(audio_16k), self.encoder_context)
+            mel = log_mel_spectrogram(audio_16k)[:, :mel_frames].to(self.device)
         yield
-        features = yield from within(self._encoder_context, self.encoder.forward_steps(mel.unsqueeze(0),
-                                                                                        allow_short=self.fast_encoder))
+        encode = self.encoder.forward_steps(mel.unsqueeze(0), allow_short=mel_frames < N_FRAMES)
+        features = yield from within(self._encoder_scope, encode)
         with torch.inference_mode():
             return features[:, :frames].float()
 
-    def _encoder_context(self) -> contextlib.ExitStack:
+    def _encoder_scope(self) -> contextlib.ExitStack:
         stack = contextlib.ExitStack()
         stack.enter_context(torch.inference_mode())
         stack.enter_context(autocast(self.device, self.plan.encoder))
@@ -318,7 +359,7 @@ def load(
     device: str | torch.device | None = "auto",
     dtype: str | torch.dtype | None = "auto",
     quantize: str | None = None,
-    fast_encoder: bool = False,
+    encoder_context: str = "30",
     encoder_dtype: str | torch.dtype = "auto",
     codec_dtype: str | torch.dtype = "auto",
     int8_activations: str = "auto",
@@ -329,13 +370,17 @@ def load(
     float weights, and with ``quantize="int8"`` bfloat16 where the machine runs it fast;
     ``encoder_dtype`` and ``codec_dtype`` likewise; ``int8_activations`` (auto, on, off): int8
     weights times int8 activations where fbgemm runs (see :func:`miniomni.precision.choose`).
-    ``fast_encoder`` runs Whisper on the real audio only instead of 30 s (faster, not faithful).
+    ``encoder_context`` is how much audio Whisper attends over: ``"30"`` (the default) its whole
+    30 s window, as the reference does (faithful); ``"10"`` or ``"5"`` the question padded to the
+    next multiple of 10 s or 5 s; ``"audio"`` the question alone (fastest, the features differ most).
     """
+    check_encoder_context(encoder_context)
     resolved_device = resolve_device(device)
     source = path_or_repo if isinstance(path_or_repo, str) else Path(path_or_repo)
     parts = read_checkpoint(source)
-    omni = MiniOmni.from_parts(parts, resolved_device, dtype or "auto", quantize=quantize, fast_encoder=fast_encoder,
-                               encoder_dtype=encoder_dtype, codec_dtype=codec_dtype,
+    omni = MiniOmni.from_parts(parts, resolved_device, dtype or "auto", quantize=quantize,
+                               encoder_context=encoder_context, encoder_dtype=encoder_dtype, codec_dtype=codec_dtype,
                                int8_activations=int8_activations)
-    log.info("loaded %s onto %s: %s", path_or_repo, resolved_device, omni.plan.describe())
+    log.info("loaded %s onto %s: %s; %s; %s", path_or_repo, resolved_device, omni.plan.describe(),
+             omni.plan.quality(), describe_encoder_context(encoder_context))
     return omni

@@ -32,6 +32,9 @@ class Int8Linear(nn.Module):
     """
 
     int8_activations = None
+    # Input channels whose activations stay in float on the int8-activation path (see miniomni.smoothing);
+    # stored in a state dict as "<name>.outliers" beside the weight, read by :func:`attach_outliers`.
+    outliers: torch.Tensor | None = None
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False,
                  device: torch.device | str | None = None) -> None:
@@ -117,3 +120,19 @@ def quantize_int8(module: nn.Module, skip: tuple[str, ...] = ()) -> nn.Module:
             quantize_int8(child, skip)
     return module
 
+
+
+OUTLIERS_SUFFIX = ".outliers"
+
+
+def attach_outliers(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Give each Int8Linear of ``model`` its ``<name>.outliers`` entry of ``state``; the state without them."""
+    modules = dict(model.named_modules())
+    rest = {}
+    for key, tensor in state.items():
+        owner = modules.get(key[: -len(OUTLIERS_SUFFIX)]) if key.endswith(OUTLIERS_SUFFIX) else None
+        if isinstance(owner, Int8Linear):
+            owner.outliers = tensor.to(torch.long)
+        else:
+            rest[key] = tensor
+    return rest

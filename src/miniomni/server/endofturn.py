@@ -114,7 +114,7 @@ def download_turn_model(directory: str | os.PathLike) -> Path:
     """Fetch the model file from the hub into ``directory`` (kept if already there). Needs internet."""
     from huggingface_hub import hf_hub_download
 
-    from ..checkpoints import _hub_host_resolves, _manual_download_hint
+    from ..hub import host_resolves, manual_download_hint
 
     directory = Path(directory)
     target = directory / TURN_MODEL_FILE
@@ -122,9 +122,9 @@ def download_turn_model(directory: str | os.PathLike) -> Path:
         log.info("%s already present", target)
         return target
     directory.mkdir(parents=True, exist_ok=True)
-    hint = (_manual_download_hint(directory, [(TURN_MODEL_REPO, TURN_MODEL_FILE, directory)])
+    hint = (manual_download_hint(directory, [(TURN_MODEL_REPO, TURN_MODEL_FILE, directory)])
             + ". The server also finds the copy inside the pipecat-ai wheel (pip install --no-deps pipecat-ai)")
-    if not _hub_host_resolves():
+    if not host_resolves():
         raise CheckpointError(f"cannot reach the Hugging Face Hub to download the end-of-turn model {TURN_MODEL_FILE} "
                               f"from {TURN_MODEL_REPO}: its host name does not resolve, so this machine looks "
                               f"offline. {hint}")

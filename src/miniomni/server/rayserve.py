@@ -28,7 +28,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .settings import ServerSettings, settings_from_args
+from .settings import SERVE_ENCODER_CONTEXT, ServerSettings, settings_from_args
 
 log = logging.getLogger(__name__)
 
@@ -329,7 +329,9 @@ def build(args: dict[str, Any]) -> Any:
     """Application builder for ``serve run miniomni.server.rayserve:build key=value ...`` and Serve config files.
 
     Keys: ``checkpoint`` (required), ``max_sessions``, ``replicas``, ``min_replicas``, ``max_replicas``,
-    ``replica_cpus``, ``quantize``, ``fast_encoder``, ``api_key`` (else ``MINIOMNI_API_KEY``), ``turn_model``.
+    ``replica_cpus``, ``quantize``, ``encoder_context`` (30, 10, 5 or audio; default
+    :data:`~miniomni.server.settings.SERVE_ENCODER_CONTEXT`), ``fast_encoder`` (true: short for
+    ``encoder_context=audio``), ``api_key`` (else ``MINIOMNI_API_KEY``), ``turn_model``.
     """
     if "checkpoint" not in args:
         raise ValueError("the application needs checkpoint=DIR")
@@ -342,13 +344,27 @@ def build(args: dict[str, Any]) -> Any:
                               max_audio_seconds=number("max_audio_seconds", float, 30.0))
     load_options: dict[str, Any] = {"device": args.get("device", "auto"),
                                     "quantize": _quantize(args.get("quantize", "auto"), args.get("device", "auto")),
-                                    "fast_encoder": str(args.get("fast_encoder", "")).lower() in ("1", "true", "yes")}
+                                    "encoder_context": _encoder_context(args)}
     spec = ReplicaSpec(checkpoint=str(args["checkpoint"]), max_sessions=number("max_sessions", int, 4),
                        load_options=load_options, settings=settings)
     scale = ScaleOptions(replicas=number("replicas", int, 1), min_replicas=number("min_replicas", int, None),
                          max_replicas=number("max_replicas", int, None),
                          replica_cpus=number("replica_cpus", float, 1.0))
     return application(spec, scale)
+
+
+def _encoder_context(args: dict[str, Any]) -> str:
+    """``encoder_context`` of :func:`build`'s arguments, ``fast_encoder=true`` standing for ``audio``."""
+    from ..audio import ENCODER_CONTEXTS
+
+    context = str(args.get("encoder_context") or "")
+    if str(args.get("fast_encoder", "")).lower() in ("1", "true", "yes"):
+        if context not in ("", "audio"):
+            raise ValueError(f"fast_encoder=true means encoder_context=audio; it contradicts encoder_context={context}")
+        return "audio"
+    if context and context not in ENCODER_CONTEXTS:
+        raise ValueError(f"encoder_context={context} is not one of {', '.join(ENCODER_CONTEXTS)}")
+    return context or SERVE_ENCODER_CONTEXT
 
 
 def _quantize(quantize: str, device: str) -> str:
@@ -385,7 +401,7 @@ def serve_from_args(args: argparse.Namespace) -> int:
         raise MiniOmniError(f"--ray needs Ray Serve ({exc}); pip install 'miniomni[ray]'") from exc
     settings = settings_from_args(args, _api_key(args), turn_model_for_serving(args.turn_model, args.checkpoint))
     load_options = {"device": args.device, "dtype": args.dtype, "quantize": _quantize(args.quantize, args.device),
-                    "fast_encoder": args.fast_encoder, "encoder_dtype": args.encoder_dtype,
+                    "encoder_context": args.encoder_context, "encoder_dtype": args.encoder_dtype,
                     "codec_dtype": args.codec_dtype, "int8_activations": args.int8_activations}
     spec = ReplicaSpec(checkpoint=os.path.abspath(args.checkpoint) if os.path.exists(args.checkpoint)
                        else args.checkpoint, max_sessions=args.max_sessions, load_options=load_options,

@@ -5,6 +5,10 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass, field
 
+# How much audio Whisper attends over when serving (see miniomni.audio.encoder_mel_frames): a question padded
+# to the next 10 s, not to Whisper's whole 30 s window, for quicker first answers.
+SERVE_ENCODER_CONTEXT = "10"
+
 
 @dataclass
 class ServerSettings:
@@ -22,6 +26,37 @@ class ServerSettings:
     max_events_per_second: float = 200.0  # per connection, in bursts of up to twice that
     webrtc_playout: float = 0.2  # seconds a WebRTC answer waits on the track after its first audio (a jitter buffer)
     turn_model: str | None = None  # semantic VAD's end-of-turn model file (None: the pipecat-ai wheel's copy, if any)
+
+
+def add_server_arguments(p: argparse.ArgumentParser) -> None:
+    """``miniomni serve``'s flags for where it listens, who may talk to it, its limits and its end-of-turn model."""
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key-file", default=None,
+                   help="require 'Authorization: Bearer KEY' on every request, KEY being this file's first line "
+                        "(or set MINIOMNI_API_KEY)")
+    p.add_argument("--api-key", default=None, help="the key itself (visible to every user of `ps`: prefer the file "
+                                                   "or the environment variable)")
+    p.add_argument("--cors-origin", action="append", default=[], help="allow this browser origin (repeatable)")
+    p.add_argument("--max-audio-seconds", type=float, default=30.0, help="longest question accepted")
+    p.add_argument("--max-connections", type=int, default=64,
+                   help="open Realtime WebSocket connections, idle ones included (default 64)")
+    p.add_argument("--max-message-mb", type=float, default=4.0, help="largest WebSocket message (default 4 MB)")
+    p.add_argument("--max-request-mb", type=float, default=64.0, help="largest HTTP request body (default 64 MB)")
+    p.add_argument("--idle-timeout", type=float, default=300.0,
+                   help="close a connection after this many seconds without an event while no answer runs")
+    p.add_argument("--max-events-per-second", type=float, default=200.0,
+                   help="per connection, in bursts of up to twice as many (default 200)")
+    p.add_argument("--webrtc-playout-ms", type=float, default=200.0,
+                   help="a WebRTC answer starts on its track this long after its first audio (default 200): the "
+                        "jitter buffer a WebSocket client keeps itself; 0 starts at once, with gaps at the start")
+    p.add_argument("--ssl-certfile", default=None, help="serve HTTPS (browsers need it for the microphone)")
+    p.add_argument("--ssl-keyfile", default=None)
+    p.add_argument("--no-speculation", action="store_true",
+                   help="do not start answering while the VAD makes sure a spoken turn has ended")
+    p.add_argument("--turn-model", default=None,
+                   help="semantic VAD's end-of-turn model (Smart Turn v3 ONNX); default: the one `miniomni download` "
+                        "put in the --checkpoint directory, else the pipecat-ai wheel's copy")
 
 
 def settings_from_args(args: argparse.Namespace, api_key: str | None, turn_model: str | None) -> ServerSettings:

@@ -38,7 +38,9 @@ from ..checkpoints import (
 from ..config import OmniConfig
 from ..devices import resolve_dtype
 from ..errors import CheckpointError
+from ..models.ctranslate2 import is_ct2_dir, whisper_checkpoint_from_ct2
 from ..models.omni import OmniModel
+from ..models.whisper import encoder_state_dict_from_whisper
 from ..tokens import TEXT_VOCAB_SIZE, VOCAB_SIZE
 
 log = logging.getLogger(__name__)
@@ -407,9 +409,10 @@ def init_from_lm(
     """Write a Mini-Omni checkpoint directory (published layout) started from a causal LM.
 
     ``source``: a Hugging Face Qwen2 / Llama directory or a GGUF file. ``whisper``: an
-    openai-whisper ``small.pt`` (its width sizes the adapter). ``snac``: a directory with the
+    openai-whisper ``small.pt`` or a CTranslate2 Whisper directory, any size (its width sizes the
+    adapter); a CTranslate2 one is written converted, as ``small.pt``. ``snac``: a directory with the
     SNAC ``config.json`` + ``pytorch_model.bin``. ``tokenizer``: a tokenizer.json to use instead
-    of the source's (needed when the source ships none). ``link`` symlinks Whisper and SNAC
+    of the source's (needed when the source ships none). ``link`` symlinks ``small.pt`` and SNAC
     instead of copying them. ``dtype`` is the dtype of ``lit_model.pth``.
     """
     started = time.perf_counter()
@@ -419,7 +422,15 @@ def init_from_lm(
         dtype = resolve_dtype(dtype, allowed=(torch.float32, torch.bfloat16, torch.float16))
     if not (snac / "config.json").is_file() or not (snac / "pytorch_model.bin").is_file():
         raise CheckpointError(f"{snac} is not a SNAC directory (config.json + pytorch_model.bin)")
-    whisper_dims, _ = read_whisper_file(whisper, f"give openai-whisper's small.pt (got {whisper})")
+    whisper_ckpt = None  # the converted checkpoint when ``whisper`` is a CTranslate2 directory
+    if is_ct2_dir(whisper):
+        whisper_ckpt = whisper_checkpoint_from_ct2(whisper)
+        whisper_dims, _ = encoder_state_dict_from_whisper(whisper_ckpt, source=f"CTranslate2 Whisper '{whisper}'")
+    elif whisper.is_dir():
+        raise CheckpointError(f"{whisper} is a directory without model.bin; give openai-whisper's small.pt "
+                              "or a CTranslate2 Whisper directory (model.bin, as faster-whisper keeps it)")
+    else:
+        whisper_dims, _ = read_whisper_file(whisper, f"give openai-whisper's small.pt (got {whisper})")
     lm = read_source(source, block_size)
     if tokenizer is not None:
         tokenizer_json = Path(tokenizer).read_text(encoding="utf-8")
@@ -442,7 +453,12 @@ def init_from_lm(
     torch.save(state_dict_to_litgpt(state, config), tmp)
     os.replace(tmp, out_dir / "lit_model.pth")
     (out_dir / "tokenizer.json").write_text(tokenizer_json, encoding="utf-8")
-    _place(whisper, out_dir / WHISPER_FILE, link)
+    if whisper_ckpt is None:
+        _place(whisper, out_dir / WHISPER_FILE, link)
+    else:
+        tmp = out_dir / f"{WHISPER_FILE}.partial"
+        torch.save(whisper_ckpt, tmp)
+        os.replace(tmp, out_dir / WHISPER_FILE)
     _place(snac, out_dir / SNAC_DIR, link)
     log.info("wrote %s in %.1f s", out_dir, time.perf_counter() - started)
     return out_dir
@@ -461,7 +477,8 @@ def add_init_command(subparsers: Any) -> argparse.ArgumentParser:
     )
     parser.add_argument("--from", dest="source", required=True, help="HF model directory or .gguf file")
     parser.add_argument("--out", required=True, help="output checkpoint directory")
-    parser.add_argument("--whisper", required=True, help="openai-whisper small.pt")
+    parser.add_argument("--whisper", required=True,
+                        help="openai-whisper small.pt or a CTranslate2 Whisper directory (written as small.pt)")
     parser.add_argument("--snac", required=True, help="SNAC directory (config.json + pytorch_model.bin)")
     parser.add_argument("--tokenizer", default=None, help="tokenizer.json (default: the source's)")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
