@@ -64,8 +64,11 @@ def tiny_tokenizer():  # -> tokenizers.Tokenizer
     return tokenizer
 
 
-def build(dtype: str = "float32", quantize: str | None = None, device: str = "cpu", fast_encoder: bool = False):
-    """A ready MiniOmni (-> miniomni.pipeline.MiniOmni) at full size, built in memory."""
+def build(dtype: str = "float32", quantize: str | None = None, device: str = "cpu", encoder_context: str = "30"):
+    """A ready MiniOmni (-> miniomni.pipeline.MiniOmni) at full size, built in memory.
+
+    ``encoder_context``: how much audio Whisper attends over (miniomni.audio.ENCODER_CONTEXTS).
+    """
     from snac import SNAC
 
     from miniomni.codec import Codec
@@ -80,7 +83,7 @@ def build(dtype: str = "float32", quantize: str | None = None, device: str = "cp
     encoder = WhisperEncoder(WhisperDims(**WHISPER_SMALL)).to(device).eval().requires_grad_(False)
     codec = Codec(SNAC(**SNAC_24KHZ), device)
     return MiniOmni(model, encoder, codec, tiny_tokenizer(), torch.device(device), torch_dtype,
-                    fast_encoder=fast_encoder)
+                    encoder_context=encoder_context)
 
 
 def write_checkpoint(directory: Path) -> Path:

@@ -15,7 +15,7 @@ speech frame, as a real answer does. Also prints the streaming decoder's fidelit
 offline SNAC decode against the reference's independent 4-frame chunks.
 
     python benchmarks/latency.py                       # CPU: float32, bfloat16, int8
-    python benchmarks/latency.py --modes int8 --fast-encoder --runs 5
+    python benchmarks/latency.py --modes int8 --encoder-context 10 --runs 5   # --fast-encoder: audio
 """
 
 from __future__ import annotations
@@ -33,6 +33,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from fullsize import SNAC_24KHZ, speech_like
+
+from miniomni.audio import ENCODER_CONTEXTS
 
 MODES = {"float32": ("float32", None), "bfloat16": ("bfloat16", None), "int8": ("bfloat16", "int8")}
 
@@ -54,11 +56,11 @@ def reset_peak_rss() -> bool:
         return False
 
 
-def build(mode: str, device: str, fast_encoder: bool):
+def build(mode: str, device: str, encoder_context: str = "30"):
     import fullsize
 
     dtype, quantize = MODES[mode]
-    return fullsize.build(dtype, quantize, device, fast_encoder)
+    return fullsize.build(dtype, quantize, device, encoder_context)
 
 
 def end_text_after(model, steps: int) -> None:
@@ -84,7 +86,7 @@ def end_text_after(model, steps: int) -> None:
 def worker(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    omni = build(args.worker, args.device, args.fast_encoder)
+    omni = build(args.worker, args.device, args.encoder_context)
     if args.text_steps is not None:
         end_text_after(omni.model, args.text_steps)
     build_s = time.perf_counter() - started
@@ -144,6 +146,14 @@ def codec_fidelity(threads: int) -> dict[str, float]:
             "ours_samples": len(ours), "offline_samples": len(offline), "reference_samples": len(theirs)}
 
 
+def add_encoder_context(parser: argparse.ArgumentParser) -> None:
+    """``--encoder-context`` (how much audio Whisper attends over) and ``--fast-encoder``, short for ``audio``."""
+    parser.add_argument("--encoder-context", choices=ENCODER_CONTEXTS, default="30",
+                        help="seconds of audio Whisper attends over, or audio: the question only (default 30)")
+    parser.add_argument("--fast-encoder", dest="encoder_context", action="store_const", const="audio",
+                        help="short for --encoder-context audio")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--modes", default="float32,bfloat16,int8")
@@ -152,7 +162,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--fast-encoder", action="store_true")
+    add_encoder_context(parser)
     parser.add_argument("--text-steps", type=int, default=None,
                         help="end the answer's text after this many tokens (default: text runs all along)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -165,7 +175,7 @@ def main() -> None:
     if args.device == "cpu" and torch.cuda.is_available():
         devices.append("cuda")
     print(f"torch {torch.__version__}, {args.threads} threads, {args.steps} steps, {args.runs} runs, "
-          f"fast encoder: {args.fast_encoder}, text ends after: {args.text_steps or 'never'}")
+          f"encoder context: {args.encoder_context}, text ends after: {args.text_steps or 'never'}")
     header = f"{'device':6} {'mode':9} {'question':>8} {'first audio':>11} {'encoder':>8} {'prefill':>8} " \
              f"{'step':>7} {'RTF':>5} {'RTF steady':>10} {'peak run':>9} {'peak build':>10}"
     print(header)
@@ -173,9 +183,7 @@ def main() -> None:
         for mode in args.modes.split(","):
             cmd = [sys.executable, __file__, "--worker", mode, "--device", device, "--threads", str(args.threads),
                    "--steps", str(args.steps), "--runs", str(args.runs),
-                   "--questions", ",".join(str(q) for q in args.questions)]
-            if args.fast_encoder:
-                cmd.append("--fast-encoder")
+                   "--questions", ",".join(str(q) for q in args.questions), "--encoder-context", args.encoder_context]
             if args.text_steps is not None:
                 cmd += ["--text-steps", str(args.text_steps)]
             proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})

@@ -92,7 +92,7 @@ def bench_linears(runs: int, rows: tuple[int, ...]) -> dict[str, float]:
 def build(dtype: torch.dtype, int8: bool, codec_dtype: torch.dtype = torch.float32):
     import fullsize
 
-    omni = fullsize.build("float32", None, "cpu", fast_encoder=True)
+    omni = fullsize.build("float32", None, "cpu", encoder_context="audio")
     if int8:
         from miniomni.quantize import quantize_int8
 
@@ -108,11 +108,21 @@ def bench_step(runs: int) -> dict[str, float]:
 
     out = {}
     question = speech_like(3.0)
-    for label, dtype, int8 in (("int8 weights, bfloat16 activations", torch.bfloat16, True),
-                               ("int8 weights, float32 activations", torch.float32, True),
-                               ("dense bfloat16", torch.bfloat16, False)):
+    from miniomni import int8act
+    from miniomni.precision import machine
+
+    bits = (8 if machine().vnni else 7) if int8act.available() else 0
+    variants = [("int8 weights, bfloat16 activations", torch.bfloat16, True, 0),
+                ("int8 weights, float32 activations", torch.float32, True, 0),
+                ("dense bfloat16", torch.bfloat16, False, 0), ("dense float32", torch.float32, False, 0)]
+    if bits:
+        variants.append((f"int8 weights x {bits}-bit activations", torch.bfloat16 if machine().native_bfloat16
+                         else torch.float32, True, bits))
+    for label, dtype, int8, act_bits in variants:
         omni = build(dtype, int8)
         omni.codec.set_noise(False)
+        if act_bits:
+            int8act.use_int8_activations(omni.model.llm, act_bits)
         medians = []
         for _ in range(max(1, runs // 2)):
             done = [e for e in omni.stream(task="A1A2-batch", audio=question, sample_rate=16000, max_new_tokens=40)
@@ -137,7 +147,7 @@ def bench_talkers(runs: int) -> dict[str, float]:
         kernels["int8 x int8 activations (8 bits with VNNI, else 7)"] = 8 if machine().vnni else 7
     for label, bits in kernels.items():
         plan = choose(torch.device("cpu"), "int8", int8_activations="on" if bits else "off")
-        omni = fullsize.build(str(plan.activations).removeprefix("torch."), "int8", "cpu", fast_encoder=True)
+        omni = fullsize.build(str(plan.activations).removeprefix("torch."), "int8", "cpu", encoder_context="audio")
         omni.codec.set_stream_dtype(plan.codec)
         if bits:
             int8act.use_int8_activations(omni.model.llm, bits)

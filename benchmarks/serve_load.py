@@ -8,7 +8,7 @@ per-session time to first audio (request sent -> first PCM byte) and real-time f
 some session falls behind real time, or at --max-clients. Every loop is bounded in
 count and time, and only 127.0.0.1 is contacted.
 
-    python benchmarks/serve_load.py --mode int8 --fast-encoder --max-clients 4
+    python benchmarks/serve_load.py --mode int8 --encoder-context 10 --max-clients 4   # --fast-encoder: audio
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def one_client(url: str, body: dict, results: list, index: int, timeout: float) 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--mode", default="int8", choices=list(latency.MODES))
-    parser.add_argument("--fast-encoder", action="store_true")
+    latency.add_encoder_context(parser)
     parser.add_argument("--max-clients", type=int, default=4)
     parser.add_argument("--steps", type=int, default=80, help="decode steps per answer")
     parser.add_argument("--question-seconds", type=float, default=3.0)
@@ -71,7 +71,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    omni = latency.build(args.mode, "cpu", args.fast_encoder)
+    omni = latency.build(args.mode, "cpu", args.encoder_context)
     engine = Engine(omni, max_sessions=args.max_clients)
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -86,7 +86,7 @@ def main() -> None:
     body = question_body(args.question_seconds, args.steps)
     one_client(url, question_body(1.0, 12), [None], 0, args.timeout)  # warm-up
 
-    print(f"mode {args.mode}, fast encoder {args.fast_encoder}, {args.threads} threads, {args.steps} steps, "
+    print(f"mode {args.mode}, encoder context {args.encoder_context}, {args.threads} threads, {args.steps} steps, "
           f"{args.question_seconds:g} s questions")
     print(f"{'clients':>7} {'first audio (s) per session':>34} {'RTF per session':>28} {'all real time':>14}")
     largest = 0
