@@ -26,6 +26,8 @@ from aiortc import MediaStreamTrack, RTCConfiguration, RTCPeerConnection, RTCSes
 from aiortc.mediastreams import MediaStreamError
 from conversation import RATE, Answer, TalkerLog, room_noise, turn_detection
 
+from miniomni.server.webrtc import restrict_host_addresses
+
 TRACK_RATE = 48000
 FRAME = TRACK_RATE // 50  # 20 ms
 SILENT = 8  # a decoded frame whose samples all stay within this (16-bit units) is silence
@@ -88,6 +90,7 @@ async def talker(index: int, base_url: str, args: argparse.Namespace, question: 
     """One talker over WebRTC: ``args.rounds`` questions, each answered before the next."""
     rng = np.random.default_rng(index)
     await asyncio.sleep(index * args.stagger)
+    restrict_host_addresses(["127.0.0.1"])  # this benchmark's WebRTC traffic stays on loopback
     pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
     channel = pc.createDataChannel("oai-events")
     events: asyncio.Queue = asyncio.Queue()

@@ -51,6 +51,14 @@ SENTENCES = [
 ]
 
 
+try:  # every WebRTC peer of the tests, server and clients, announces loopback only: no traffic leaves it
+    from miniomni.server.webrtc import restrict_host_addresses
+except ImportError:  # aiortc not installed: the WebRTC tests skip
+    pass
+else:
+    restrict_host_addresses(["127.0.0.1"])
+
+
 def tiny_config(**overrides) -> OmniConfig:
     return OmniConfig(**{**TINY_CONFIG, **overrides})
 

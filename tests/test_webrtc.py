@@ -86,6 +86,17 @@ class Microphone(MediaStreamTrack):
         return frame
 
 
+async def audio_offer() -> str:
+    """An aiortc offer with the events channel and a microphone track, its peer closed again."""
+    pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+    pc.createDataChannel("oai-events")
+    pc.addTrack(Microphone(np.zeros(RATE // 10, dtype=np.float32)))
+    await pc.setLocalDescription(await pc.createOffer())
+    sdp = pc.localDescription.sdp
+    await pc.close()
+    return sdp
+
+
 async def next_event(events: asyncio.Queue, kind: str, seen: list[dict], timeout: float = 60) -> dict:
     """The next event of this type (every event on the way goes into ``seen``)."""
     deadline = time.monotonic() + timeout
@@ -215,3 +226,99 @@ def test_bad_offers_and_keys(port, keyed_port):
         refused = http.post(keyed, content="v=0", headers={"Content-Type": "application/sdp",
                                                           "Authorization": "Bearer wrong"})
         assert refused.status_code == 401 and "API key" in refused.json()["error"]["message"]
+
+
+def test_calls_hung_up_before_they_connect_free_their_slot_at_once(engine):
+    """Offer then hang up, again and again: every call gets a slot, and none is held afterwards."""
+    app = create_app(engine, ServerSettings(max_connections=2))
+
+    async def run(port: int) -> list[int]:
+        statuses = []
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
+            for _ in range(5):
+                reply = await http.post("/v1/realtime/calls", content=await audio_offer(),
+                                        headers={"Content-Type": "application/sdp"})
+                statuses.append(reply.status_code)
+                if reply.status_code == 201:
+                    assert (await http.delete(reply.headers["location"])).status_code == 200
+                    deadline = time.monotonic() + 5
+                    while app.state.connections and time.monotonic() < deadline:
+                        await asyncio.sleep(0.05)
+        return statuses
+
+    with serving(app) as port:
+        statuses = asyncio.run(run(port))
+        assert statuses == [201] * 5, statuses  # with the 30 s connect watchdog holding them: 201, 201, 503, ...
+        assert not app.state.connections
+
+
+def raw_request(port: int, head: str, body: bytes, timeout: float = 10) -> bytes:
+    """Send a request's head and part of its body on a plain socket; what the server answered (or b"")."""
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(head.encode("latin-1") + body)
+        try:
+            return sock.recv(4096)
+        except TimeoutError:
+            return b""
+
+
+def test_a_cut_upload_is_one_log_line_and_an_oversized_one_is_refused_unread(port, keyed_port, capfd, caplog):
+    import logging
+    import socket
+
+    caplog.set_level(logging.INFO, logger="miniomni")
+    for target, headers in ((port, "Content-Type: application/sdp\r\n"),
+                            (keyed_port, "Content-Type: application/json\r\nAuthorization: Bearer sekret\r\n")):
+        path = "/v1/realtime/calls" if target == port else "/v1/realtime/client_secrets"
+        with socket.create_connection(("127.0.0.1", target), timeout=10) as sock:
+            sock.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\n{headers}Content-Length: 5000\r\n\r\nv=0\r\n".encode())
+        # Declared far over the limit, a few bytes sent: the answer comes at once, nothing is buffered.
+        answer = raw_request(target, f"POST {path} HTTP/1.1\r\nHost: x\r\n{headers}Content-Length: 300000000\r\n\r\n",
+                             b"v=0\r\n")
+        assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+    time.sleep(0.5)
+    logged = capfd.readouterr().err
+    assert "Traceback" not in logged and "Exception in ASGI application" not in logged, logged[-2000:]
+    said = caplog.text
+    assert "went away during its offer's upload" in said and "client_secrets client went away" in said, said
+
+
+def test_a_chunked_offer_over_the_limit_is_refused(port):
+    def chunks():
+        for _ in range(64):
+            yield b"a=x" + b"y" * 16 * 1024 + b"\r\n"
+
+    with httpx.Client(timeout=30) as http:
+        reply = http.post(f"http://127.0.0.1:{port}/v1/realtime/calls", content=chunks(),
+                          headers={"Content-Type": "application/sdp"})
+    assert reply.status_code == 413, reply.text
+
+
+def test_a_malformed_candidate_is_a_400_naming_it(port):
+    sdp = asyncio.run(audio_offer())
+    bad = sdp.replace("a=mid:0\r\n", "a=mid:0\r\na=candidate:1 1 udp 1 127.0.0.1 70000 typ host\r\n", 1)
+    assert bad != sdp
+    with httpx.Client(timeout=30) as http:
+        reply = http.post(f"http://127.0.0.1:{port}/v1/realtime/calls", content=bad,
+                          headers={"Content-Type": "application/sdp"})
+    assert reply.status_code == 400, reply.text
+    assert "70000" in reply.json()["error"]["message"] and "candidate" in reply.json()["error"]["message"]
+
+
+def test_answers_announce_only_the_chosen_addresses(port):
+    from miniomni.server.settings import webrtc_addresses
+
+    with httpx.Client(timeout=30) as http:
+        reply = http.post(f"http://127.0.0.1:{port}/v1/realtime/calls", content=asyncio.run(audio_offer()),
+                          headers={"Content-Type": "application/sdp"})
+        assert reply.status_code == 201, reply.text
+        assert http.delete(f"http://127.0.0.1:{port}{reply.headers['location']}").status_code == 200
+    candidates = [line.split()[4] for line in reply.text.splitlines() if line.startswith("a=candidate:")]
+    assert candidates and set(candidates) == {"127.0.0.1"}, candidates
+    import argparse
+
+    assert webrtc_addresses(argparse.Namespace(webrtc_address=None, host="127.0.0.1")) == ("127.0.0.1",)
+    assert webrtc_addresses(argparse.Namespace(webrtc_address=None, host="0.0.0.0")) is None
+    assert webrtc_addresses(argparse.Namespace(webrtc_address=["10.1.2.3"], host="127.0.0.1")) == ("10.1.2.3",)

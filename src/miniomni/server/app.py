@@ -20,13 +20,13 @@ from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
-from starlette.requests import ClientDisconnect
 
 from ..audio import OUTPUT_SAMPLE_RATE, WHISPER_SAMPLE_RATE, AudioTooLong, float_to_pcm16, load_audio
 from ..errors import AudioError, MiniOmniError
 from ..generate import SamplingOptions
 from ..streaming import AudioChunk, Done
 from .access import bearer_ok, client_secret_route, is_public
+from .bodies import BodyTooLarge, ClientDisconnect, read_body
 from .connection import add_realtime_routes, close_all
 from .engine import AnswerRequest, Engine, EngineBusy, ErrorEvent
 from .ephemeral import add_client_secret_routes, presented_client_secret
@@ -52,23 +52,6 @@ def wav_stream_header(sample_rate: int = OUTPUT_SAMPLE_RATE) -> bytes:
     byte_rate = sample_rate * 2
     return (b"RIFF" + struct.pack("<I", 0xFFFFFFFF) + b"WAVEfmt " + struct.pack("<IHHIIHH", 16, 1, 1, sample_rate,
             byte_rate, 2, 16) + b"data" + struct.pack("<I", 0xFFFFFFFF))
-
-
-class BodyTooLarge(Exception):
-    """A request body over the limit (said before it is read whole)."""
-
-
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused as soon as it passes ``limit`` bytes (chunked uploads included)."""
-    length = request.headers.get("content-length")
-    if length is not None and length.isdigit() and int(length) > limit:
-        raise BodyTooLarge(f"the request body of {length} bytes exceeds {limit} bytes")
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise BodyTooLarge(f"the request body exceeds {limit} bytes")
-    return bytes(body)
 
 
 def uvicorn_options(settings: ServerSettings) -> dict[str, Any]:

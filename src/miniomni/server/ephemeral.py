@@ -17,6 +17,7 @@ from __future__ import annotations
 import collections
 import hashlib
 import heapq
+import logging
 import secrets
 import time
 from collections.abc import Callable, Sequence
@@ -27,6 +28,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.datastructures import Headers
 
+from .bodies import BodyTooLarge, ClientDisconnect, read_body
 from .protocol import (
     API_KEY_PROTOCOL,
     ClientError,
@@ -38,6 +40,8 @@ from .protocol import (
 )
 from .settings import ServerSettings
 from .vad import vad_available
+
+log = logging.getLogger(__name__)
 
 PREFIX = "ek_"
 DEFAULT_SECONDS = 600  # OpenAI's default lifetime: 10 minutes
@@ -220,9 +224,13 @@ def add_client_secret_routes(app: FastAPI, settings: ServerSettings) -> ClientSe
         if presented_client_secret(request.headers) is not None:
             return refuse(401, "a client secret cannot make client secrets: send the server's API key",
                           "authentication_error")
-        body = await request.body()
-        if len(body) > MAX_BODY_BYTES:
+        try:
+            body = await read_body(request, MAX_BODY_BYTES)
+        except BodyTooLarge:
             return refuse(413, f"the body is over {MAX_BODY_BYTES} bytes")
+        except ClientDisconnect:
+            log.info("a client_secrets client went away during its upload")
+            return JSONResponse({}, status_code=400)
         try:
             payload = parse_json(body, "the body") if body.strip() else None
             answer = store.create(payload, settings)

@@ -24,6 +24,8 @@ class ServerSettings:
     max_message_bytes: int = 4 * 1024 * 1024  # the largest WebSocket message (30 s of PCM is under 2 MB)
     idle_timeout: float = 300.0  # seconds without a client event while no answer runs
     max_events_per_second: float = 200.0  # per connection, in bursts of up to twice that
+    # The addresses a WebRTC answer announces (ICE host candidates); None: every address of the machine.
+    webrtc_addresses: tuple[str, ...] | None = None
     webrtc_playout: float = 0.2  # seconds a WebRTC answer waits on the track after its first audio (a jitter buffer)
     turn_model: str | None = None  # semantic VAD's end-of-turn model file (None: the pipecat-ai wheel's copy, if any)
 
@@ -50,6 +52,9 @@ def add_server_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--webrtc-playout-ms", type=float, default=200.0,
                    help="a WebRTC answer starts on its track this long after its first audio (default 200): the "
                         "jitter buffer a WebSocket client keeps itself; 0 starts at once, with gaps at the start")
+    p.add_argument("--webrtc-address", action="append", default=None, metavar="ADDRESS",
+                   help="an address WebRTC answers announce (repeatable); default: 127.0.0.1 alone when --host is a "
+                        "loopback address, else every address of the machine")
     p.add_argument("--ssl-certfile", default=None, help="serve HTTPS (browsers need it for the microphone)")
     p.add_argument("--ssl-keyfile", default=None)
     p.add_argument("--no-speculation", action="store_true",
@@ -66,4 +71,12 @@ def settings_from_args(args: argparse.Namespace, api_key: str | None, turn_model
                           idle_timeout=args.idle_timeout, max_message_bytes=int(args.max_message_mb * 1024 * 1024),
                           max_request_bytes=int(args.max_request_mb * 1024 * 1024),
                           max_events_per_second=args.max_events_per_second, turn_model=turn_model,
-                          webrtc_playout=args.webrtc_playout_ms / 1000)
+                          webrtc_playout=args.webrtc_playout_ms / 1000, webrtc_addresses=webrtc_addresses(args))
+
+
+def webrtc_addresses(args: argparse.Namespace) -> tuple[str, ...] | None:
+    """``--webrtc-address``, else loopback alone for a server that listens on loopback, else None (every address)."""
+    if args.webrtc_address:
+        return tuple(args.webrtc_address)
+    host = str(getattr(args, "host", "") or "")
+    return ("127.0.0.1",) if host == "localhost" or host.startswith("127.") or host == "::1" else None

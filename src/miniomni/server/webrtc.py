@@ -17,6 +17,7 @@ import fractions
 import logging
 import os
 import time
+from collections.abc import Sequence
 from email.parser import BytesParser
 from typing import Any
 
@@ -30,6 +31,7 @@ from fastapi.responses import Response
 
 from ..audio import float_to_pcm16
 from .app import error_response
+from .bodies import BodyTooLarge, ClientDisconnect, read_body
 from .engine import Engine
 from .ephemeral import KeyRefused, preconfigure
 from .heap import trim_heap
@@ -50,6 +52,24 @@ def ice_configuration() -> RTCConfiguration:
     """ICE servers from ``MINIOMNI_ICE_SERVERS``; an empty list, not aiortc's default public STUN server."""
     urls = [u.strip() for u in os.environ.get(ICE_SERVERS_ENV, "").split(",") if u.strip()]
     return RTCConfiguration(iceServers=[RTCIceServer(urls=url) for url in urls])
+
+
+def restrict_host_addresses(addresses: Sequence[str]) -> None:
+    """Gather ICE host candidates on these addresses only, in this process (peers of both ends included).
+
+    aioice gathers every address of the machine except loopback; a server that listens on loopback, and
+    the tests and benchmarks, give ``["127.0.0.1"]`` so that no WebRTC traffic leaves the loopback.
+    """
+    import aioice.ice
+
+    chosen = [str(a) for a in addresses]
+    original = getattr(aioice.ice, "_every_host_address", aioice.ice.get_host_addresses)
+    aioice.ice._every_host_address = original
+
+    def host_addresses(use_ipv4: bool, use_ipv6: bool) -> list[str]:
+        return [a for a in chosen if (use_ipv6 if ":" in a else use_ipv4)]
+
+    aioice.ice.get_host_addresses = host_addresses
 
 
 class AnswerTrack(MediaStreamTrack):
@@ -253,9 +273,12 @@ class WebRTCCall(Transport):
         """The call's life: connected within :data:`CONNECT_TIMEOUT`, then until it ends; then closed."""
         self.spawn(self.read_events())
         try:
-            try:
-                await asyncio.wait_for(self.connected.wait(), timeout=CONNECT_TIMEOUT)
-            except asyncio.TimeoutError:
+            # A call hung up or failed before it connects ends at once: its connection slot is free again.
+            waiting = [asyncio.ensure_future(self.connected.wait()), asyncio.ensure_future(self.ended.wait())]
+            done, pending = await asyncio.wait(waiting, timeout=CONNECT_TIMEOUT, return_when=asyncio.FIRST_COMPLETED)
+            for task in pending:
+                task.cancel()
+            if not done:
                 self.abort(1000, f"not connected within {CONNECT_TIMEOUT:g} s")
             await self.ended.wait()
         finally:
@@ -271,6 +294,24 @@ class WebRTCCall(Transport):
             self.track.stop()
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.pc.close(), timeout=5)
+
+
+def check_offer(offer: str) -> None:
+    """A ClientError unless ``offer`` looks like an SDP offer whose ICE candidates can be used as given."""
+    if "m=" not in offer or not offer.lstrip().startswith("v=0"):
+        raise ClientError("the body is not an SDP offer (it must start with v=0 and have m= lines)")
+    for line in offer.splitlines():
+        if not line.startswith("a=candidate:"):
+            continue
+        fields = line[len("a=candidate:"):].split()
+        # foundation component transport priority address port "typ" type ...
+        numbers = fields[1:2] + fields[3:4] + fields[5:6]
+        if (len(fields) < 8 or fields[6] != "typ" or not all(n.isdigit() for n in numbers)
+                or not 0 <= int(fields[5]) <= 65535 or not 1 <= int(fields[1]) <= 256
+                or not 0 <= int(fields[3]) < 2 ** 32):
+            raise ClientError(f"the offer's ICE candidate {line.strip()[:200]!r} is malformed (a candidate is "
+                              "foundation, component 1-256, transport, priority below 2^32, address, port 0-65535, "
+                              "typ and a type)", param="sdp")
 
 
 def form_fields(content_type: str, body: bytes) -> dict[str, str]:
@@ -292,6 +333,8 @@ def add_webrtc_routes(app: FastAPI, engine: Engine, settings: ServerSettings) ->
     """``POST /v1/realtime/calls`` and the hang-up routes; calls share ``app.state.connections``."""
     calls: dict[str, WebRTCCall] = {}
     connections: set[Any] = app.state.connections  # the WebSocket's, so that limits and shutdown cover both
+    if settings.webrtc_addresses is not None:
+        restrict_host_addresses(settings.webrtc_addresses)
 
     async def read_offer(request: Request) -> tuple[str, Any]:
         """The SDP offer and the optional session configuration, or a ClientError."""
@@ -300,9 +343,10 @@ def add_webrtc_routes(app: FastAPI, engine: Engine, settings: ServerSettings) ->
         if kind not in ("application/sdp", "multipart/form-data"):
             raise ClientError(f"send the SDP offer as application/sdp (or multipart/form-data with \"sdp\" and "
                               f"\"session\"), not {kind or 'no content type'}", code="unsupported_media_type")
-        body = await request.body()
-        if len(body) > MAX_OFFER_BYTES:
-            raise ClientError(f"an offer is at most {MAX_OFFER_BYTES} bytes", code="offer_too_large")
+        try:
+            body = await read_body(request, min(MAX_OFFER_BYTES, settings.max_request_bytes))
+        except BodyTooLarge:
+            raise ClientError(f"an offer is at most {MAX_OFFER_BYTES} bytes", code="offer_too_large") from None
         if kind == "application/sdp":
             return body.decode("utf-8", errors="replace"), None
         fields = form_fields(content_type, body)
@@ -327,11 +371,13 @@ def add_webrtc_routes(app: FastAPI, engine: Engine, settings: ServerSettings) ->
             return error_response(401, str(exc), "authentication_error")
         try:
             offer, session = await read_offer(request)
+            check_offer(offer)
         except ClientError as exc:
             status = {"unsupported_media_type": 415, "offer_too_large": 413}.get(exc.code, 400)
             return error_response(status, exc.message)
-        if "m=" not in offer or not offer.lstrip().startswith("v=0"):
-            return error_response(400, "the body is not an SDP offer (it must start with v=0 and have m= lines)")
+        except ClientDisconnect:
+            log.info("a WebRTC caller went away during its offer's upload")
+            return Response(status_code=400)
         call = WebRTCCall(engine, settings, (grant.model if grant else None) or model)
         if session is not None or grant is not None:
             try:  # the key's configuration, then the form's; session.created, sent below, shows them
