@@ -399,7 +399,7 @@ BAD_INPUT = [
     (b"\x00\x01binary", "binary_frame"),
     ("[1, 2]", "invalid_event"),
     ({"type": "no.such.event"}, "unknown_event_type"),
-    ({"type": "conversation.item.delete", "item_id": "x"}, "unsupported_event"),
+    ({"type": "conversation.item.delete", "item_id": "x"}, "item_delete_invalid_item_id"),
     ({"type": "conversation.item.truncate", "item_id": "x", "audio_end_ms": 0}, "item_truncate_invalid_item_id"),
     ({"type": "input_audio_buffer.append", "audio": "%%% not base64 %%%"}, "invalid_audio"),
     ({"type": "input_audio_buffer.append", "audio": b64(b"\x00\x01\x02")}, "invalid_audio"),

@@ -130,3 +130,41 @@ def test_shutting_down_fails_the_running_answer_and_closes_with_1001(engine):
     done = next(e for e in out.events if e["type"] == "response.done")
     assert done["response"]["status"] == "failed"
     assert out.closed == (1001, "the server is shutting down")
+
+
+def test_items_are_deleted_but_never_while_they_are_answered(engine):
+    pcm = (np.clip(speech_like(1.0, sample_rate=RATE), -1, 1) * 32767).astype("<i2").tobytes()
+
+    async def talk() -> Recorder:
+        out = Recorder()
+        session = RealtimeSession(engine, ServerSettings(), "mini-omni", out)
+        session.start()
+        send = session.receive
+        await send(json.dumps({"type": "session.update", "session": {
+            "max_output_tokens": 400, "audio": {"input": {"turn_detection": None}}}}))
+        await send(json.dumps({"type": "input_audio_buffer.append", "audio": base64.b64encode(pcm).decode()}))
+        await send(json.dumps({"type": "input_audio_buffer.commit"}))
+        user = (await out.wait_for("input_audio_buffer.committed"))["item_id"]
+        await send(json.dumps({"type": "response.create"}))
+        answer = (await out.wait_for("response.created"))["response"]["id"]
+        await send(json.dumps({"type": "conversation.item.delete", "item_id": user}))  # being answered: refused
+        await out.wait_for("error")
+        await send(json.dumps({"type": "response.cancel", "response_id": answer}))
+        await out.wait_for("response.done")
+        await send(json.dumps({"type": "conversation.item.delete", "item_id": user}))
+        await out.wait_for("conversation.item.deleted")
+        await send(json.dumps({"type": "conversation.item.retrieve", "item_id": user}))
+        await send(json.dumps({"type": "conversation.item.delete", "item_id": "item_nope"}))
+        await send(json.dumps({"type": "response.create"}))  # the deleted turn is not answered again
+        await asyncio.sleep(0.2)
+        session.close()
+        return out
+
+    out = run(talk())
+    codes = [e["error"]["code"] for e in out.events if e["type"] == "error"]
+    assert codes == ["item_delete_in_progress", "item_retrieve_invalid_item_id", "item_delete_invalid_item_id",
+                     "response_no_input"], codes
+    deleted = [e for e in out.events if e["type"] == "conversation.item.deleted"]
+    committed = next(e for e in out.events if e["type"] == "input_audio_buffer.committed")
+    assert [e["item_id"] for e in deleted] == [committed["item_id"]]
+    assert [e["type"] for e in out.events].count("response.created") == 1

@@ -347,6 +347,24 @@ class Answering:
                               param="item_id")
         self.send({"type": "conversation.item.retrieved", "item": record.as_item(item_id)})
 
+    async def on_item_delete(self, event: dict[str, Any]) -> None:
+        """Forget an item (an application editing its history); a turn being answered is refused, not cut."""
+        item_id = event.get("item_id")
+        record = self.items.get(item_id) if isinstance(item_id, str) else None
+        if record is None:
+            raise ClientError(f"item {item_id!r} is not in this conversation (or is one of the oldest, no longer "
+                              f"kept: the last {MAX_ITEMS} are)", code="item_delete_invalid_item_id", param="item_id")
+        running = self.response if self.response is not None and not self.response.finished else None
+        if running is not None and item_id in (running.item_id, running.user_item_id):
+            raise ClientError(f"item {item_id!r} is being answered now; send response.cancel first, then delete it",
+                              code="item_delete_in_progress", param="item_id")
+        del self.items[item_id]
+        if self.last_user is not None and self.last_user.item_id == item_id:
+            self.last_user = None  # a deleted turn is not answered by a later response.create
+        if self.last_item_id == item_id:
+            self.last_item_id = next(reversed(self.items), None)
+        self.send({"type": "conversation.item.deleted", "item_id": item_id})
+
     # ------------------------------------------------------------------ interruptions
 
     async def on_item_truncate(self, event: dict[str, Any]) -> None:

@@ -25,7 +25,6 @@ API_KEY_PROTOCOL = "openai-insecure-api-key."
 MAX_JSON_DEPTH = 32  # events nest a few levels; deeper is not an event, and could not be echoed back
 MAX_TEXT_CHARS = 32_768  # far more than the 2048 positions of the context can hold
 UNSUPPORTED_EVENTS = {
-    "conversation.item.delete": "deleting items",
     "output_audio_buffer.clear": "output_audio_buffer.clear (WebRTC/SIP only); send response.cancel",
 }
 

@@ -154,6 +154,7 @@ class RealtimeSession(Answering):
             "response.cancel": self.on_response_cancel,
             "conversation.item.truncate": self.on_item_truncate,
             "conversation.item.retrieve": self.on_item_retrieve,
+            "conversation.item.delete": self.on_item_delete,
             "transcription_session.update": self.on_transcription_session_update,
             "output_audio_buffer.clear": self.on_output_audio_clear,
         }
