@@ -168,3 +168,26 @@ def test_items_are_deleted_but_never_while_they_are_answered(engine):
     committed = next(e for e in out.events if e["type"] == "input_audio_buffer.committed")
     assert [e["item_id"] for e in deleted] == [committed["item_id"]]
     assert [e["type"] for e in out.events].count("response.created") == 1
+
+
+def test_tools_are_kept_and_echoed_as_sent(engine):
+    tools = [{"type": "function", "name": "get_weather", "description": "The weather in a city.",
+              "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}]
+
+    async def talk() -> Recorder:
+        out = Recorder()
+        session = RealtimeSession(engine, ServerSettings(), "mini-omni", out)
+        session.start()
+        await session.receive(json.dumps({"type": "session.update", "session": {
+            "tools": tools, "tool_choice": "required"}}))
+        await session.receive(json.dumps({"type": "session.update", "session": {"tools": "get_weather"}}))
+        await session.receive(json.dumps({"type": "session.update", "session": {"instructions": "Be brief."}}))
+        session.close()
+        return out
+
+    out = run(talk())
+    updated = [e["session"] for e in out.events if e["type"] == "session.updated"]
+    assert updated[0]["tools"] == tools and updated[0]["tool_choice"] == "required"
+    assert updated[-1]["tools"] == tools  # kept by a later update that does not name them
+    errors = [e["error"] for e in out.events if e["type"] == "error"]
+    assert [e["param"] for e in errors] == ["session.tools"]

@@ -122,6 +122,8 @@ class SessionConfig:
     max_output_tokens: int | None = None  # None: "inf", i.e. the server's max_tokens_limit
     instructions: str = ""
     transcription: dict[str, Any] | None = None  # transcribe the user's spoken turns (with the model's asr task)
+    tools: list[Any] = field(default_factory=list)  # kept and echoed as sent: this model never calls a tool
+    tool_choice: Any = "auto"
 
     @property
     def transcribes(self) -> bool:
@@ -257,6 +259,15 @@ def parse_session_update(session: Any, current: SessionConfig, max_tokens_limit:
     for key in ("max_output_tokens", "max_response_output_tokens"):  # GA, beta
         if key in session:
             config.max_output_tokens = parse_max_tokens(session[key], f"session.{key}", max_tokens_limit)
+    if "tools" in session:
+        if not isinstance(session["tools"], list) or not all(isinstance(t, dict) for t in session["tools"]):
+            raise ClientError("session.tools must be a list of tool objects", param="session.tools")
+        config.tools = copy.deepcopy(session["tools"])
+    if "tool_choice" in session:
+        if not isinstance(session["tool_choice"], (str, dict)):
+            raise ClientError("session.tool_choice must be \"auto\", \"none\", \"required\" or an object",
+                              param="session.tool_choice")
+        config.tool_choice = copy.deepcopy(session["tool_choice"])
     if "instructions" in session:
         if not isinstance(session["instructions"], str):
             raise ClientError("session.instructions must be a string", param="session.instructions")
@@ -413,8 +424,8 @@ def session_object(session_id: str, model: str, config: SessionConfig) -> dict[s
         "output_modalities": list(config.output_modalities),
         "instructions": config.instructions,
         "max_output_tokens": "inf" if config.max_output_tokens is None else config.max_output_tokens,
-        "tools": [],
-        "tool_choice": "auto",
+        "tools": copy.deepcopy(config.tools),
+        "tool_choice": copy.deepcopy(config.tool_choice),
         "audio": {
             "input": {
                 "format": dict(PCM_FORMAT),
