@@ -41,7 +41,7 @@ MAX_QUESTION_SECONDS = 30.0
 class SynthOptions:
     """The settings of one ``data synth`` job (the CLI flags)."""
 
-    snac: str
+    snac: str | None
     tts: str = "espeak"
     voices: list[str] | None = None  # question voices to choose from (backend default list if None)
     answer_voice: str | None = None  # one fixed voice for every answer (backend default if None)
@@ -53,6 +53,7 @@ class SynthOptions:
     max_question_seconds: float = MAX_QUESTION_SECONDS
     max_answer_frames: int = MAX_ANSWER_FRAMES
     progress: bool = True
+    text_answers: bool = False  # answers stay text (answer_snac empty): data for A1T2, T1T2 and ASR
 
 
 # ---------------------------------------------------------------- input
@@ -118,7 +119,7 @@ def _init_worker(options: SynthOptions, threads: int | None = None) -> None:
         torch.set_num_threads(threads)
         variable_length_snac().__enter__()
     _WORKER["options"] = options
-    _WORKER["codec"] = load_codec(options.snac)
+    _WORKER["codec"] = None if options.text_answers else load_codec(options.snac)
     _WORKER["tts"] = get_backend(options.tts, options.voices)
 
 
@@ -175,19 +176,22 @@ def make_row(pair: tuple[int, str, str]) -> dict:
             raise RowError(f"question audio is {q_seconds:.1f} s (> {options.max_question_seconds:g} s)")
         if q16.size == 0:
             raise RowError("question audio is empty")
-        audio, rate = tts.synthesize(answer, options.answer_voice)
-        a24 = _resample(audio, rate, OUTPUT_SAMPLE_RATE)
-        if a24.size == 0:
-            raise RowError("answer audio is empty")
-        layers = codec.encode(a24)
-        if layers.shape[1] > options.max_answer_frames:
-            raise RowError(f"answer is {layers.shape[1]} SNAC frames (> {options.max_answer_frames})")
+        layers, answer_seconds = None, 0.0
+        if not options.text_answers:
+            audio, rate = tts.synthesize(answer, options.answer_voice)
+            a24 = _resample(audio, rate, OUTPUT_SAMPLE_RATE)
+            if a24.size == 0:
+                raise RowError("answer audio is empty")
+            layers = codec.encode(a24)
+            if layers.shape[1] > options.max_answer_frames:
+                raise RowError(f"answer is {layers.shape[1]} SNAC frames (> {options.max_answer_frames})")
+            answer_seconds = a24.size / OUTPUT_SAMPLE_RATE
     except (RowError, TTSError) as exc:
         return {"index": index, "reason": str(exc)}
     except Exception as exc:  # noqa: BLE001 - one bad row must not stop a day-long job
         return {"index": index, "reason": f"{type(exc).__name__}: {exc}"}
     row = voiceassistant_row(options.split_name, index, question, q16, answer, layers)
-    return {"row": row, "question_seconds": q_seconds, "answer_seconds": a24.size / OUTPUT_SAMPLE_RATE}
+    return {"row": row, "question_seconds": q_seconds, "answer_seconds": answer_seconds}
 
 
 # ---------------------------------------------------------------- state and files
@@ -323,7 +327,10 @@ def synthesize(
 
     if options.rows_per_shard < 1:
         raise MiniOmniError("--rows-per-shard must be at least 1")
-    resolve_snac(options.snac)  # fail now, not in every worker
+    if not options.text_answers:
+        if not options.snac:
+            raise MiniOmniError("spoken answers need a SNAC codec: pass --snac, or --text-answers to keep answers text")
+        resolve_snac(options.snac)  # fail now, not in every worker
     get_backend(options.tts, options.voices)
     out = Path(out)
     (out / "data").mkdir(parents=True, exist_ok=True)

@@ -82,8 +82,11 @@ def wav_bytes(audio: np.ndarray, sample_rate: int = WHISPER_SAMPLE_RATE) -> byte
 
 
 def voiceassistant_row(split_name: str, index: int, question: str, question_audio: np.ndarray, answer: str,
-                       answer_layers: torch.Tensor) -> dict:
-    """One single-turn row: the 16 kHz question audio as a WAV file, the (7, N) answer frames as ``answer_snac``."""
+                       answer_layers: torch.Tensor | None) -> dict:
+    """One single-turn row: the 16 kHz question audio as a WAV file, the (7, N) answer frames as ``answer_snac``.
+
+    Without ``answer_layers`` (a text-only answer) ``answer_snac`` is empty.
+    """
     return {
         "split_name": split_name,
         "index": index,
@@ -92,7 +95,7 @@ def voiceassistant_row(split_name: str, index: int, question: str, question_audi
         "question_audio": {"bytes": wav_bytes(question_audio, WHISPER_SAMPLE_RATE),
                            "path": f"question_{index:08d}.wav"},
         "answer": answer,
-        "answer_snac": layers_to_answer_snac(answer_layers),
+        "answer_snac": "" if answer_layers is None else layers_to_answer_snac(answer_layers),
     }
 
 
@@ -127,26 +130,42 @@ def _audio_bytes(value) -> bytes:
 
 
 def voiceassistant_record(row: dict, task: Task | str = Task.A1A2) -> Record:
-    """One VoiceAssistant-400K row -> Record. A1A2/A1T2 use the question audio, T1A2/T1T2 its text."""
+    """One VoiceAssistant-400K row -> Record.
+
+    A1A2/A1T2 use the question audio, T1A2/T1T2 its text; ASR pairs the question audio with the
+    question text (the transcript).
+    """
     task = Task.parse(task)
-    if task in (Task.ASR, Task.A1A2_BATCH):
-        raise ValueError(f"VoiceAssistant rows make A1A2, A1T2, T1A2 or T1T2 examples, not {task.value}")
+    if task == Task.A1A2_BATCH:
+        raise ValueError("VoiceAssistant rows make A1A2, A1T2, T1A2, T1T2 or ASR examples, not A1A2-batch")
     source = f"{row.get('split_name', '')}/{row.get('index', '')}/{row.get('round', '')}"
     audio = None
     if task.audio_input:
         audio, _ = trim_to_30s(load_audio(_audio_bytes(row["question_audio"])))
-    layers = answer_snac_to_layers(row["answer_snac"]) if task.audio_output else None
+    if task == Task.ASR:
+        return Record(task, row["question"], question_audio=audio, source=source)
+    layers = None
+    if task.audio_output:
+        if not (row.get("answer_snac") or "").strip():
+            raise MiniOmniError(f"row {source} has no spoken answer (answer_snac is empty, as `data synth "
+                                f"--text-answers` writes): train it as A1T2, T1T2 or ASR, or remake it with --snac")
+        layers = answer_snac_to_layers(row["answer_snac"])
     return Record(task, row["answer"], question_audio=audio, question_text=None if task.audio_input
                   else row["question"], answer_layers=layers, source=source)
 
 
 def read_voiceassistant(paths: str | Path | Iterable[str | Path], task: Task | str = Task.A1A2,
                         batch_rows: int = 64) -> Iterator[Record]:
-    """Records from local VoiceAssistant-400K parquet files (a file, a folder of them, or a list)."""
+    """Records from local VoiceAssistant-400K parquet files (a file, a folder of them, a folder holding
+    ``data/`` as ``data synth`` writes it, or a list of these)."""
     try:
         import pyarrow.parquet as pq
     except ImportError as exc:
         raise MiniOmniError("reading parquet needs pyarrow: pip install pyarrow") from exc
+    if isinstance(paths, (str, Path)):
+        paths = [paths]
+    paths = [Path(p) / "data" if Path(p).is_dir() and not any(Path(p).glob("*.parquet")) and (Path(p) / "data").is_dir()
+             else p for p in paths]
     for path in _expand(paths, "*.parquet"):
         parquet = pq.ParquetFile(path)
         for chunk in parquet.iter_batches(batch_size=batch_rows):

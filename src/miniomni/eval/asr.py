@@ -1,9 +1,10 @@
-"""ASR evaluation (the model's ``asr`` task on LibriSpeech-layout data) and the ASR judge of spoken answers."""
+"""ASR evaluation (the model's ``asr`` task on LibriSpeech-layout or spoken-question data); the ASR judge."""
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -58,13 +59,26 @@ def make_judge(spec: str, omni: Any, max_new_tokens: int | None = None, device: 
                         "(another miniomni checkpoint's asr task)")
 
 
-def evaluate_asr(omni: Any, data: str | Path, limit: int | None = None, max_new_tokens: int | None = None) -> dict:
-    """WER of the ``asr`` task on a LibriSpeech-layout folder; per-utterance rows and the corpus total."""
+def asr_records(data: str | Path) -> Iterator:
+    """Utterances with their transcripts: a LibriSpeech-layout folder, or spoken questions (the
+    VoiceAssistant layout ``data synth`` writes: a parquet file, a folder of them, or the folder
+    holding ``data/``) with the question text as the transcript."""
     from ..data.librispeech import read_librispeech
+    from ..data.voiceassistant import read_voiceassistant
 
+    path = Path(data)
+    if not path.exists():
+        raise MiniOmniError(f"evaluation data {path} not found")
+    if path.suffix == ".parquet" or any(path.glob("*.parquet")) or any(path.glob("data/*.parquet")):
+        return read_voiceassistant(path, task="ASR")
+    return read_librispeech(path)
+
+
+def evaluate_asr(omni: Any, data: str | Path, limit: int | None = None, max_new_tokens: int | None = None) -> dict:
+    """WER of the ``asr`` task on :func:`asr_records`; per-utterance rows and the corpus total."""
     rows: list[dict] = []
     total = WordErrors()
-    for record in read_librispeech(data):
+    for record in asr_records(data):
         if limit is not None and len(rows) >= limit:
             break
         started = time.perf_counter()
@@ -74,7 +88,8 @@ def evaluate_asr(omni: Any, data: str | Path, limit: int | None = None, max_new_
         errors = word_errors(record.answer_text, result.text)
         total = total + errors
         rows.append({
-            "id": Path(record.source).stem, "audio": record.source,
+            "id": Path(record.source).stem if record.source.endswith(".flac") else record.source,
+            "audio": record.source,
             "reference": record.answer_text, "hypothesis": result.text,
             "reference_normalized": normalize_text(record.answer_text),
             "hypothesis_normalized": normalize_text(result.text),

@@ -1,10 +1,11 @@
-"""``miniomni eval asr | spoken-qa | consistency``: :func:`add_eval_command` and :func:`run_eval`."""
+"""``miniomni eval asr | spoken-qa | consistency | agreement``: :func:`add_eval_command` and :func:`run_eval`."""
 
 from __future__ import annotations
 
 import argparse
 import json
 
+from ..audio import ENCODER_CONTEXTS
 from ..errors import MiniOmniError
 
 __all__ = ["add_eval_command", "run_eval"]
@@ -20,6 +21,9 @@ def _common(p: argparse.ArgumentParser, default_out: str) -> None:
                    help="cap on sampled steps per answer and per judge transcription")
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, mps")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--encoder-context", default="30", choices=list(ENCODER_CONTEXTS),
+                   help="how much audio Whisper attends over (default 30, as generate; serve uses 10): "
+                        "evaluate with the context the model was trained and is served with")
 
 
 def _answers(p: argparse.ArgumentParser, with_text_only: bool) -> None:
@@ -37,7 +41,8 @@ def add_eval_command(subparsers: argparse._SubParsersAction) -> argparse.Argumen
                                            "(see docs/evaluation.md)")
     sub = p.add_subparsers(dest="eval_command", required=True)
     a = sub.add_parser("asr", help="WER of the asr task on a LibriSpeech-layout folder")
-    a.add_argument("--data", required=True, help="folder with */*/*.trans.txt and the .flac files beside them")
+    a.add_argument("--data", required=True, help="folder with */*/*.trans.txt and the .flac files beside them, "
+                                                 "or spoken questions as `data synth` writes them")
     _common(a, "eval-asr")
     q = sub.add_parser("spoken-qa", help="accuracy of text and spoken answers to spoken questions")
     q.add_argument("--data", required=True, help='JSONL rows {"audio": path, "answers": [accepted strings]}')
@@ -47,6 +52,9 @@ def add_eval_command(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     c.add_argument("--data", required=True, help='JSONL rows {"audio": path}, or a folder of audio files')
     _common(c, "eval-consistency")
     _answers(c, with_text_only=False)
+    g = sub.add_parser("agreement", help="answers to spoken questions against answers to the same questions written")
+    g.add_argument("--data", required=True, help="spoken questions as `data synth` writes them (folder or parquet)")
+    _common(g, "eval-agreement")
     p.set_defaults(func=run_eval)
     return p
 
@@ -60,7 +68,7 @@ def run_eval(args: argparse.Namespace) -> int:
 
     if args.limit is not None and args.limit < 1:
         raise MiniOmniError("--limit must be at least 1")
-    omni = load(args.checkpoint, device=args.device, dtype=args.dtype)
+    omni = load(args.checkpoint, device=args.device, dtype=args.dtype, encoder_context=args.encoder_context)
     if args.eval_command == "asr":
         report = evaluate_asr(omni, args.data, args.limit, args.max_new_tokens)
         files = write_asr_report(report, args.out)
@@ -73,7 +81,12 @@ def run_eval(args: argparse.Namespace) -> int:
         judge = make_judge(args.judge, omni, args.max_new_tokens, args.device, args.dtype)
         report = evaluate_consistency(omni, args.data, judge, args.task, args.limit, args.max_new_tokens)
         files = write_consistency_report(report, args.out)
-    else:  # argparse only lets the three through
+    elif args.eval_command == "agreement":
+        from .agreement import evaluate_agreement, write_agreement_report
+
+        report = evaluate_agreement(omni, args.data, args.limit, args.max_new_tokens)
+        files = write_agreement_report(report, args.out)
+    else:  # argparse only lets these through
         raise MiniOmniError(f"unknown eval command {args.eval_command!r}")
     print(json.dumps({"summary": report["summary"], "files": files}, indent=2))
     return 0

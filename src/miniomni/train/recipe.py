@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from ..audio import ENCODER_CONTEXTS
 from ..errors import ConfigError
 from ..tokens import Task
 
@@ -47,6 +48,7 @@ class DataConfig:
     shuffle: bool = True  # shuffle the order of the micro-batches every epoch (seeded)
     mask_audio_padding: bool = True
     feature_cache: str | None = None  # a folder for cached Whisper features
+    encoder_context: str = "30"  # how much audio Whisper attends over: 30 (generate's), 10 (serve's), 5, audio
     validation: list[DataSource] = field(default_factory=list)  # held-out sources for the validation loss
     validation_split: float = 0.0  # also hold out this seeded fraction of the training examples
 
@@ -141,6 +143,10 @@ class Recipe:
             raise ConfigError("recipe has no data.sources")
         for source in [*self.data.sources, *self.data.validation]:
             source.validate()
+        self.data.encoder_context = str(self.data.encoder_context)
+        if self.data.encoder_context not in ENCODER_CONTEXTS:
+            raise ConfigError(f"data.encoder_context {self.data.encoder_context!r} is not one of "
+                              f"{', '.join(ENCODER_CONTEXTS)}; train with the context you will serve with")
         checks = [
             (self.steps >= 1, "steps must be >= 1"),
             (self.data.batch_tokens >= 1, "data.batch_tokens must be >= 1"),

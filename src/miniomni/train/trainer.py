@@ -102,12 +102,16 @@ def _source_records(sources: list) -> Iterator:
             records = read_librispeech(source.path)
         else:
             records = read_jsonl(source.path)
-        for count, record in enumerate(records):
-            if source.limit is not None and count >= source.limit:
+        count = 0
+        for count, record in enumerate(records, 1):
+            if source.limit is not None and count > source.limit:
                 break
             if source.task and source.kind != "voiceassistant":
                 record.task = Task.parse(source.task)
             yield record
+        if count == 0:
+            raise MiniOmniError(f"data source {source.kind} {source.path} holds no records: check the path "
+                                "(a parquet file or folder, a LibriSpeech folder, a JSONL file)")
 
 
 def load_examples(recipe: Recipe, parts: CheckpointParts, encode: Callable | None,
@@ -126,7 +130,9 @@ def load_examples(recipe: Recipe, parts: CheckpointParts, encode: Callable | Non
     features = None
     if encode is not None:
         # With a cache folder the examples hold CachedFeatures: features are read per batch, not kept in memory.
-        features = FeatureCache(encode, recipe.data.feature_cache, namespace=f"whisper:{recipe.model}", lazy=True)
+        # Named by the encoder's weights and context: later stages (new checkpoints, same Whisper) reuse the cache.
+        namespace = f"whisper:{encoder_fingerprint(encode)}:context={recipe.data.encoder_context}"
+        features = FeatureCache(encode, recipe.data.feature_cache, namespace=namespace, lazy=True)
         if dist_info is not None and dist_info.enabled and recipe.data.feature_cache:
             for index, record in enumerate(_source_records(sources)):
                 if index % dist_info.world_size == dist_info.rank and Task.parse(record.task).audio_input:
@@ -137,6 +143,20 @@ def load_examples(recipe: Recipe, parts: CheckpointParts, encode: Callable | Non
     if not examples:
         raise MiniOmniError("the recipe's data sources yielded no examples")
     return examples
+
+
+def encoder_fingerprint(encode: Callable) -> str:
+    """SHA-256 (16 hex digits) of the Whisper encoder's weights behind ``encode`` (a MiniOmni's encode_audio)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    encoder = getattr(getattr(encode, "__self__", None), "encoder", None)
+    if encoder is None:
+        return "unknown"
+    for name, tensor in sorted(encoder.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().to(torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 # ----------------------------------------------------------------------------- trainer
@@ -180,7 +200,8 @@ class Trainer:
 
         self.parts = read_checkpoint(self.recipe.model)
         # Under FSDP the decoder is built on the CPU; fully_shard moves each rank's shards to the device.
-        omni = MiniOmni.from_parts(self.parts, torch.device("cpu") if self.fsdp else self.device, torch.float32)
+        omni = MiniOmni.from_parts(self.parts, torch.device("cpu") if self.fsdp else self.device, torch.float32,
+                                   encoder_context=self.recipe.data.encoder_context)
         if self.fsdp and self.device.type != "cpu":
             omni.encoder.to(self.device)
             omni.device = self.device
