@@ -187,3 +187,16 @@ def test_serve_flags_become_the_server_settings():
     assert settings.max_message_bytes == 1024 * 1024 and settings.api_key == "key"
     default = settings_from_args(build_parser().parse_args(["serve", "--checkpoint", "ckpt"]), None, None)
     assert default.webrtc_playout == 0.2 and default.speculate
+
+
+def test_install_hints_name_this_distribution():
+    """The install hints name the distribution pyproject.toml builds ("miniomni" on PyPI is another package)."""
+    import re
+    from pathlib import Path
+
+    from miniomni.errors import DISTRIBUTION, install_hint
+
+    pyproject = (Path(__file__).resolve().parent.parent / "pyproject.toml").read_text()
+    assert re.search(r'^name = "([^"]+)"', pyproject, re.MULTILINE).group(1) == DISTRIBUTION != "miniomni"
+    assert install_hint("server") == ("pip install 'miniomni-speech[server]' "
+                                      "(in a clone of the repository: pip install -e '.[server]')")

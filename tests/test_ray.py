@@ -12,8 +12,8 @@ import httpx
 import pytest
 import websockets
 
-pytest.importorskip("ray", reason="Ray Serve is not installed: pip install 'miniomni[ray]'")
-pytest.importorskip("ray.serve", reason="Ray Serve is not installed: pip install 'miniomni[ray]'")
+pytest.importorskip("ray", reason="Ray Serve is not installed: pip install -e '.[ray]'")
+pytest.importorskip("ray.serve", reason="Ray Serve is not installed: pip install -e '.[ray]'")
 
 from miniomni.server.rayserve import APP_NAME, PROXY_CALLBACK, REPLICA_HEADER, ReplicaSpec, ScaleOptions, application
 

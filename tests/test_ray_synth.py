@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from conftest import write_tiny_snac
 
-pytest.importorskip("ray", reason="Ray Data is not installed: pip install 'miniomni[ray]'")
-pytest.importorskip("ray.data", reason="Ray Data is not installed: pip install 'miniomni[ray]'")
+pytest.importorskip("ray", reason="Ray Data is not installed: pip install -e '.[ray]'")
+pytest.importorskip("ray.data", reason="Ray Data is not installed: pip install -e '.[ray]'")
 
 from miniomni.cli import main
 from miniomni.data import SynthOptions, synthesize

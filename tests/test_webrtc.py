@@ -17,7 +17,7 @@ from miniomni.server.app import create_app
 from miniomni.server.engine import Engine
 from miniomni.server.settings import ServerSettings
 
-aiortc = pytest.importorskip("aiortc", reason="the WebRTC transport needs aiortc (pip install 'miniomni[server]')")
+aiortc = pytest.importorskip("aiortc", reason="the WebRTC transport needs aiortc (pip install -e '.[server]')")
 av = pytest.importorskip("av", reason="aiortc needs PyAV")
 
 from aiortc import (  # noqa: E402 - after the skip

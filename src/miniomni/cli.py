@@ -17,7 +17,7 @@ import numpy as np
 from .audio import ENCODER_CONTEXTS, OUTPUT_SAMPLE_RATE, float_to_pcm16
 from .data.cli import add_data_command
 from .devices import resolve_device
-from .errors import MiniOmniError
+from .errors import MiniOmniError, install_hint
 from .precision import INT8_ACTIVATIONS, PLAN_DTYPES, Plan
 from .quantize import QUANTIZE_MODES
 from .server.settings import SERVE_ENCODER_CONTEXT, add_server_arguments
@@ -292,7 +292,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         from .server.engine import Engine
         from .server.settings import settings_from_args
     except ImportError as exc:
-        raise MiniOmniError(f"serving needs the server extra ({exc}); pip install 'miniomni[server]'") from exc
+        raise MiniOmniError(f"serving needs the server extra ({exc}); {install_hint('server')}") from exc
     from .precision import confirm_codec
 
     if bool(args.ssl_certfile) != bool(args.ssl_keyfile):

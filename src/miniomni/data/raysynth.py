@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..errors import MiniOmniError
+from ..errors import MiniOmniError, install_hint
 from .synth import JobState, SynthOptions, _init_worker, make_row, synthesize
 
 if TYPE_CHECKING:
@@ -35,8 +35,8 @@ MAX_BLOCK_ROWS = 16  # rows per Ray Data block (one actor call): small enough to
 def add_ray_arguments(p: argparse.ArgumentParser) -> None:
     """``miniomni data synth``'s flags for Ray (they do nothing without ``--ray``)."""
     p.add_argument("--ray", action="store_true",
-                   help="make the rows in an actor pool on Ray Data, --workers actors (pip install "
-                        "'miniomni[ray]'; see docs/data.md); the files are those of a local run")
+                   help="make the rows in an actor pool on Ray Data, --workers actors ("
+                        f"{install_hint('ray')}; see docs/data.md); the files are those of a local run")
     p.add_argument("--ray-address", default=None,
                    help="with --ray: a running cluster (auto, or ray://HOST:PORT); default: start one here")
     p.add_argument("--worker-cpus", type=float, default=1.0,
@@ -115,7 +115,7 @@ def synthesize_ray(
         import ray
         import ray.data  # fail here, not after the first shard
     except ImportError as exc:
-        raise MiniOmniError(f"--ray needs Ray Data ({exc}); pip install 'miniomni[ray]'") from exc
+        raise MiniOmniError(f"--ray needs Ray Data ({exc}); {install_hint('ray')}") from exc
     if worker_cpus <= 0:
         raise MiniOmniError("--worker-cpus must be positive")
     started = False

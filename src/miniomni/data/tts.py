@@ -11,7 +11,7 @@ from typing import ClassVar
 import numpy as np
 import soundfile as sf
 
-from ..errors import MiniOmniError
+from ..errors import MiniOmniError, install_hint
 
 
 class TTSError(MiniOmniError):
@@ -103,7 +103,7 @@ class PiperBackend(TTSBackend):
         try:
             from piper import PiperVoice, SynthesisConfig  # noqa: F401
         except ImportError as exc:
-            raise MiniOmniError(f"--tts piper needs piper-tts ({exc}); pip install 'miniomni[data]'") from exc
+            raise MiniOmniError(f"--tts piper needs piper-tts ({exc}); {install_hint('data')}") from exc
         self.voices = tuple(voices) if voices else ("joe",)
         self._loaded: dict[str, object] = {}
 

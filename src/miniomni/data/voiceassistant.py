@@ -20,7 +20,7 @@ import soundfile as sf
 import torch
 
 from ..audio import WHISPER_SAMPLE_RATE, load_audio, trim_to_30s
-from ..errors import MiniOmniError
+from ..errors import MiniOmniError, install_hint
 from ..tokens import Task, answer_snac_to_layers, layers_to_answer_snac
 from .record import Record
 
@@ -47,7 +47,7 @@ def require_pyarrow() -> None:
     try:
         import pyarrow.parquet  # noqa: F401
     except ImportError as exc:
-        raise MiniOmniError(f"the data tools need pyarrow ({exc}); pip install 'miniomni[data]'") from exc
+        raise MiniOmniError(f"the data tools need pyarrow ({exc}); {install_hint('data')}") from exc
 
 
 def schema() -> pa.Schema:

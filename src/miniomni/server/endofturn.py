@@ -32,7 +32,7 @@ import numpy as np
 import soxr
 
 from ..audio import HOP_LENGTH, WHISPER_SAMPLE_RATE, log_mel_numpy
-from ..errors import CheckpointError, MiniOmniError
+from ..errors import CheckpointError, MiniOmniError, install_hint
 from .protocol import PROTOCOL_SAMPLE_RATE, pcm16_to_float
 
 log = logging.getLogger(__name__)
@@ -147,7 +147,7 @@ class EndOfTurnModel:
             import onnxruntime as ort
         except ImportError as exc:
             raise TurnModelUnavailable(f"semantic_vad needs onnxruntime on the server ({exc}): "
-                                       "pip install 'miniomni[server]'") from exc
+                                       f"{install_hint('server')}") from exc
         options = ort.SessionOptions()
         options.intra_op_num_threads = 1  # one core at most: the compute thread keeps the others
         options.inter_op_num_threads = 1

@@ -4,7 +4,7 @@ Each replica is one complete engine: it loads the checkpoint, runs an :class:`En
 compute thread of its own and serves :func:`create_app`'s FastAPI application through Ray's
 HTTP proxy, so ``/v1/realtime``, ``/chat``, ``/healthz`` and the page behave as with
 ``miniomni serve``. Ray is imported only inside the functions here (``pip install
-'miniomni[ray]'``); the rest of the package never needs it.
+'miniomni-speech[ray]'``); the rest of the package never needs it.
 
 Capacity: a replica holds ``max_sessions`` talkers (WebSocket connections, or ``/chat``
 streams). Ray may send it one request more (``max_ongoing_requests = max_sessions + 1``), so
@@ -28,6 +28,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from ..errors import install_hint
 from .settings import SERVE_ENCODER_CONTEXT, ServerSettings, settings_from_args
 
 log = logging.getLogger(__name__)
@@ -378,7 +379,7 @@ def _quantize(quantize: str, device: str) -> str:
 def add_ray_arguments(p: argparse.ArgumentParser) -> None:
     """``miniomni serve``'s flags for Ray Serve (they do nothing without ``--ray``)."""
     p.add_argument("--ray", action="store_true",
-                   help="serve replicas of the whole engine on Ray Serve (pip install 'miniomni[ray]'; "
+                   help=f"serve replicas of the whole engine on Ray Serve ({install_hint('ray')}; "
                         "see docs/scaling.md)")
     p.add_argument("--replicas", type=int, default=1, help="with --ray: replicas (default 1)")
     p.add_argument("--min-replicas", type=int, default=None, help="with --ray: autoscale from this many replicas")
@@ -391,14 +392,14 @@ def add_ray_arguments(p: argparse.ArgumentParser) -> None:
 def serve_from_args(args: argparse.Namespace) -> int:
     """``miniomni serve --ray``: start (or join) Ray, run the application, stop it on SIGINT or SIGTERM."""
     from ..cli import _api_key
-    from ..errors import MiniOmniError
+    from ..errors import MiniOmniError, install_hint
     from .endofturn import turn_model_for_serving
 
     try:
         import ray
         from ray import serve
     except ImportError as exc:
-        raise MiniOmniError(f"--ray needs Ray Serve ({exc}); pip install 'miniomni[ray]'") from exc
+        raise MiniOmniError(f"--ray needs Ray Serve ({exc}); {install_hint('ray')}") from exc
     settings = settings_from_args(args, _api_key(args), turn_model_for_serving(args.turn_model, args.checkpoint))
     load_options = {"device": args.device, "dtype": args.dtype, "quantize": _quantize(args.quantize, args.device),
                     "encoder_context": args.encoder_context, "encoder_dtype": args.encoder_dtype,

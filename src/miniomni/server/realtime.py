@@ -22,6 +22,7 @@ from typing import Any, Protocol
 import numpy as np
 from starlette.concurrency import run_in_threadpool
 
+from ..errors import install_hint
 from .answers import Answering, ItemRecord, Response, Speculation
 from .endofturn import EndOfTurnModel, TurnModelUnavailable, load_turn_model
 from .engine import (
@@ -283,7 +284,7 @@ class RealtimeSession(Answering):
     async def on_session_update(self, event: dict[str, Any]) -> None:
         config = parse_session_update(event.get("session"), self.config, self.settings.max_tokens_limit)
         if config.turn_detection is not None and not self.vad_available:
-            raise ClientError("server VAD needs the silero-vad package on the server (pip install 'miniomni[server]'); "
+            raise ClientError(f"server VAD needs the silero-vad package on the server ({install_hint('server')}); "
                               "set turn_detection to null", code="vad_unavailable",
                               param="session.audio.input.turn_detection")
         if config.turn_detection is not None and config.turn_detection.semantic and self.end_of_turn is None:

@@ -23,6 +23,8 @@ import numpy as np
 import soxr
 import torch
 
+from ..errors import install_hint
+
 VAD_SAMPLE_RATE = 16000
 WINDOW = 512  # samples at 16 kHz: 32 ms
 CONTEXT = 64  # samples of the previous window the model sees with each window
@@ -94,7 +96,7 @@ def shared_silero() -> SileroNetwork:
                 from silero_vad import load_silero_vad
             except ImportError as exc:  # pragma: no cover - depends on the environment
                 raise VADUnavailable(
-                    "server VAD needs the silero-vad package: pip install 'miniomni[server]'"
+                    f"server VAD needs the silero-vad package: {install_hint('server')}"
                 ) from exc
             finally:
                 if torch.get_num_threads() != threads:
