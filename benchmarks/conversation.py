@@ -44,7 +44,6 @@ import sys
 import tempfile
 import time
 import urllib.request
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -55,7 +54,8 @@ from miniomni.precision import AVX2_LIMIT
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-RATE = 24000  # the Realtime protocol's PCM rate
+from talk import RATE, Answer, TalkerLog, room_noise, turn_detection  # noqa: E402
+
 CHUNK = RATE // 50  # 20 ms
 QUESTIONS = [  # about 3 s each, spoken by espeak-ng at 140 words per minute
     "What will the weather be like in Paris tomorrow morning?",
@@ -95,41 +95,11 @@ def question_audio(index: int, tts: str) -> np.ndarray:
     return (0.5 * audio / max(1e-6, float(np.abs(audio).max()))).astype(np.float32)
 
 
-def room_noise(seconds: float, rng: np.random.Generator) -> np.ndarray:
-    """Quiet broadband noise (about -55 dBFS), below what a VAD calls speech."""
-    white = rng.standard_normal(int(seconds * RATE)).astype(np.float32)
-    return (0.0018 * np.convolve(white, np.ones(4, dtype=np.float32) / 2, mode="same")).astype(np.float32)
-
-
 def pcm16(audio: np.ndarray) -> bytes:
     return (np.clip(audio, -1, 1) * 32767).astype("<i2").tobytes()
 
 
 # ---------------------------------------------------------------------- one talker
-
-
-@dataclass
-class Answer:
-    speech_end: float  # when the chunk holding the question's last speech sample was sent
-    response_id: str | None = None
-    first_audio: float | None = None
-    deltas: list[tuple[float, float]] = field(default_factory=list)  # (arrival, seconds of audio)
-    status: str | None = None
-    gaps: tuple[int, float] | None = None  # measured by the transport itself (WebRTC): (dry-outs, seconds)
-
-
-@dataclass
-class TalkerLog:
-    answers: list[Answer] = field(default_factory=list)
-    cancelled: int = 0
-    errors: list[str] = field(default_factory=list)
-
-
-def turn_detection(args: argparse.Namespace) -> dict:
-    """The talkers' turn detection: server VAD with --silence-ms, or semantic VAD (its model ends the turn)."""
-    if getattr(args, "detection", "server_vad") == "semantic_vad":
-        return {"type": "semantic_vad", "eagerness": "auto"}
-    return {"type": "server_vad", "silence_duration_ms": args.silence_ms}
 
 
 async def talker(index: int, url: str, args: argparse.Namespace, question: np.ndarray, log: TalkerLog) -> None:

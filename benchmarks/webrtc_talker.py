@@ -24,7 +24,7 @@ import numpy as np
 import soxr
 from aiortc import MediaStreamTrack, RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError
-from conversation import RATE, Answer, TalkerLog, room_noise, turn_detection
+from talk import RATE, Answer, TalkerLog, room_noise, turn_detection
 
 from miniomni.server.webrtc import restrict_host_addresses
 

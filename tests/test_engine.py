@@ -137,8 +137,8 @@ def test_a_block_never_runs_into_the_lead_floor(engine, clock):
         engine.run_once()
         ran_a_block = engine.stats.job_seconds_total != jobs
         assert not ran_a_block or lead - cost >= engine.lead_floor
-    for open_session in list(engine.sessions.values()):
-        open_session.cancel()
+    for open_job in list(engine.jobs.values()):
+        open_job.cancel()
     drain(engine)
 
 
@@ -248,8 +248,8 @@ def test_a_finished_answer_is_freed_without_waiting_for_the_garbage_collector(en
         refs = []
         for seed in range(3):
             caller = Caller()
-            caller.session = engine.open(question(seed=seed, steps=10), lambda event, caller=caller: None)
-            refs.append(weakref.ref(caller.session))
+            caller.job = engine.open(question(seed=seed, steps=10), lambda event, caller=caller: None)
+            refs.append(weakref.ref(caller.job))
             drain(engine)
             del caller
         assert [ref() for ref in refs] == [None, None, None]

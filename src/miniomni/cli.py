@@ -20,7 +20,7 @@ from .devices import resolve_device
 from .errors import MiniOmniError, install_hint
 from .precision import INT8_ACTIVATIONS, PLAN_DTYPES, Plan
 from .quantize import QUANTIZE_MODES
-from .server.settings import SERVE_ENCODER_CONTEXT, add_server_arguments
+from .server.settings import SERVE_ENCODER_CONTEXT, add_server_arguments, api_key_from_args
 from .streaming import AudioChunk, TextDelta
 from .tokens import SAMPLES_PER_FRAME, Task
 
@@ -303,7 +303,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         quantize = "int8" if resolve_device(args.device).type == "cpu" else "none"
     omni = _load(args, quantize)
     omni.plan = confirm_codec(omni.codec, omni.plan)
-    settings = settings_from_args(args, _api_key(args), turn_model)
+    settings = settings_from_args(args, api_key_from_args(args), turn_model)
     engine = Engine(omni, max_sessions=args.max_sessions, start=False)
     _report_speed(engine.warm_up(), omni.plan, args)
     app = create_app(engine, settings)
@@ -337,25 +337,6 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         server.should_exit = True
         http.join(timeout=10)
     return 0
-
-
-def _api_key(args: argparse.Namespace) -> str | None:
-    """The API key: --api-key-file, else MINIOMNI_API_KEY, else --api-key (which `ps` shows), else none."""
-    if args.api_key_file:
-        try:
-            lines = Path(args.api_key_file).read_text().splitlines()
-        except OSError as exc:
-            raise MiniOmniError(f"--api-key-file {args.api_key_file} could not be read ({exc})") from exc
-        key = lines[0].strip() if lines else ""
-        if not key:
-            raise MiniOmniError(f"--api-key-file {args.api_key_file} is empty; put the key on its first line")
-        return key
-    if os.environ.get("MINIOMNI_API_KEY"):
-        return os.environ["MINIOMNI_API_KEY"].strip()
-    if args.api_key:
-        log.warning("--api-key is visible to every user of this machine (ps); prefer --api-key-file or "
-                    "MINIOMNI_API_KEY")
-    return args.api_key
 
 
 def _report_speed(timings: object, plan: Plan, args: argparse.Namespace) -> None:

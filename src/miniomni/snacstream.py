@@ -11,15 +11,23 @@ the offline decode pads with, so the stream equals the offline decode of the who
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 import torch
 
 from .tokens import CODEBOOK_SIZE, NUM_AUDIO_LAYERS, SAMPLES_PER_FRAME, layers_to_codes
 
-if TYPE_CHECKING:
-    from .codec import Codec
+
+class StreamableCodec(Protocol):
+    """What a stream needs of its codec (``codec.Codec`` is one): the SNAC model and how to run it."""
+
+    model: torch.nn.Module
+    device: torch.device
+    stream_dtype: torch.dtype
+    noise: bool
+
+    def stream_plan(self) -> list[Op]: ...
 
 
 class Op:
@@ -189,7 +197,7 @@ class SNACStream:
     the frames so far as if the answer ended there, to play something before that.
     """
 
-    def __init__(self, codec: Codec, seed: int | None = 0) -> None:
+    def __init__(self, codec: StreamableCodec, seed: int | None = 0) -> None:
         self.codec = codec
         self.plan = codec.stream_plan()
         self.state: list[dict] = [{} for _ in self.plan]
@@ -263,7 +271,7 @@ class StreamingDecoder:
     frame is dropped.
     """
 
-    def __init__(self, codec: Codec, first_chunk: int = 1, max_chunk: int = 16, seed: int | None = 0) -> None:
+    def __init__(self, codec: StreamableCodec, first_chunk: int = 1, max_chunk: int = 16, seed: int | None = 0) -> None:
         if first_chunk < 1 or max_chunk < first_chunk:
             raise ValueError("need 1 <= first_chunk <= max_chunk")
         self.stream = SNACStream(codec, seed)

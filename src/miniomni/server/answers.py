@@ -17,11 +17,11 @@ from ..generate import SamplingOptions
 from ..streaming import AudioChunk, Done, TextDelta
 from .engine import (
     TRANSCRIPT_TOKENS,
+    AnswerJob,
     AnswerRequest,
     Engine,
     EngineBusy,
     ErrorEvent,
-    Session,
     TranscriptDelta,
     TranscriptDone,
     TranscriptFailed,
@@ -49,7 +49,7 @@ AUDIO_CHUNK_FRAMES = 4  # frames (85 ms each) per audio delta once streaming is 
 class Response(ResponseIds):
     """A running response: its ids, the engine session answering it, the text so far."""
 
-    session: Session | None = None
+    job: AnswerJob | None = None
     text: list[str] = field(default_factory=list)
     finished: bool = False
     user_item_id: str | None = None  # the user's turn it answers (and transcribes, when asked)
@@ -108,7 +108,7 @@ class Answering:
     response: Response | None
     speculation: Speculation | None
     items: OrderedDict[str, ItemRecord]
-    transcriptions: dict[str, Session]
+    transcriptions: dict[str, AnswerJob]
     closing: bool
     output: Any  # an Output; one that can ``play`` (an AudioOutput, WebRTC) gets the answer's samples itself
 
@@ -208,9 +208,9 @@ class Answering:
             response = speculation.response  # already prepared (and maybe speaking) while the VAD made sure
         else:
             if speculation is not None:
-                speculation.response.session.cancel()
+                speculation.response.job.cancel()
             try:
-                response.session = self.engine.open(request, lambda ev: self.from_engine(response, ev))
+                response.job = self.engine.open(request, lambda ev: self.from_engine(response, ev))
             except EngineBusy as exc:
                 raise ClientError(str(exc), code="server_busy", kind="server_error") from None
         self.response = response
@@ -224,7 +224,7 @@ class Answering:
         previous, self.last_item_id = self.last_item_id, response.item_id
         self.send({"type": "conversation.item.added", "previous_item_id": previous, "item": item})
         self.send({"type": "response.content_part.added", **response.where(), "part": response.part("")})
-        response.session.release()  # a held answer's events follow the events above
+        response.job.release()  # a held answer's events follow the events above
 
     def plan_response(self, user: UserInput, params: ResponseParams) -> tuple[AnswerRequest, Response]:
         """The engine request answering ``user`` as ``params`` ask, and the response that will carry it."""
@@ -250,8 +250,8 @@ class Answering:
         try:
             self.loop.call_soon_threadsafe(self.on_engine_event, response, event)
         except RuntimeError:  # the loop is gone (server shutting down)
-            if response.session is not None:
-                response.session.cancel()
+            if response.job is not None:
+                response.job.cancel()
 
     def on_engine_event(self, response: Response, event: Any) -> None:
         if isinstance(event, (TranscriptDelta, TranscriptDone, TranscriptFailed)):
@@ -292,8 +292,8 @@ class Answering:
         response = self.response
         if response is None:
             return
-        if response.session is not None:
-            response.session.cancel(keep_transcript=True)  # the engine drops it before its next step
+        if response.job is not None:
+            response.job.cancel(keep_transcript=True)  # the engine drops it before its next step
         if hasattr(self.output, "play"):
             self.clear_played_audio()
         self.finish(response, "cancelled", details={"type": "cancelled", "reason": reason})
@@ -313,7 +313,7 @@ class Answering:
             return
         response.finished = True
         # The item record outlives the answer; the engine session (with the question's audio) need not.
-        response.session = None
+        response.job = None
         if self.response is response:
             self.response = None
             self.turns.resume_idle(response.audio_samples)

@@ -34,6 +34,7 @@ from .heap import freeze_loaded, trim_heap
 from .metrics import CONTENT_TYPE as METRICS_MEDIA_TYPE
 from .metrics import ServerMetrics
 from .protocol import ClientError, parse_json
+from .replies import error_response
 from .settings import ServerSettings
 from .web import add_web_routes
 
@@ -41,10 +42,6 @@ log = logging.getLogger(__name__)
 
 # Raw little-endian 16-bit samples; audio/L16 would promise big-endian (RFC 2586), so not that.
 PCM_MEDIA_TYPE = f"audio/pcm;rate={OUTPUT_SAMPLE_RATE};encoding=s16le;channels=1"
-
-
-def error_response(status: int, message: str, kind: str = "invalid_request_error") -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": kind}}, status_code=status)
 
 
 def wav_stream_header(sample_rate: int = OUTPUT_SAMPLE_RATE) -> bytes:
@@ -186,7 +183,7 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
         events: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
         try:
-            session = engine.open(answer, lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
+            job = engine.open(answer, lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
         except EngineBusy as exc:
             return error_response(503, str(exc), "server_busy")
 
@@ -201,10 +198,10 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
                     elif isinstance(event, Done):
                         return
                     elif isinstance(event, ErrorEvent):
-                        log.warning("chat session %d failed: %s", session.id, event.message)
+                        log.warning("chat answer %d failed: %s", job.id, event.message)
                         return
             finally:
-                session.cancel()  # a client that went away stops its answer within one step
+                job.cancel()  # a client that went away stops its answer within one step
 
         media_type = "audio/wav" if format == "wav" else PCM_MEDIA_TYPE
         return StreamingResponse(body_stream(), media_type=media_type,

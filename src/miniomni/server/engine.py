@@ -14,11 +14,11 @@ cores for each operation, so no two computations ever fight over the cores. It i
 A job's next block runs only when every playing answer has enough audio ahead of real time
 to absorb it (``lead_floor`` seconds after the block's expected cost), so a newcomer's
 preparation never makes a running answer stutter; answers that have not spoken yet are
-stepped first. Sessions join between steps; a cancelled session is dropped before the
+stepped first. Answers join between steps; a cancelled job is dropped before the
 next one and its rows are free again.
 
-A session opened with ``hold=True`` is speculative: it is prepared and decoded like any
-other, but its events wait until :meth:`Session.release`; :meth:`Session.cancel` drops it
+A job opened with ``hold=True`` is speculative: it is prepared and decoded like any
+other, but its events wait until :meth:`AnswerJob.release`; :meth:`AnswerJob.cancel` drops it
 without a word. The server uses this to answer while the voice activity detector is
 still making sure the user has finished.
 """
@@ -42,7 +42,8 @@ from ..generate import MAX_POSITIONS, AnswerState, DecodeInput, Step, prefill_st
 from ..pipeline import MiniOmni
 from ..streaming import Done, StreamEvent, TextDelta, Timings
 from ..tokens import Task, audio_prompt, padding_ids
-from .session import AnswerRequest, EngineStats, ErrorEvent, Session, TranscriptDelta, TranscriptDone, TranscriptFailed
+from .jobs import AnswerJob, AnswerRequest, ErrorEvent, TranscriptDelta, TranscriptDone, TranscriptFailed
+from .stats import EngineStats
 
 log = logging.getLogger(__name__)
 
@@ -58,11 +59,11 @@ MAX_WAIT = 1.0
 
 
 class EngineBusy(MiniOmniError):
-    """Every session slot is taken."""
+    """Every job slot is taken."""
 
 
 class Engine:
-    """Owns the model while serving; ``open`` starts an answer and returns its :class:`Session`.
+    """Owns the model while serving; ``open`` starts an answer and returns its :class:`AnswerJob`.
 
     With ``start=True`` the compute thread starts at once; with ``start=False`` the caller runs
     :meth:`run_forever` on a thread of its own (``miniomni serve`` uses the main thread, where
@@ -85,13 +86,13 @@ class Engine:
         self.cache = omni.model.new_cache(2 * max_sessions, max_length=MAX_POSITIONS)
         self.staging = omni.model.new_cache(2, max_length=MAX_POSITIONS)  # prefill runs here
         self.free_slots = list(range(max_sessions))
-        self.sessions: dict[int, Session] = {}  # every open session
-        self.preparing: deque[Session] = deque()  # waiting for or in preparation (compute thread)
-        self.active: list[Session] = []  # decoding (compute thread)
+        self.jobs: dict[int, AnswerJob] = {}  # every open job
+        self.preparing: deque[AnswerJob] = deque()  # waiting for or in preparation (compute thread)
+        self.active: list[AnswerJob] = []  # decoding (compute thread)
         self.stats = EngineStats()
         self.unit_cost = 0.05  # expected seconds of a preparation block (a running average)
         self.observers: list[Any] = []  # told of every step's duration and every answer's time to first audio
-        self._incoming: deque[Session] = deque()
+        self._incoming: deque[AnswerJob] = deque()
         self._shutdown: str | None = None  # set by request_shutdown: the message every open answer ends with
         self._lock = threading.Lock()
         self._wakeup = threading.Event()
@@ -106,14 +107,14 @@ class Engine:
 
     @property
     def active_sessions(self) -> int:
-        return len(self.sessions)
+        return len(self.jobs)
 
     @property
     def queued_sessions(self) -> int:
-        return sum(1 for s in list(self.sessions.values()) if s.state is None)
+        return sum(1 for s in list(self.jobs.values()) if s.state is None)
 
     def open(self, request: AnswerRequest, emit: Callable[[StreamEvent | ErrorEvent], None],
-             hold: bool = False) -> Session:
+             hold: bool = False) -> AnswerJob:
         """Start answering; raises :class:`EngineBusy` when ``max_sessions`` answers are running."""
         with self._lock:
             if self._shutdown is not None:
@@ -121,27 +122,27 @@ class Engine:
             if not self.free_slots:
                 if not hold:
                     self.stats.rejected_busy += 1
-                raise EngineBusy(f"all {self.max_sessions} sessions are busy; try again when one has finished")
-            session = Session(self, request, emit, hold=hold)
-            session.slot = self.free_slots.pop(0)
-            self.sessions[session.id] = session
+                raise EngineBusy(f"all {self.max_sessions} answer slots are busy; try again when one has finished")
+            job = AnswerJob(self, request, emit, hold=hold)
+            job.slot = self.free_slots.pop(0)
+            self.jobs[job.id] = job
             refused = None
             if request.transcribe and request.audio is not None:
                 if not self.free_slots:
                     refused = "every slot is busy: the question is answered but not transcribed"
                 else:
-                    session.transcript = self._transcript_session(session)
+                    job.transcript = self._transcript_job(job)
             if hold:
                 self.stats.speculative_started += 1
             else:
                 self.stats.answers_started += 1
-            self._incoming.append(session)
+            self._incoming.append(job)
         if refused is not None:
-            session.emit(TranscriptFailed(refused))
-        self._wake()
-        return session
+            job.emit(TranscriptFailed(refused))
+        self.wake()
+        return job
 
-    def _transcript_session(self, answer: Session) -> Session:
+    def _transcript_job(self, answer: AnswerJob) -> AnswerJob:
         """The row that transcribes ``answer``'s question (task asr): prepared with it, its events go through it."""
 
         def forward(event: StreamEvent | ErrorEvent) -> None:
@@ -153,20 +154,20 @@ class Engine:
                 answer.emit(TranscriptFailed(event.message))
 
         # Not capped by the answer's token limit: the transcript has its own.
-        companion = Session(self, AnswerRequest(task="asr", max_new_tokens=TRANSCRIPT_TOKENS,
+        companion = AnswerJob(self, AnswerRequest(task="asr", max_new_tokens=TRANSCRIPT_TOKENS,
                                                 options=answer.request.options), forward)
         companion.is_transcript = True
         companion.answer = answer
         companion.slot = self.free_slots.pop(0)
-        self.sessions[companion.id] = companion
+        self.jobs[companion.id] = companion
         return companion
 
     def close(self) -> None:
-        """Stop computing (:meth:`run_forever` returns); open sessions are cancelled."""
-        for session in list(self.sessions.values()):
-            session.cancel()
+        """Stop computing (:meth:`run_forever` returns); open jobs are cancelled."""
+        for job in list(self.jobs.values()):
+            job.cancel()
         self._stop.set()
-        self._wake()
+        self.wake()
         if self._thread is not None:
             self._thread.join(timeout=10)
 
@@ -199,22 +200,22 @@ class Engine:
 
     # ------------------------------------------------------------------ the compute thread
 
-    def _wake(self) -> None:
+    def wake(self) -> None:
         self._wakeup.set()
 
     def request_shutdown(self, message: str) -> None:
         """Every open answer ends with an :class:`ErrorEvent` saying ``message`` (safe from a signal handler)."""
         self._shutdown = message
-        self._wake()
+        self.wake()
 
     def run_once(self) -> bool:
         """One scheduling decision: a decode step, a preparation block, or nothing (returns False)."""
         if self._shutdown is not None:
             self._admit()
-            for session in list(self.sessions.values()):
-                if not session.closed.is_set() and not session.cancelled.is_set():
-                    session.cancel()
-                    self._fail(session, MiniOmniError(self._shutdown))
+            for job in list(self.jobs.values()):
+                if not job.closed.is_set() and not job.cancelled.is_set():
+                    job.cancel()
+                    self._fail(job, MiniOmniError(self._shutdown))
         try:
             self._admit()
             self._drop_cancelled()
@@ -229,9 +230,9 @@ class Engine:
                 return False
         except Exception:
             log.exception("decode step failed")
-            for session in list(self.active):
-                self.active.remove(session)
-                self._fail(session, RuntimeError("the decode step failed"))
+            for job in list(self.active):
+                self.active.remove(job)
+                self._fail(job, RuntimeError("the decode step failed"))
         return True
 
     def _job_may_run(self) -> bool:
@@ -243,62 +244,62 @@ class Engine:
         instead of waiting for the answers before it to end.
         """
         now = self.clock()
-        if all(self._lead_allows(session, now) for session in self.active):
+        if all(self._lead_allows(job, now) for job in self.active):
             return True
         waiting = self.preparing[0]
         return now - waiting.queued_at > self.max_wait and not self._last_was_job
 
-    def _lead_allows(self, session: Session, now: float) -> bool:
-        if not session.state.audio_out:
+    def _lead_allows(self, job: AnswerJob, now: float) -> bool:
+        if not job.state.audio_out:
             return True  # text only (an answer in text, a transcript): no player to keep fed
-        if not session.events.samples_out:
+        if not job.events.samples_out:
             return False  # an answer that has not spoken yet comes first
-        if session.held:
+        if job.held:
             return True  # its first audio waits for the listener: nothing urgent
-        return session.lead(now) - self.unit_cost >= self.lead_floor
+        return job.lead(now) - self.unit_cost >= self.lead_floor
 
     def _admit(self) -> None:
         with self._lock:
             while self._incoming:
-                session = self._incoming.popleft()
-                session.job = within(torch.inference_mode, self._prepare(session))
-                session.queued_at = self.clock()
-                self.preparing.append(session)
+                job = self._incoming.popleft()
+                job.work = within(torch.inference_mode, self._prepare(job))
+                job.queued_at = self.clock()
+                self.preparing.append(job)
 
     def _drop_cancelled(self) -> None:
-        for session in [s for s in self.preparing if s.cancelled.is_set()]:
-            self.preparing.remove(session)
-            self._release_slot(session)
-            self._forget(session)
-            self._settle_transcript(session)
-        for session in [s for s in self.active if s.cancelled.is_set()]:
-            self.active.remove(session)
-            self._release_slot(session)
-            self._forget(session)
+        for job in [s for s in self.preparing if s.cancelled.is_set()]:
+            self.preparing.remove(job)
+            self.return_slot(job)
+            self._forget(job)
+            self._settle_transcript(job)
+        for job in [s for s in self.active if s.cancelled.is_set()]:
+            self.active.remove(job)
+            self.return_slot(job)
+            self._forget(job)
 
-    def _settle_transcript(self, answer: Session) -> None:
+    def _settle_transcript(self, answer: AnswerJob) -> None:
         """A transcript row that will never decode (its answer stopped before it started) is let go."""
         companion = answer.transcript
         if companion is not None and companion not in self.active:
             companion.cancel()
-            self._release_slot(companion)
+            self.return_slot(companion)
             self._forget(companion)
 
-    def _prepare(self, session: Session) -> Generator[None, None, torch.Tensor]:
+    def _prepare(self, job: AnswerJob) -> Generator[None, None, torch.Tensor]:
         """The preparation job: the prompt (Whisper included), then its prefill into the staging cache."""
-        request = session.request
+        request = job.request
         inputs = yield from self.omni.prepare_steps(request.task, audio=request.audio, text=request.text,
                                                     sample_rate=request.sample_rate)
-        session.state = AnswerState(inputs, request.options, request.max_new_tokens, self.device)
-        session.events = self.omni.answer_events(inputs, session.started, max_chunk=request.max_chunk)
-        rows = session.state.rows
+        job.state = AnswerState(inputs, request.options, request.max_new_tokens, self.device)
+        job.events = self.omni.answer_events(inputs, job.started, max_chunk=request.max_chunk)
+        rows = job.state.rows
         hidden = yield from prefill_steps(self.omni.model, inputs.prompts.to(self.device), inputs,
                                           self.staging.rows(slice(0, rows)))
         length = inputs.prompt_length
-        self._copy_staging(session.slot, rows, length)
-        if session.transcript is not None and not session.transcript.cancelled.is_set():
+        self._copy_staging(job.slot, rows, length)
+        if job.transcript is not None and not job.transcript.cancelled.is_set():
             yield
-            session.transcript_hidden = self._prepare_transcript(session.transcript, inputs)
+            job.transcript_hidden = self._prepare_transcript(job.transcript, inputs)
         return hidden
 
     def _copy_staging(self, slot: int, rows: int, length: int, start_row: int = 0) -> None:
@@ -308,7 +309,7 @@ class Engine:
                                        strict=True):
             destination[:, :, :length] = source[start_row : start_row + rows, :, :length]
 
-    def _prepare_transcript(self, companion: Session, answer_inputs: DecodeInput) -> torch.Tensor:
+    def _prepare_transcript(self, companion: AnswerJob, answer_inputs: DecodeInput) -> torch.Tensor:
         """The transcript row shares the question's Whisper features and prompt: all but the last position.
 
         Spoken prompts differ only in their last position, so the answer's prefill (in
@@ -328,17 +329,17 @@ class Engine:
             slice(2 * companion.slot, 2 * companion.slot + 1)), kv_len=last + 1)
         return hidden
 
-    def _advance(self, session: Session) -> None:
+    def _advance(self, job: AnswerJob) -> None:
         began = self.clock()
         try:
-            next(session.job)
+            next(job.work)
             done, hidden = False, None
         except StopIteration as finished:
             done, hidden = True, finished.value
-        except Exception as exc:  # noqa: BLE001 - a bad question fails its own session only
-            self.preparing.remove(session)
-            self._fail(session, exc)
-            self._settle_transcript(session)
+        except Exception as exc:  # noqa: BLE001 - a bad question fails its own job only
+            self.preparing.remove(job)
+            self._fail(job, exc)
+            self._settle_transcript(job)
             return
         finally:
             cost = self.clock() - began
@@ -347,10 +348,10 @@ class Engine:
         if not done:
             return
         self.preparing.popleft()
-        ready = [(session, hidden)]
-        companion = session.transcript
+        ready = [(job, hidden)]
+        companion = job.transcript
         if companion is not None and companion.state is not None and not companion.cancelled.is_set():
-            ready.append((companion, session.transcript_hidden))
+            ready.append((companion, job.transcript_hidden))
         with torch.inference_mode():
             self._sample([s for s, _ in ready], {s.id: h for s, h in ready})
         for started, _ in ready:
@@ -358,29 +359,29 @@ class Engine:
                 self._finish(started)
             else:
                 self.active.append(started)
-        self._settle_transcript(session)
+        self._settle_transcript(job)
 
     @torch.inference_mode()
     def _step(self) -> None:
         began = self.clock()
         # Only the rows up to the highest busy slot take part (the int8 kernel's cost grows with
         # the rows); idle rows among them are fed padding at position 0 of their own slot.
-        total_rows = 2 * (max(session.slot for session in self.active) + 1)
+        total_rows = 2 * (max(job.slot for job in self.active) + 1)
         ids = self._idle_ids.repeat(total_rows, 1)
         positions = torch.zeros(total_rows, 1, dtype=torch.long, device=self.device)
-        for session in self.active:
-            rows = self._rows(session)
-            ids[rows] = session.state.next_ids()
-            positions[rows] = session.state.position
+        for job in self.active:
+            rows = self._rows(job)
+            ids[rows] = job.state.next_ids()
+            positions[rows] = job.state.position
         # Each answer's rows read their own cache length: a row's arithmetic is then the same whatever
         # else is in the batch (with one cache length for all, attention rounds differently).
-        segments = [(self._rows(session), session.state.position + 1) for session in self.active]
+        segments = [(self._rows(job), job.state.position + 1) for job in self.active]
         hidden = self.omni.model.hidden_states(ids.unsqueeze(-1), positions, self.cache.rows(slice(0, total_rows)),
                                                kv_len=segments)
         self._sample(list(self.active), {s.id: hidden[self._rows(s)] for s in self.active})
-        for session in [s for s in self.active if s.state.finished]:
-            self.active.remove(session)
-            self._finish(session)
+        for job in [s for s in self.active if s.state.finished]:
+            self.active.remove(job)
+            self._finish(job)
         elapsed = self.clock() - began
         self.stats.steps += 1
         self.stats.step_seconds_total += elapsed
@@ -388,14 +389,14 @@ class Engine:
         for observer in self.observers:
             observer.step(elapsed)
 
-    def _rows(self, session: Session) -> slice:
-        return slice(2 * session.slot, 2 * session.slot + session.state.rows)
+    def _rows(self, job: AnswerJob) -> slice:
+        return slice(2 * job.slot, 2 * job.slot + job.state.rows)
 
-    def _sample(self, sessions: list[Session], hidden: dict[int, torch.Tensor]) -> None:
-        """One sampled step for each session (the head rows of all of them in one product each), then its events."""
+    def _sample(self, jobs: list[AnswerJob], hidden: dict[int, torch.Tensor]) -> None:
+        """One sampled step for each job (the head rows of all of them in one product each), then its events."""
         model = self.omni.model
-        text = [s for s in sessions if s.state.needs_text_head]
-        audio = [s for s in sessions if s.state.needs_audio_head]
+        text = [s for s in jobs if s.state.needs_text_head]
+        audio = [s for s in jobs if s.state.needs_audio_head]
         text_logits = None
         if text:
             text_logits = model.text_logits(torch.cat([hidden[s.id][s.state.text_row, -1:] for s in text]))
@@ -403,43 +404,43 @@ class Engine:
         text_index = {s.id: i for i, s in enumerate(text)}
         audio_index = {s.id: i for i, s in enumerate(audio)}
         now = self.clock()
-        for session in sessions:
-            t = text_index.get(session.id)
-            a = audio_index.get(session.id)
-            step = session.state.advance(
+        for job in jobs:
+            t = text_index.get(job.id)
+            a = audio_index.get(job.id)
+            step = job.state.advance(
                 None if t is None else text_logits[t : t + 1],
                 None if a is None else audio_logits[a],
             )
-            self._post(session, step, now)
+            self._post(job, step, now)
 
-    def _post(self, session: Session, step: Step, when: float) -> None:
+    def _post(self, job: AnswerJob, step: Step, when: float) -> None:
         """The step's events (text delta, audio once frames complete), and the end of the answer."""
-        if session.cancelled.is_set():
+        if job.cancelled.is_set():
             return
         try:
-            events = session.events.on_step(step, when)
-            if session.state.finished:
-                events += session.events.finish()
-                self._count_finished(session)  # before Done goes out: a client may stop the session on it
+            events = job.events.on_step(step, when)
+            if job.state.finished:
+                events += job.events.finish()
+                self._count_finished(job)  # before Done goes out: a client may stop the job on it
             for event in events:
-                session.emit(event)
-        except Exception as exc:  # noqa: BLE001 - e.g. an emit that fails: this session only
-            session.cancel()
-            self._fail(session, exc)
+                job.emit(event)
+        except Exception as exc:  # noqa: BLE001 - e.g. an emit that fails: this job only
+            job.cancel()
+            self._fail(job, exc)
 
-    def _count_finished(self, session: Session) -> None:
-        if session.is_transcript:
+    def _count_finished(self, job: AnswerJob) -> None:
+        if job.is_transcript:
             return
-        with session._lock:
-            if session.held:  # counted if it is released (see _on_release)
-                session.finished_while_held = True
+        with job._lock:
+            if job.held:  # counted if it is released (see job_released)
+                job.finished_while_held = True
                 return
         self.stats.answers_finished += 1
-        timings = session.events.timings
+        timings = job.events.timings
         if timings.first_audio_ms is not None:
             # From the answer's start, or from its release for one prepared in advance (then often 0).
-            released = session.released_at if session.released_at is not None else self.clock()
-            waited = max(0.0, timings.first_audio_ms / 1000 - (released - session.started))
+            released = job.released_at if job.released_at is not None else self.clock()
+            waited = max(0.0, timings.first_audio_ms / 1000 - (released - job.started))
             self._count_first_audio(waited)
 
     def _count_first_audio(self, seconds: float) -> None:
@@ -448,46 +449,46 @@ class Engine:
         for observer in self.observers:
             observer.first_audio(seconds)
 
-    def _finish(self, session: Session) -> None:
-        session.closed.set()
-        self._release_slot(session)
-        self._forget(session)
+    def _finish(self, job: AnswerJob) -> None:
+        job.closed.set()
+        self.return_slot(job)
+        self._forget(job)
 
-    def _on_release(self, session: Session) -> None:
+    def job_released(self, job: AnswerJob) -> None:
         with self._lock:
             self.stats.speculative_used += 1
             self.stats.answers_started += 1
-            if session.finished_while_held:
+            if job.finished_while_held:
                 self.stats.answers_finished += 1
                 self._count_first_audio(0.0)  # its audio was all there at release
 
-    def _fail(self, session: Session, exc: Exception) -> None:
+    def _fail(self, job: AnswerJob, exc: Exception) -> None:
         message = str(exc) if isinstance(exc, (MiniOmniError, ValueError)) else f"internal error: {exc!r}"
         if not isinstance(exc, (MiniOmniError, ValueError)):
-            log.error("session %d failed: %r", session.id, exc, exc_info=exc)
-        if session.transcript is not None and not session.transcript.closed.is_set():
-            session.transcript.cancel()
-            session.emit(TranscriptFailed(f"the question could not be answered: {message}"))
-        if not session.is_transcript:
+            log.error("job %d failed: %r", job.id, exc, exc_info=exc)
+        if job.transcript is not None and not job.transcript.closed.is_set():
+            job.transcript.cancel()
+            job.emit(TranscriptFailed(f"the question could not be answered: {message}"))
+        if not job.is_transcript:
             self.stats.answers_failed += 1
         try:
-            session.emit(ErrorEvent(message))
+            job.emit(ErrorEvent(message))
         finally:
-            session.closed.set()
-            self._release_slot(session)
-            self._forget(session)
+            job.closed.set()
+            self.return_slot(job)
+            self._forget(job)
 
-    def _release_slot(self, session: Session) -> None:
+    def return_slot(self, job: AnswerJob) -> None:
         with self._lock:
-            if session.slot is not None and not session.slot_free:
-                session.slot_free = True
-                self.free_slots.append(session.slot)
+            if job.slot is not None and not job.slot_free:
+                job.slot_free = True
+                self.free_slots.append(job.slot)
                 self.free_slots.sort()
 
-    def _forget(self, session: Session) -> None:
+    def _forget(self, job: AnswerJob) -> None:
         with self._lock:
-            if self.sessions.pop(session.id, None) is not None and session.held and session.cancelled.is_set():
+            if self.jobs.pop(job.id, None) is not None and job.held and job.cancelled.is_set():
                 self.stats.speculative_dropped += 1
-        session.closed.set()
-        session.unlink()
+        job.closed.set()
+        job.unlink()
 

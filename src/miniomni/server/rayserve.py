@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ..errors import install_hint
-from .settings import SERVE_ENCODER_CONTEXT, ServerSettings, settings_from_args
+from .settings import SERVE_ENCODER_CONTEXT, ServerSettings, api_key_from_args, settings_from_args
 
 log = logging.getLogger(__name__)
 
@@ -391,7 +391,6 @@ def add_ray_arguments(p: argparse.ArgumentParser) -> None:
 
 def serve_from_args(args: argparse.Namespace) -> int:
     """``miniomni serve --ray``: start (or join) Ray, run the application, stop it on SIGINT or SIGTERM."""
-    from ..cli import _api_key
     from ..errors import MiniOmniError, install_hint
     from .endofturn import turn_model_for_serving
 
@@ -400,7 +399,8 @@ def serve_from_args(args: argparse.Namespace) -> int:
         from ray import serve
     except ImportError as exc:
         raise MiniOmniError(f"--ray needs Ray Serve ({exc}); {install_hint('ray')}") from exc
-    settings = settings_from_args(args, _api_key(args), turn_model_for_serving(args.turn_model, args.checkpoint))
+    turn_model = turn_model_for_serving(args.turn_model, args.checkpoint)
+    settings = settings_from_args(args, api_key_from_args(args), turn_model)
     load_options = {"device": args.device, "dtype": args.dtype, "quantize": _quantize(args.quantize, args.device),
                     "encoder_context": args.encoder_context, "encoder_dtype": args.encoder_dtype,
                     "codec_dtype": args.codec_dtype, "int8_activations": args.int8_activations}

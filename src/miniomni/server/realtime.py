@@ -26,9 +26,9 @@ from ..errors import install_hint
 from .answers import Answering, ItemRecord, Response, Speculation
 from .endofturn import EndOfTurnModel, TurnModelUnavailable, load_turn_model
 from .engine import (
+    AnswerJob,
     Engine,
     EngineBusy,
-    Session,
 )
 from .protocol import (
     PROTOCOL_SAMPLE_RATE,
@@ -140,7 +140,7 @@ class RealtimeSession(Answering):
         self.response: Response | None = None
         self.speculation: Speculation | None = None
         self.items: OrderedDict[str, ItemRecord] = OrderedDict()
-        self.transcriptions: dict[str, Session] = {}  # user item id -> its standalone transcription
+        self.transcriptions: dict[str, AnswerJob] = {}  # user item id -> its standalone transcription
         self.closing = False
         self.tokens = 2 * settings.max_events_per_second  # the rate limit's bucket
         self.refilled = time.monotonic()
@@ -200,8 +200,8 @@ class RealtimeSession(Answering):
         self.output.close(1001, "the server is shutting down")
 
     def cancel_engine_session(self) -> None:
-        if self.response is not None and self.response.session is not None:
-            self.response.session.cancel()
+        if self.response is not None and self.response.job is not None:
+            self.response.job.cancel()
         self.drop_speculation()
         for transcription in self.transcriptions.values():
             transcription.cancel()
@@ -209,7 +209,7 @@ class RealtimeSession(Answering):
 
     def drop_speculation(self) -> None:
         if self.speculation is not None:
-            self.speculation.response.session.cancel()
+            self.speculation.response.job.cancel()
             self.speculation = None
 
     # ------------------------------------------------------------------ in
@@ -368,7 +368,7 @@ class RealtimeSession(Answering):
         params = parse_response_create({}, self.config, self.settings.max_tokens_limit)
         request, response = self.plan_response(user, params)
         try:
-            response.session = self.engine.open(request, lambda ev: self.from_engine(response, ev), hold=True)
+            response.job = self.engine.open(request, lambda ev: self.from_engine(response, ev), hold=True)
         except EngineBusy:
             return  # no room now: the turn is answered the usual way when it is taken
         self.speculation = Speculation(turn.item_id, turn.pcm, request, response)

@@ -3,7 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import MiniOmniError
+
+log = logging.getLogger("miniomni")
 
 # How much audio Whisper attends over when serving (see miniomni.audio.encoder_mel_frames): a question padded
 # to the next 10 s, not to Whisper's whole 30 s window, for quicker first answers.
@@ -80,3 +87,22 @@ def webrtc_addresses(args: argparse.Namespace) -> tuple[str, ...] | None:
         return tuple(args.webrtc_address)
     host = str(getattr(args, "host", "") or "")
     return ("127.0.0.1",) if host == "localhost" or host.startswith("127.") or host == "::1" else None
+
+
+def api_key_from_args(args: argparse.Namespace) -> str | None:
+    """The API key: --api-key-file, else MINIOMNI_API_KEY, else --api-key (which `ps` shows), else none."""
+    if args.api_key_file:
+        try:
+            lines = Path(args.api_key_file).read_text().splitlines()
+        except OSError as exc:
+            raise MiniOmniError(f"--api-key-file {args.api_key_file} could not be read ({exc})") from exc
+        key = lines[0].strip() if lines else ""
+        if not key:
+            raise MiniOmniError(f"--api-key-file {args.api_key_file} is empty; put the key on its first line")
+        return key
+    if os.environ.get("MINIOMNI_API_KEY"):
+        return os.environ["MINIOMNI_API_KEY"].strip()
+    if args.api_key:
+        log.warning("--api-key is visible to every user of this machine (ps); prefer --api-key-file or "
+                    "MINIOMNI_API_KEY")
+    return args.api_key

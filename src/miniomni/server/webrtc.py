@@ -30,13 +30,13 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response
 
 from ..audio import float_to_pcm16
-from .app import error_response
 from .bodies import BodyTooLarge, ClientDisconnect, read_body
 from .engine import Engine
 from .ephemeral import KeyRefused, preconfigure
 from .heap import trim_heap
 from .protocol import PROTOCOL_SAMPLE_RATE, ClientError, new_id, parse_json
 from .realtime import RealtimeSession, Transport
+from .replies import error_response
 from .settings import ServerSettings
 
 log = logging.getLogger(__name__)

@@ -1,4 +1,4 @@
-"""One answer as the engine runs it (:class:`Session`), and what goes in and out of it."""
+"""One answer as the engine runs it (:class:`AnswerJob`), and what goes in and out of it."""
 
 from __future__ import annotations
 
@@ -6,19 +6,32 @@ import itertools
 import threading
 from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 
 from ..generate import AnswerState, SamplingOptions
 from ..streaming import AnswerEvents, AudioChunk, StreamEvent
 
-if TYPE_CHECKING:
-    from .engine import Engine
-
 
 def _discard(event: object) -> None:
-    """The emit of a session that has said all it will say."""
+    """The emit of a job that has said all it will say."""
+
+
+class JobOwner(Protocol):
+    """What a job tells the one who runs it (the engine)."""
+
+    def clock(self) -> float:
+        """Now, in the owner's seconds."""
+
+    def return_slot(self, job: AnswerJob) -> None:
+        """The job's cache rows may be given to a new answer (idempotent)."""
+
+    def wake(self) -> None:
+        """Something changed that the compute loop should look at."""
+
+    def job_released(self, job: AnswerJob) -> None:
+        """A held (speculative) job went public."""
 
 
 @dataclass
@@ -63,23 +76,23 @@ class TranscriptFailed:
     message: str
 
 
-class Session:
+class AnswerJob:
     """A running answer. Events reach ``emit`` from the compute thread (held ones: from :meth:`release`)."""
 
     _ids = itertools.count(1)
 
-    def __init__(self, engine: Engine, request: AnswerRequest, emit: Callable[[StreamEvent | ErrorEvent], None],
+    def __init__(self, owner: JobOwner, request: AnswerRequest, emit: Callable[[StreamEvent | ErrorEvent], None],
                  hold: bool = False) -> None:
         self.id = next(self._ids)
-        self.engine = engine
+        self.owner = owner
         self.request = request
         self._emit = emit
-        self.started = engine.clock()
+        self.started = owner.clock()
         self.cancelled = threading.Event()
         self.closed = threading.Event()  # set once the last event has been emitted
         self.slot: int | None = None
         self.slot_free = False  # the slot went back to the engine (the rows stay valid until dropped)
-        self.job: Generator | None = None
+        self.work: Generator | None = None  # its preparation, one block per step (compute thread)
         self.state: AnswerState | None = None
         self.events: AnswerEvents | None = None
         self.held = hold
@@ -90,47 +103,47 @@ class Session:
         self.queued_at = self.started  # when its preparation could have begun
         self.first_audio_at: float | None = None  # when the first audio reached emit
         self.audio_out = 0.0  # seconds of audio that reached emit
-        self.transcript: Session | None = None  # the row transcribing the question, beside this answer
+        self.transcript: AnswerJob | None = None  # the row transcribing the question, beside this answer
         self.transcript_hidden: torch.Tensor | None = None
         self.is_transcript = False
-        self.answer: Session | None = None  # for a transcript row: the answer it transcribes the question of
+        self.answer: AnswerJob | None = None  # for a transcript row: the answer it transcribes the question of
 
     def cancel(self, keep_transcript: bool = False) -> None:
         """Stop within one decode step (or one preparation block); the slot is free for a new answer at once.
 
-        (Its rows are only written again by the compute thread once this session has been dropped.)
+        (Its rows are only written again by the compute thread once this job has been dropped.)
         The question's transcript row stops too, unless ``keep_transcript`` (an answer
         interrupted by its listener: what they said is still wanted) and it is already decoding.
         """
         self.cancelled.set()
-        self.engine._release_slot(self)
+        self.owner.return_slot(self)
         transcript = self.transcript
         if transcript is not None and not (keep_transcript and transcript.state is not None):
             transcript.cancel()
-        self.engine._wake()
+        self.owner.wake()
 
     def release(self) -> None:
-        """A held session goes public: its waiting events are emitted, later ones flow as they come."""
+        """A held job goes public: its waiting events are emitted, later ones flow as they come."""
         with self._lock:
             if not self.held:
                 return
             self.held = False
-            self.released_at = self.engine.clock()
+            self.released_at = self.owner.clock()
             waiting, self._held_events = self._held_events, []
             for event in waiting:
                 self._deliver(event)
-        self.engine._on_release(self)
+        self.owner.job_released(self)
         if self.closed.is_set():
             self.unlink()
 
     def unlink(self) -> None:
-        """Let go of what a finished session holds, and of its emit once nothing more will go through it.
+        """Let go of what a finished job holds, and of its emit once nothing more will go through it.
 
-        Callers' emit callbacks often point back at the session (a connection's response
+        Callers' emit callbacks often point back at the job (a connection's response
         holds it): a reference cycle that Python's collector frees only now and then, with
         an answer's codec state, tokens and features in it (about 20 MB an answer, measured).
         """
-        self.job = None
+        self.work = None
         self.transcript_hidden = None
         with self._lock:
             if self.held and not self.cancelled.is_set():
@@ -139,7 +152,7 @@ class Session:
                 self._held_events = []
             transcript = self.transcript
             if transcript is not None and not transcript.closed.is_set():
-                return  # the transcript still speaks through this session's emit
+                return  # the transcript still speaks through this job's emit
             self._emit = _discard
             self.events = None
         if self.answer is not None:  # a transcript row: its answer may have been waiting for it
@@ -164,25 +177,6 @@ class Session:
     def _deliver(self, event: StreamEvent | ErrorEvent) -> None:
         if isinstance(event, AudioChunk):
             if self.first_audio_at is None:
-                self.first_audio_at = self.engine.clock()
+                self.first_audio_at = self.owner.clock()
             self.audio_out += len(event.audio) / event.sample_rate
         self._emit(event)
-
-
-@dataclass
-class EngineStats:
-    """What the engine counts of its steps and sessions (the server's metrics read them)."""
-
-    steps: int = 0
-    step_seconds_total: float = 0.0
-    last_step_ms: float = 0.0
-    job_seconds_total: float = 0.0
-    first_audio_ms_total: float = 0.0
-    first_audio_count: int = 0
-    answers_started: int = 0
-    answers_finished: int = 0
-    answers_failed: int = 0
-    rejected_busy: int = 0
-    speculative_started: int = 0
-    speculative_used: int = 0
-    speculative_dropped: int = 0
