@@ -58,7 +58,7 @@ def real_text() -> str:
 def load_llm():
     """SmolLM2 as this project's transformer (float32), its tokenizer JSON and its vocabulary size."""
     from miniomni.shipped import smollm2_gguf
-    from miniomni.train.init import grown_model, read_gguf
+    from miniomni.train.from_lm import grown_model, read_gguf
 
     lm = read_gguf(smollm2_gguf())
     model = grown_model(lm, whisper_dim=32)

@@ -138,7 +138,7 @@ def bench_talkers(runs: int) -> dict[str, float]:
     import fullsize
 
     from miniomni import int8act
-    from miniomni.precision import choose, machine
+    from miniomni.precision import Precision, choose, machine
     from miniomni.server.engine import AnswerRequest, Engine
 
     out: dict[str, float] = {}
@@ -146,7 +146,7 @@ def bench_talkers(runs: int) -> dict[str, float]:
     if int8act.available():
         kernels["int8 x int8 activations (8 bits with VNNI, else 7)"] = 8 if machine().vnni else 7
     for label, bits in kernels.items():
-        plan = choose(torch.device("cpu"), "int8", int8_activations="on" if bits else "off")
+        plan = choose(torch.device("cpu"), Precision("int8", int8_activations="on" if bits else "off"))
         omni = fullsize.build(str(plan.activations).removeprefix("torch."), "int8", "cpu", encoder_context="audio")
         omni.codec.set_stream_dtype(plan.codec)
         if bits:

@@ -67,7 +67,7 @@ def main() -> None:
     sys.path.insert(0, str(HERE))
     from train_smollm2 import STAGES, gguf_path, make_components, make_data
 
-    from miniomni.train.init import init_from_lm
+    from miniomni.train.from_lm import init_from_lm
     from miniomni.train.recipe import Recipe
 
     workdir = Path(args.workdir)

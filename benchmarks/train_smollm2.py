@@ -99,7 +99,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    from miniomni.train.init import init_from_lm
+    from miniomni.train.from_lm import init_from_lm
     from miniomni.train.recipe import Recipe
     from miniomni.train.trainer import train
 

@@ -230,7 +230,7 @@ def test_checkpoint_dir_takes_whisper_subdirectory(reference: Whisper, tmp_path:
 
 def test_init_from_lm_writes_ct2_whisper_as_small_pt(tmp_path: Path) -> None:
     transformers = pytest.importorskip("transformers")
-    from miniomni.train.init import init_from_lm
+    from miniomni.train.from_lm import init_from_lm
 
     write_tiny_whisper(tmp_path / "small.pt", n_state=32)
     checkpoint = torch.load(tmp_path / "small.pt", weights_only=True)

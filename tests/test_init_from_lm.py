@@ -20,7 +20,7 @@ from miniomni.tokens import (
     Task,
     text_prompt,
 )
-from miniomni.train.init import (
+from miniomni.train.from_lm import (
     add_init_command,
     grow_to_omni,
     grown_model,

@@ -12,7 +12,7 @@ import torch
 
 import miniomni
 from miniomni import int8act, precision
-from miniomni.precision import AVX2_LIMIT, Machine, Plan, choose, confirm_codec
+from miniomni.precision import AVX2_LIMIT, Machine, Plan, Precision, choose, confirm_codec
 from miniomni.quantize import Int8Linear
 
 CPU = torch.device("cpu")
@@ -30,7 +30,7 @@ def as_names(plan: Plan) -> list[str]:
 ])
 def test_int8_plan_follows_the_cpu(monkeypatch, cpu, expected):
     monkeypatch.setattr(precision, "machine", lambda: cpu)
-    plan = choose(CPU, "int8")
+    plan = choose(CPU, Precision("int8"))
     assert as_names(plan) == expected
     assert set(plan.chosen) == {"activations", "encoder", "codec", "int8_activations"}
     assert cpu.describe() in plan.describe()
@@ -39,33 +39,33 @@ def test_int8_plan_follows_the_cpu(monkeypatch, cpu, expected):
 @pytest.mark.skipif(not int8act.available(), reason="fbgemm's int8 products need an x86 PyTorch")
 def test_int8_activations_by_default_only_with_vnni(monkeypatch):
     monkeypatch.setattr(precision, "machine", lambda: BF16_CPU)
-    assert choose(CPU, "int8").int8_activations == 8
-    assert "8-bit activations" in choose(CPU, "int8").describe()
-    assert choose(CPU, "int8", int8_activations="off").int8_activations == 0
-    assert choose(CPU, None).int8_activations == 0  # float weights: nothing to do with int8
+    assert choose(CPU, Precision("int8")).int8_activations == 8
+    assert "8-bit activations" in choose(CPU, Precision("int8")).describe()
+    assert choose(CPU, Precision("int8", int8_activations="off")).int8_activations == 0
+    assert choose(CPU, Precision(None)).int8_activations == 0  # float weights: nothing to do with int8
     monkeypatch.setattr(precision, "machine", lambda: AVX2_ONLY)
-    assert choose(CPU, "int8").int8_activations == 0  # 7-bit activations cost too much to be a default
-    assert choose(CPU, "int8", int8_activations="on").int8_activations == 7
+    assert choose(CPU, Precision("int8")).int8_activations == 0  # 7-bit activations cost too much to be a default
+    assert choose(CPU, Precision("int8", int8_activations="on")).int8_activations == 7
     with pytest.raises(miniomni.MiniOmniError, match="int8_activations"):
-        choose(CPU, "int8", int8_activations="yes")
+        choose(CPU, Precision("int8", int8_activations="yes"))
 
 
 @pytest.mark.parametrize("cpu", [AVX2_ONLY, BF16_CPU])
 def test_float_weights_stay_faithful_and_overrides_win(monkeypatch, cpu):
     monkeypatch.setattr(precision, "machine", lambda: cpu)
-    assert as_names(choose(CPU, None)) == ["float32"] * 4
-    asked = choose(CPU, "int8", "bfloat16", codec="float32", int8_activations="off")
+    assert as_names(choose(CPU, Precision(None))) == ["float32"] * 4
+    asked = choose(CPU, Precision("int8", "bfloat16", codec="float32", int8_activations="off"))
     assert asked.activations == torch.bfloat16 and asked.codec == torch.float32 and asked.chosen == ("encoder",)
     # Whisper follows the activations only where bfloat16 is fast.
     assert asked.encoder == (torch.bfloat16 if cpu.native_bfloat16 else torch.float32)
     with pytest.raises(miniomni.MiniOmniError, match="float32 or bfloat16"):
-        choose(CPU, None, "float16")
+        choose(CPU, Precision(None, "float16"))
 
 
 def test_the_avx2_limit_gives_the_avx2_plan():
     """Limited to AVX2 (precision.AVX2_LIMIT) this machine plans as an AVX2-only CPU."""
-    code = ("import json, torch; from miniomni.precision import choose, machine; "
-            "p = choose(torch.device('cpu'), 'int8'); print(json.dumps([machine().capability, "
+    code = ("import json, torch; from miniomni.precision import Precision, choose, machine; "
+            "p = choose(torch.device('cpu'), Precision('int8')); print(json.dumps([machine().capability, "
             "machine().native_bfloat16, str(p.activations), str(p.codec), p.int8_activations]))")
     env = {**os.environ, **AVX2_LIMIT}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
@@ -120,10 +120,10 @@ def test_the_start_up_advice_is_true_on_the_machine(monkeypatch):
 
     args = argparse.Namespace(device="cpu")
     monkeypatch.setattr(precision, "machine", lambda: AVX2_ONLY)
-    assert "--quantize int8" in _advice(choose(CPU, None), args)
-    assert _advice(choose(CPU, "int8", codec="bfloat16"), args) == "leave --codec-dtype at auto"
+    assert "--quantize int8" in _advice(choose(CPU, Precision(None)), args)
+    assert _advice(choose(CPU, Precision("int8", codec="bfloat16")), args) == "leave --codec-dtype at auto"
     if int8act.available():
-        assert "--int8-activations on" in _advice(choose(CPU, "int8"), args)
+        assert "--int8-activations on" in _advice(choose(CPU, Precision("int8")), args)
     monkeypatch.setattr(precision, "machine", lambda: BF16_CPU)
-    assert _advice(choose(CPU, "int8", "float32"), args) == "leave --dtype at auto"
-    assert "fastest precision plan" in _advice(choose(CPU, "int8"), args)
+    assert _advice(choose(CPU, Precision("int8", "float32")), args) == "leave --dtype at auto"
+    assert "fastest precision plan" in _advice(choose(CPU, Precision("int8")), args)

@@ -18,7 +18,7 @@ from .audio import ENCODER_CONTEXTS, OUTPUT_SAMPLE_RATE, float_to_pcm16
 from .data.cli import add_data_command
 from .devices import resolve_device
 from .errors import MiniOmniError, install_hint
-from .precision import INT8_ACTIVATIONS, PLAN_DTYPES, Plan
+from .precision import INT8_ACTIVATIONS, PLAN_DTYPES, Plan, Precision
 from .quantize import QUANTIZE_MODES
 from .server.settings import SERVE_ENCODER_CONTEXT, add_server_arguments, api_key_from_args
 from .streaming import AudioChunk, TextDelta
@@ -248,7 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_command(sub)
     from .eval.cli import add_eval_command
     from .train.cli import add_train_command
-    from .train.init import add_init_command
+    from .train.from_lm import add_init_command
 
     add_train_command(sub)
     add_init_command(sub)
@@ -366,7 +366,7 @@ def _advice(plan: Plan, args: argparse.Namespace) -> str:
     device = resolve_device(args.device)
     if plan.weights != "int8":
         return "pass --quantize int8 (or leave --quantize at auto)"
-    best = choose(device, "int8")
+    best = choose(device, Precision("int8"))
     flags = {"activations": "--dtype", "codec": "--codec-dtype"}  # what a frame's cost depends on
     asked = [flag for part, flag in flags.items()
              if part not in plan.chosen and getattr(plan, part) != getattr(best, part)]

@@ -17,7 +17,7 @@ DTYPES = {
     "float16": torch.float16,
     "fp16": torch.float16,
 }
-# What inference supports; training may also keep float16 weights (see train/init.py).
+# What inference supports; training may also keep float16 weights (see train/from_lm.py).
 INFERENCE_DTYPES = (torch.float32, torch.bfloat16)
 
 

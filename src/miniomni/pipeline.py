@@ -36,7 +36,7 @@ from .generate import MAX_POSITIONS, DecodeInput, SamplingOptions, Step, answer_
 from .int8act import use_int8_activations
 from .models.omni import OmniModel
 from .models.whisper import WhisperEncoder
-from .precision import Plan, choose, fast_bfloat16
+from .precision import Plan, Precision, choose, fast_bfloat16
 from .quantize import MAX_DECODE_ROWS, attach_outliers, parse_quantize, quantize_int8
 from .streaming import AnswerEvents, AnswerTokens, StreamEvent
 from .tokens import Task, audio_prompt, text_prompt, undelay
@@ -138,23 +138,20 @@ class MiniOmni:
         cls,
         parts: CheckpointParts,
         device: torch.device,
-        dtype: str | torch.dtype = "auto",
-        quantize: str | None = None,
+        precision: Precision | None = None,
         encoder_context: str = "30",
-        encoder_dtype: str | torch.dtype = "auto",
-        codec_dtype: str | torch.dtype = "auto",
-        int8_activations: str = "auto",
     ) -> MiniOmni:
-        """Build the pipeline; ``quantize="int8"`` swaps the decoder's linears for int8 ones.
+        """Build the pipeline; ``precision.quantize="int8"`` swaps the decoder's linears for int8 ones.
 
         ``"auto"`` precisions are chosen for the machine (:func:`miniomni.precision.choose`);
         ``encoder_context`` as for :func:`load`.
         """
         check_encoder_context(encoder_context)
-        quantize = parse_quantize(quantize)
+        precision = precision or Precision()
+        quantize = parse_quantize(precision.quantize)
         if parts.quantize == "int8":
             quantize = "int8"  # an int8 bundle holds no float weights to run without it
-        plan = choose(device, quantize, dtype, encoder_dtype, codec_dtype, int8_activations)
+        plan = choose(device, replace(precision, quantize=quantize))
         dtype = plan.activations
         state = parts.model_state
         if parts.quantize is None and (quantize == "int8" or any(
@@ -378,9 +375,8 @@ def load(
     resolved_device = resolve_device(device)
     source = path_or_repo if isinstance(path_or_repo, str) else Path(path_or_repo)
     parts = read_checkpoint(source)
-    omni = MiniOmni.from_parts(parts, resolved_device, dtype or "auto", quantize=quantize,
-                               encoder_context=encoder_context, encoder_dtype=encoder_dtype, codec_dtype=codec_dtype,
-                               int8_activations=int8_activations)
+    precision = Precision(quantize, dtype or "auto", encoder_dtype, codec_dtype, int8_activations)
+    omni = MiniOmni.from_parts(parts, resolved_device, precision, encoder_context=encoder_context)
     log.info("loaded %s onto %s: %s; %s; %s", path_or_repo, resolved_device, omni.plan.describe(),
              omni.plan.quality(), describe_encoder_context(encoder_context))
     return omni

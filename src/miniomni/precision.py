@@ -141,12 +141,21 @@ def fast_bfloat16(device: torch.device) -> bool:
     return False  # MPS: bfloat16 support varies by OS version; float32 is the safe choice
 
 
-def choose(device: torch.device, weights: str | None, activations: str | torch.dtype = "auto",
-           encoder: str | torch.dtype = "auto", codec: str | torch.dtype = "auto",
-           int8_activations: str = "auto") -> Plan:
+@dataclass(frozen=True)
+class Precision:
+    """The precisions asked for, one value from :func:`miniomni.load` to :func:`choose` ("auto": chosen here)."""
+
+    quantize: str | None = None  # "int8": int8 weights; None: the checkpoint's float weights
+    dtype: str | torch.dtype = "auto"  # the decoder's activations
+    encoder: str | torch.dtype = "auto"  # Whisper
+    codec: str | torch.dtype = "auto"  # SNAC
+    int8_activations: str = "auto"  # auto, on, off: int8 weights times int8 activations
+
+
+def choose(device: torch.device, asked: Precision = Precision()) -> Plan:
     """The plan for ``device``: each ``"auto"`` component in the fastest precision that keeps tokens as documented.
 
-    ``weights`` is ``"int8"`` or None (the checkpoint's float weights, in the activations'
+    ``asked.quantize`` is ``"int8"`` or None (the checkpoint's float weights, in the activations'
     dtype). Dense weights stay float32 unless bfloat16 is asked for: the faithful default.
     With int8 weights the activations are bfloat16 where bfloat16 is fast, float32 where it
     is emulated (a decode step costs the same in both there; a prompt's GEMM, Whisper and
@@ -160,6 +169,8 @@ def choose(device: torch.device, weights: str | None, activations: str | torch.d
     from .devices import resolve_dtype
     from .errors import MiniOmniError
 
+    weights, activations, encoder, codec = asked.quantize, asked.dtype, asked.encoder, asked.codec
+    int8_activations = asked.int8_activations
     if int8_activations not in INT8_ACTIVATIONS:
         raise MiniOmniError(f"int8_activations={int8_activations!r}; use {', '.join(INT8_ACTIVATIONS)}")
     fast = fast_bfloat16(device)

@@ -197,11 +197,12 @@ class Trainer:
     def _load_model(self) -> None:
         """The recipe's checkpoint, as float32 weights the model owns."""
         from ..pipeline import MiniOmni
+        from ..precision import Precision
 
         self.parts = read_checkpoint(self.recipe.model)
         # Under FSDP the decoder is built on the CPU; fully_shard moves each rank's shards to the device.
-        omni = MiniOmni.from_parts(self.parts, torch.device("cpu") if self.fsdp else self.device, torch.float32,
-                                   encoder_context=self.recipe.data.encoder_context)
+        omni = MiniOmni.from_parts(self.parts, torch.device("cpu") if self.fsdp else self.device,
+                                   Precision(dtype=torch.float32), encoder_context=self.recipe.data.encoder_context)
         if self.fsdp and self.device.type != "cpu":
             omni.encoder.to(self.device)
             omni.device = self.device
