@@ -223,6 +223,34 @@ def serving(app, **options):
         thread.join(timeout=10)
 
 
+def engine_fixture(max_sessions: int):
+    """A module-scoped ``engine`` fixture: an Engine with its own compute thread on the tiny model."""
+
+    @pytest.fixture(scope="module")
+    def engine(omni):
+        from miniomni.server.engine import Engine
+
+        engine = Engine(omni, max_sessions=max_sessions)
+        yield engine
+        engine.close()
+
+    return engine
+
+
+def port_fixture(settings=None):
+    """A module-scoped fixture: the app around the module's ``engine`` with ``settings``, served; its port."""
+
+    @pytest.fixture(scope="module")
+    def port(engine):
+        from miniomni.server.app import create_app
+        from miniomni.server.settings import ServerSettings
+
+        with serving(create_app(engine, settings or ServerSettings())) as port:
+            yield port
+
+    return port
+
+
 def wait_idle(engine, timeout: float = 10.0) -> bool:
     """Wait until the engine has no open session; True if it got there."""
     import time

@@ -9,12 +9,11 @@ import json
 import httpx
 import pytest
 import websockets
-from conftest import serving
+from conftest import engine_fixture, serving
 from openai import OpenAI
 from starlette.datastructures import Headers
 
 from miniomni.server.app import create_app
-from miniomni.server.engine import Engine
 from miniomni.server.ephemeral import ClientSecrets, KeyRefused, presented_client_secret
 from miniomni.server.protocol import ClientError
 from miniomni.server.settings import ServerSettings
@@ -98,11 +97,7 @@ def test_where_a_key_is_presented():
 # ---------------------------------------------------------------------- over HTTP, WebSocket and WebRTC
 
 
-@pytest.fixture(scope="module")
-def engine(omni):
-    engine = Engine(omni, max_sessions=2)
-    yield engine
-    engine.close()
+engine = engine_fixture(2)
 
 
 @pytest.fixture(scope="module")

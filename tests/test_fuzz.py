@@ -10,11 +10,9 @@ import threading
 import httpx
 import pytest
 import websockets
-from conftest import serving, wait_idle
+from conftest import engine_fixture, port_fixture, wait_idle
 from fuzzcases import Report, b64, control, fuzz_chat, fuzz_realtime, pcm, spoken_answer
 
-from miniomni.server.app import create_app
-from miniomni.server.engine import Engine
 from miniomni.server.settings import ServerSettings
 
 pytestmark = pytest.mark.slow  # about a thousand cases, and a hundred clients
@@ -24,17 +22,8 @@ SETTINGS = ServerSettings(max_audio_seconds=5, max_request_bytes=1 << 20, max_me
 CONTROL_STEPS = 10
 
 
-@pytest.fixture(scope="module")
-def engine(omni):
-    engine = Engine(omni, max_sessions=3)
-    yield engine
-    engine.close()
-
-
-@pytest.fixture(scope="module")
-def port(engine):
-    with serving(create_app(engine, SETTINGS)) as port:
-        yield port
+engine = engine_fixture(3)
+port = port_fixture(SETTINGS)
 
 
 def rss_mb() -> float:

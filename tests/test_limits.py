@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import websockets
-from conftest import serve_process, serving, speech_like, wait_idle
+from conftest import engine_fixture, serve_process, serving, speech_like, wait_idle
 
 from miniomni.server.app import create_app, shut_down
 from miniomni.server.engine import AnswerRequest, Engine
@@ -29,11 +29,7 @@ LIMITS = ServerSettings(max_audio_seconds=5, max_request_bytes=1 << 20, max_mess
                         max_connections=4, idle_timeout=1.5, max_events_per_second=50)
 
 
-@pytest.fixture(scope="module")
-def engine(omni):
-    engine = Engine(omni, max_sessions=2)
-    yield engine
-    engine.close()
+engine = engine_fixture(2)
 
 
 @pytest.fixture(scope="module")

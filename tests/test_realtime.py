@@ -16,13 +16,13 @@ import soundfile as sf
 import soxr
 import torch
 import websockets
-from conftest import serving, speech_like, wait_idle
+from conftest import engine_fixture, port_fixture, serving, speech_like, wait_idle
 from openai import AsyncOpenAI
 
 from miniomni.audio import float_to_pcm16
 from miniomni.server import connection
 from miniomni.server.app import create_app
-from miniomni.server.engine import TRANSCRIPT_TOKENS, AnswerRequest, Engine
+from miniomni.server.engine import TRANSCRIPT_TOKENS, AnswerRequest
 from miniomni.server.settings import ServerSettings
 from miniomni.streaming import AudioChunk
 
@@ -30,23 +30,9 @@ MAX_SESSIONS = 2
 RATE = 24000
 
 
-@pytest.fixture(scope="module")
-def engine(omni):
-    engine = Engine(omni, max_sessions=MAX_SESSIONS)
-    yield engine
-    engine.close()
-
-
-@pytest.fixture(scope="module")
-def port(engine):
-    with serving(create_app(engine, ServerSettings(max_audio_seconds=30))) as port:
-        yield port
-
-
-@pytest.fixture(scope="module")
-def keyed_port(engine):
-    with serving(create_app(engine, ServerSettings(api_key="sekret"))) as port:
-        yield port
+engine = engine_fixture(MAX_SESSIONS)
+port = port_fixture(ServerSettings(max_audio_seconds=30))
+keyed_port = port_fixture(ServerSettings(api_key="sekret"))
 
 
 def pcm16(audio: np.ndarray) -> bytes:

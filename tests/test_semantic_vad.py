@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import soxr
 import websockets
-from conftest import serving, speech_like, wait_idle
+from conftest import engine_fixture, port_fixture, serving, speech_like, wait_idle
 
 from miniomni.audio import float_to_pcm16, log_mel_numpy, log_mel_spectrogram
 from miniomni.errors import CheckpointError
@@ -32,7 +32,6 @@ from miniomni.server.endofturn import (
     turn_features,
     wheel_turn_model,
 )
-from miniomni.server.engine import Engine
 from miniomni.server.protocol import ClientError, SessionConfig, parse_session_update, session_object
 from miniomni.server.settings import ServerSettings
 
@@ -243,17 +242,8 @@ def test_the_model_tells_a_finished_sentence_from_a_pause_mid_sentence():
 # ---------------------------------------------------------------------- over the WebSocket
 
 
-@pytest.fixture(scope="module")
-def engine(omni):
-    engine = Engine(omni, max_sessions=2)
-    yield engine
-    engine.close()
-
-
-@pytest.fixture(scope="module")
-def port(engine):
-    with serving(create_app(engine, ServerSettings())) as port:
-        yield port
+engine = engine_fixture(2)
+port = port_fixture(ServerSettings())
 
 
 @pytest.fixture(scope="module")

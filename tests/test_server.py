@@ -10,12 +10,13 @@ import httpx
 import numpy as np
 import pytest
 import soundfile as sf
-from conftest import serve_process, serving, speech_like, wait_idle
+from conftest import engine_fixture, serve_process, serving, speech_like, wait_idle
 from fastapi.testclient import TestClient
 
 from miniomni.audio import float_to_pcm16
-from miniomni.server.app import PCM_MEDIA_TYPE, create_app
-from miniomni.server.engine import AnswerRequest, Engine
+from miniomni.server.app import create_app
+from miniomni.server.chat import PCM_MEDIA_TYPE
+from miniomni.server.engine import AnswerRequest
 from miniomni.server.settings import ServerSettings
 from miniomni.streaming import AudioChunk
 
@@ -32,11 +33,7 @@ def chat_body(seconds: float = 1.5, **extra) -> dict:
     return {"audio": base64.b64encode(wav_bytes(seconds)).decode(), **extra}
 
 
-@pytest.fixture(scope="module")
-def engine(omni):
-    engine = Engine(omni, max_sessions=MAX_SESSIONS)
-    yield engine
-    engine.close()
+engine = engine_fixture(MAX_SESSIONS)
 
 
 @pytest.fixture(scope="module")

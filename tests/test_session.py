@@ -7,10 +7,8 @@ import base64
 import json
 
 import numpy as np
-import pytest
-from conftest import speech_like
+from conftest import engine_fixture, speech_like
 
-from miniomni.server.engine import Engine
 from miniomni.server.protocol import pcm16_to_float
 from miniomni.server.realtime import RealtimeSession
 from miniomni.server.settings import ServerSettings
@@ -47,11 +45,7 @@ class Recorder:
         return await asyncio.wait_for(seen(), timeout)
 
 
-@pytest.fixture(scope="module")
-def engine(omni):
-    engine = Engine(omni, max_sessions=2)
-    yield engine
-    engine.close()
+engine = engine_fixture(2)
 
 
 def run(coroutine):

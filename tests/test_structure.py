@@ -104,3 +104,12 @@ def test_no_module_over_500_lines():
     long = {str(p.relative_to(ROOT)): n for p in [*_package_modules(), *BENCHMARKS.glob("*.py")]
             if (n := len(p.read_text(encoding="utf-8").splitlines())) > 500}
     assert long == {}
+
+
+def test_no_function_in_the_server_over_60_lines():
+    long = {}
+    for path in sorted((PACKAGE / "server").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 60:
+                long[f"{path.name}:{node.name}"] = node.end_lineno - node.lineno + 1
+    assert long == {}

