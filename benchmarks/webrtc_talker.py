@@ -26,7 +26,7 @@ from aiortc import MediaStreamTrack, RTCConfiguration, RTCPeerConnection, RTCSes
 from aiortc.mediastreams import MediaStreamError
 from talk import RATE, Answer, TalkerLog, room_noise, turn_detection
 
-from miniomni.server.webrtc import restrict_host_addresses
+from miniomni.server.transports.webrtc import restrict_host_addresses
 
 TRACK_RATE = 48000
 FRAME = TRACK_RATE // 50  # 20 ms

@@ -52,7 +52,7 @@ SENTENCES = [
 
 
 try:  # every WebRTC peer of the tests, server and clients, announces loopback only: no traffic leaves it
-    from miniomni.server.webrtc import restrict_host_addresses
+    from miniomni.server.transports.webrtc import restrict_host_addresses
 except ImportError:  # aiortc not installed: the WebRTC tests skip
     pass
 else:

@@ -20,7 +20,7 @@ import soundfile as sf
 import soxr
 from conftest import serve_process
 
-from miniomni.server.protocol import SessionConfig, parse_session_update
+from miniomni.server.realtime.protocol import SessionConfig, parse_session_update
 
 JS = Path(__file__).parent / "js"
 RATE = 24000

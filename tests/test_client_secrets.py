@@ -14,8 +14,8 @@ from openai import OpenAI
 from starlette.datastructures import Headers
 
 from miniomni.server.app import create_app
-from miniomni.server.ephemeral import ClientSecrets, KeyRefused, presented_client_secret
-from miniomni.server.protocol import ClientError
+from miniomni.server.realtime.ephemeral import ClientSecrets, KeyRefused, presented_client_secret
+from miniomni.server.realtime.protocol import ClientError
 from miniomni.server.settings import ServerSettings
 
 KEY = "sekret"

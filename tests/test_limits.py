@@ -306,7 +306,7 @@ def test_sigterm_stops_the_server_cleanly_within_seconds(checkpoint_dir, tmp_pat
 
 def test_speech_is_heard_by_the_shared_vad_without_a_model_per_connection(port, engine):
     """Every connection shares one copy of the VAD weights: memory stays flat over many connections."""
-    from miniomni.server import vad
+    from miniomni.server.turns import vad
 
     async def run():
         for _ in range(20):

@@ -20,10 +20,10 @@ from conftest import engine_fixture, port_fixture, serving, speech_like, wait_id
 from openai import AsyncOpenAI
 
 from miniomni.audio import float_to_pcm16
-from miniomni.server import connection
 from miniomni.server.app import create_app
 from miniomni.server.engine import TRANSCRIPT_TOKENS, AnswerRequest
 from miniomni.server.settings import ServerSettings
+from miniomni.server.transports import websocket as connection
 from miniomni.streaming import AudioChunk
 
 MAX_SESSIONS = 2
@@ -692,9 +692,9 @@ def test_a_spoken_turn_gets_the_users_transcript_then_the_answer(port, engine, c
 
 def engine_heard(turn: bytes) -> bytes:
     """The audio of the turn the server commits for ``turn`` (its VAD run here on the same chunks)."""
-    from miniomni.server.protocol import TurnDetection
-    from miniomni.server.turns import InputTurns, TurnEnded
-    from miniomni.server.vad import StreamingVAD
+    from miniomni.server.realtime.protocol import TurnDetection
+    from miniomni.server.turns.taking import InputTurns, TurnEnded
+    from miniomni.server.turns.vad import StreamingVAD
 
     machine = InputTurns(30.0, TurnDetection(silence_duration_ms=500, prefix_padding_ms=100))
     machine.start_vad(StreamingVAD(0.5, 500, RATE), 0)
@@ -770,7 +770,7 @@ def test_truncate_cuts_the_answers_transcript_to_what_was_played(port, engine):
 
 
 def test_cut_transcript_keeps_the_words_played():
-    from miniomni.server.protocol import cut_transcript
+    from miniomni.server.realtime.protocol import cut_transcript
 
     text = "one two three four five six seven eight"
     assert cut_transcript(text, 1000, 1000) == text

@@ -20,9 +20,11 @@ from conftest import engine_fixture, port_fixture, serving, speech_like, wait_id
 
 from miniomni.audio import float_to_pcm16, log_mel_numpy, log_mel_spectrogram
 from miniomni.errors import CheckpointError
-from miniomni.server import endofturn
 from miniomni.server.app import create_app
-from miniomni.server.endofturn import (
+from miniomni.server.realtime.protocol import ClientError, SessionConfig, parse_session_update, session_object
+from miniomni.server.settings import ServerSettings
+from miniomni.server.turns import endofturn
+from miniomni.server.turns.endofturn import (
     FRAMES,
     TURN_MODEL_FILE,
     WINDOW,
@@ -32,8 +34,6 @@ from miniomni.server.endofturn import (
     turn_features,
     wheel_turn_model,
 )
-from miniomni.server.protocol import ClientError, SessionConfig, parse_session_update, session_object
-from miniomni.server.settings import ServerSettings
 
 RATE = 24000
 needs_model = pytest.mark.skipif(wheel_turn_model() is None or importlib.util.find_spec("onnxruntime") is None,
@@ -289,7 +289,7 @@ def noise(seconds: float, seed: int = 1) -> np.ndarray:
 @pytest.mark.slow
 @needs_model
 def test_semantic_vad_waits_through_a_pause_mid_sentence_and_answers_the_whole_sentence(port, engine, caplog):
-    caplog.set_level(logging.DEBUG, logger="miniomni.server.endofturn")
+    caplog.set_level(logging.DEBUG, logger="miniomni.server.turns.endofturn")
     speak = piper_speaker()
     # Through the server the pause is judged with the VAD's own lag into it, over a noise floor: with more quiet
     # heard, this model calls more pauses final. This sentence's is heard as a pause there too (0.07; 0.77 at

@@ -9,8 +9,8 @@ import json
 import numpy as np
 from conftest import engine_fixture, speech_like
 
-from miniomni.server.protocol import pcm16_to_float
-from miniomni.server.realtime import RealtimeSession
+from miniomni.server.realtime.protocol import pcm16_to_float
+from miniomni.server.realtime.session import RealtimeSession
 from miniomni.server.settings import ServerSettings
 
 RATE = 24000

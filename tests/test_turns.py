@@ -13,8 +13,8 @@ import soundfile as sf
 import soxr
 import torch
 
-from miniomni.server.protocol import TurnDetection
-from miniomni.server.turns import (
+from miniomni.server.realtime.protocol import TurnDetection
+from miniomni.server.turns.taking import (
     EAGERNESS_CAP_MS,
     QUIET_MS,
     TURN_TAIL_MS,
@@ -28,7 +28,7 @@ from miniomni.server.turns import (
     TurnResumed,
     vad_settings,
 )
-from miniomni.server.vad import WINDOW, StreamingVAD, VADEvent, shared_silero
+from miniomni.server.turns.vad import WINDOW, StreamingVAD, VADEvent, shared_silero
 
 RATE = 24000
 
@@ -283,7 +283,7 @@ def test_the_idle_timeout_commits_the_silence_once_the_answer_has_played():
 
 
 def test_a_full_buffer_without_detection_refuses_an_append_but_a_microphone_keeps_its_latest_audio():
-    from miniomni.server.protocol import ClientError
+    from miniomni.server.realtime.protocol import ClientError
 
     turns = InputTurns(max_audio_seconds=1.0, turn_detection=None)
     second = 24000 * 2

@@ -215,7 +215,7 @@ class AudioSink:
 
 def _cmd_download(args: argparse.Namespace) -> int:
     from .checkpoints import download
-    from .server.endofturn import download_turn_model
+    from .server.turns.endofturn import download_turn_model
 
     directory = download(args.directory, revision=args.revision)
     try:  # semantic VAD's end-of-turn model, beside the checkpoint; the model works without it
@@ -288,9 +288,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         import uvicorn
 
         from .server.app import create_app, shut_down, uvicorn_options
-        from .server.endofturn import turn_model_for_serving
         from .server.engine import Engine
         from .server.settings import settings_from_args
+        from .server.turns.endofturn import turn_model_for_serving
     except ImportError as exc:
         raise MiniOmniError(f"serving needs the server extra ({exc}); {install_hint('server')}") from exc
     from .precision import confirm_codec
@@ -310,7 +310,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, ssl_certfile=args.ssl_certfile,
                                            ssl_keyfile=args.ssl_keyfile, log_level="info",
                                            timeout_graceful_shutdown=5, **uvicorn_options(settings)))
-    # The HTTP side runs on a thread of its own; the main thread computes (see server/engine.py).
+    # The HTTP side runs on a thread of its own; the main thread computes (see server/engine/scheduler.py).
     http = threading.Thread(target=_serve_http, args=(server, engine), name="miniomni-http", daemon=True)
 
     def stop(signum: int, frame: object) -> None:

@@ -7,7 +7,7 @@ from urllib.parse import urlsplit
 
 from starlette.datastructures import Headers
 
-from .protocol import API_KEY_PROTOCOL
+from .realtime.protocol import API_KEY_PROTOCOL
 from .settings import ServerSettings
 
 
@@ -46,7 +46,8 @@ def choose_subprotocol(offered: list[str]) -> str | None:
 def websocket_refusal(headers: Headers, settings: ServerSettings, offered: list[str],
                       client_secret_ok: bool = False) -> str | None:
     """Why a WebSocket handshake is refused, or None. The HTTP middleware does not see WebSockets.
-    ``client_secret_ok``: the client presented a live ``ek_`` key (:mod:`.ephemeral`) instead of the API key."""
+    ``client_secret_ok``: the client presented a live ``ek_`` key (:mod:`.realtime.ephemeral`) instead of
+    the API key."""
     origin = headers.get("origin")
     if origin is not None:
         allowed = settings.cors_origins or []

@@ -1,6 +1,6 @@
 """The HTTP application as wiring: access checks, health and Prometheus metrics, and the routes of
-``/chat`` (:mod:`.chat`), the Realtime WebSocket (:mod:`.connection`), WebRTC calls (:mod:`.webrtc`),
-client secrets (:mod:`.ephemeral`) and the page (:mod:`.web`).
+``/chat`` (:mod:`.chat`), the Realtime WebSocket (:mod:`.transports.websocket`), WebRTC calls
+(:mod:`.transports.webrtc`), client secrets (:mod:`.realtime.ephemeral`) and the page (:mod:`.web`).
 
 The wire protocols are written down in ``docs/server.md``.
 """
@@ -22,14 +22,14 @@ from fastapi.responses import JSONResponse, Response
 from ..errors import MiniOmniError
 from .access import bearer_ok, client_secret_route, is_public
 from .chat import add_chat_route
-from .connection import add_realtime_routes, close_all
 from .engine import Engine
-from .ephemeral import add_client_secret_routes, presented_client_secret
 from .heap import freeze_loaded, trim_heap
 from .metrics import CONTENT_TYPE as METRICS_MEDIA_TYPE
 from .metrics import ServerMetrics
+from .realtime.ephemeral import add_client_secret_routes, presented_client_secret
 from .replies import error_response
 from .settings import ServerSettings
+from .transports.websocket import add_realtime_routes, close_all
 from .web import add_web_routes
 
 log = logging.getLogger(__name__)
@@ -64,9 +64,10 @@ def _peer(traceback: TracebackType | None) -> str:
 
 
 def add_webrtc_routes_if_available(app: FastAPI, engine: Engine, settings: ServerSettings) -> None:
-    """The WebRTC transport (:mod:`.webrtc`) needs aiortc, an optional dependency: without it, no such route."""
+    """The WebRTC transport (:mod:`.transports.webrtc`) needs aiortc, an optional dependency: without it,
+    no such route."""
     try:
-        from .webrtc import add_webrtc_routes
+        from .transports.webrtc import add_webrtc_routes
     except ImportError as exc:
         log.info("no WebRTC transport (POST /v1/realtime/calls): %s", exc)
         return

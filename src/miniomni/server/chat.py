@@ -23,8 +23,8 @@ from ..generate import SamplingOptions
 from ..streaming import AudioChunk, Done
 from .bodies import BodyTooLarge, ClientDisconnect, read_body
 from .engine import AnswerRequest, Engine, EngineBusy, ErrorEvent
-from .jobs import AnswerJob
-from .protocol import ClientError, parse_json
+from .engine.jobs import AnswerJob
+from .realtime.protocol import ClientError, parse_json
 from .replies import error_response
 from .settings import ServerSettings
 

@@ -392,7 +392,7 @@ def add_ray_arguments(p: argparse.ArgumentParser) -> None:
 def serve_from_args(args: argparse.Namespace) -> int:
     """``miniomni serve --ray``: start (or join) Ray, run the application, stop it on SIGINT or SIGTERM."""
     from ..errors import MiniOmniError, install_hint
-    from .endofturn import turn_model_for_serving
+    from .turns.endofturn import turn_model_for_serving
 
     try:
         import ray

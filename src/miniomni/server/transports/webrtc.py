@@ -1,4 +1,4 @@
-"""``POST /v1/realtime/calls``: one WebRTC peer connection carries one Realtime session (:mod:`.realtime`).
+"""``POST /v1/realtime/calls``: one WebRTC peer connection carries one Realtime session (:mod:`..realtime.session`).
 
 The client's SDP offer comes in, the SDP answer (ICE fully gathered, no trickle) goes back.
 The ``oai-events`` data channel carries the same JSON events as the WebSocket; the microphone
@@ -29,15 +29,15 @@ from aiortc.mediastreams import MediaStreamError
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 
-from ..audio import float_to_pcm16
-from .bodies import BodyTooLarge, ClientDisconnect, read_body
-from .engine import Engine
-from .ephemeral import KeyRefused, preconfigure
-from .heap import trim_heap
-from .protocol import PROTOCOL_SAMPLE_RATE, ClientError, new_id, parse_json
-from .realtime import RealtimeSession, Transport
-from .replies import error_response
-from .settings import ServerSettings
+from ...audio import float_to_pcm16
+from ..bodies import BodyTooLarge, ClientDisconnect, read_body
+from ..engine import Engine
+from ..heap import trim_heap
+from ..realtime.ephemeral import KeyRefused, preconfigure
+from ..realtime.protocol import PROTOCOL_SAMPLE_RATE, ClientError, new_id, parse_json
+from ..realtime.session import RealtimeSession, Transport
+from ..replies import error_response
+from ..settings import ServerSettings
 
 log = logging.getLogger(__name__)
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .protocol import PROTOCOL_SAMPLE_RATE, ClientError, TurnDetection, new_id
+from ..realtime.protocol import PROTOCOL_SAMPLE_RATE, ClientError, TurnDetection, new_id
 from .vad import VAD_SAMPLE_RATE, VADEvent
 
 # The silence kept at the end of a spoken turn (at most silence_duration_ms; none with semantic VAD).

@@ -23,7 +23,7 @@ import numpy as np
 import soxr
 import torch
 
-from ..errors import install_hint
+from ...errors import install_hint
 
 VAD_SAMPLE_RATE = 16000
 WINDOW = 512  # samples at 16 kHz: 32 ms

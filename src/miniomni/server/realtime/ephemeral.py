@@ -28,7 +28,9 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.datastructures import Headers
 
-from .bodies import BodyTooLarge, ClientDisconnect, read_body
+from ..bodies import BodyTooLarge, ClientDisconnect, read_body
+from ..settings import ServerSettings
+from ..turns.vad import vad_available
 from .protocol import (
     API_KEY_PROTOCOL,
     ClientError,
@@ -38,8 +40,6 @@ from .protocol import (
     parse_session_update,
     session_object,
 )
-from .settings import ServerSettings
-from .vad import vad_available
 
 log = logging.getLogger(__name__)
 

@@ -12,10 +12,10 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..audio import float_to_pcm16
-from ..generate import SamplingOptions
-from ..streaming import AudioChunk, Done, TextDelta
-from .engine import (
+from ...audio import float_to_pcm16
+from ...generate import SamplingOptions
+from ...streaming import AudioChunk, Done, TextDelta
+from ..engine import (
     TRANSCRIPT_TOKENS,
     AnswerJob,
     AnswerRequest,
@@ -26,6 +26,8 @@ from .engine import (
     TranscriptDone,
     TranscriptFailed,
 )
+from ..settings import ServerSettings
+from ..turns.taking import InputTurns
 from .protocol import (
     PROTOCOL_SAMPLE_RATE,
     ClientError,
@@ -39,8 +41,6 @@ from .protocol import (
     parse_response_create,
     user_audio_item,
 )
-from .settings import ServerSettings
-from .turns import InputTurns
 
 AUDIO_CHUNK_FRAMES = 4  # frames (85 ms each) per audio delta once streaming is under way
 

@@ -1,12 +1,12 @@
 """One Realtime session, whatever carries it: client events in, server events out.
 
-A session holds its configuration, its input turns (:mod:`.turns`), the last user
+A session holds its configuration, its input turns (:mod:`..turns.taking`), the last user
 message and at most one running response. A response answers the last user message
 alone (Mini-Omni has no multi-turn context): spoken input with task ``A1A2-batch`` (speech
 and transcript) or ``A1T2`` (text only), typed input with ``T1A2`` or ``T1T2``. Events are
 parsed and shaped by :mod:`.protocol`; here are the dispatch of client events, turn-taking
-and the lifecycle of responses. A transport (:mod:`.connection` for WebSocket,
-:mod:`.webrtc` for WebRTC) hands it client events as text and carries what it says
+and the lifecycle of responses. A transport (:mod:`..transports.websocket` for WebSocket,
+:mod:`..transports.webrtc` for WebRTC) hands it client events as text and carries what it says
 through an :class:`Output`; everything runs on the event loop.
 """
 
@@ -22,14 +22,28 @@ from typing import Any, Protocol
 import numpy as np
 from starlette.concurrency import run_in_threadpool
 
-from ..errors import install_hint
-from .answers import Answering, ItemRecord, Response, Speculation
-from .endofturn import EndOfTurnModel, TurnModelUnavailable, load_turn_model
-from .engine import (
+from ...errors import install_hint
+from ..engine import (
     AnswerJob,
     Engine,
     EngineBusy,
 )
+from ..settings import ServerSettings
+from ..turns.endofturn import EndOfTurnModel, TurnModelUnavailable, load_turn_model
+from ..turns.taking import (
+    InputTurns,
+    SpeechStarted,
+    SpeechStopped,
+    TimeoutTriggered,
+    TurnCheck,
+    TurnEnded,
+    TurnEvent,
+    TurnMayEnd,
+    TurnResumed,
+    vad_settings,
+)
+from ..turns.vad import StreamingVAD, vad_available
+from .answers import Answering, ItemRecord, Response, Speculation
 from .protocol import (
     PROTOCOL_SAMPLE_RATE,
     UNSUPPORTED_EVENTS,
@@ -46,20 +60,6 @@ from .protocol import (
     session_object,
     user_audio_item,
 )
-from .settings import ServerSettings
-from .turns import (
-    InputTurns,
-    SpeechStarted,
-    SpeechStopped,
-    TimeoutTriggered,
-    TurnCheck,
-    TurnEnded,
-    TurnEvent,
-    TurnMayEnd,
-    TurnResumed,
-    vad_settings,
-)
-from .vad import StreamingVAD, vad_available
 
 log = logging.getLogger(__name__)
 

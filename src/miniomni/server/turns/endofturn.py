@@ -31,9 +31,9 @@ from pathlib import Path
 import numpy as np
 import soxr
 
-from ..audio import HOP_LENGTH, WHISPER_SAMPLE_RATE, log_mel_numpy
-from ..errors import CheckpointError, MiniOmniError, install_hint
-from .protocol import PROTOCOL_SAMPLE_RATE, pcm16_to_float
+from ...audio import HOP_LENGTH, WHISPER_SAMPLE_RATE, log_mel_numpy
+from ...errors import CheckpointError, MiniOmniError, install_hint
+from ..realtime.protocol import PROTOCOL_SAMPLE_RATE, pcm16_to_float
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +114,7 @@ def download_turn_model(directory: str | os.PathLike) -> Path:
     """Fetch the model file from the hub into ``directory`` (kept if already there). Needs internet."""
     from huggingface_hub import hf_hub_download
 
-    from ..hub import host_resolves, manual_download_hint
+    from ...hub import host_resolves, manual_download_hint
 
     directory = Path(directory)
     target = directory / TURN_MODEL_FILE

@@ -35,13 +35,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..audio import WHISPER_SAMPLE_RATE
-from ..cooperative import within
-from ..errors import MiniOmniError
-from ..generate import MAX_POSITIONS, AnswerState, DecodeInput, Step, prefill_steps
-from ..pipeline import MiniOmni
-from ..streaming import Done, StreamEvent, TextDelta, Timings
-from ..tokens import Task, audio_prompt, padding_ids
+from ...audio import WHISPER_SAMPLE_RATE
+from ...cooperative import within
+from ...errors import MiniOmniError
+from ...generate import MAX_POSITIONS, AnswerState, DecodeInput, Step, prefill_steps
+from ...pipeline import MiniOmni
+from ...streaming import Done, StreamEvent, TextDelta, Timings
+from ...tokens import Task, audio_prompt, padding_ids
 from .jobs import AnswerJob, AnswerRequest, ErrorEvent, TranscriptDelta, TranscriptDone, TranscriptFailed
 from .stats import EngineStats
 

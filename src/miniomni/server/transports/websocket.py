@@ -1,4 +1,4 @@
-"""``WS /v1/realtime``: one WebSocket carries one Realtime session (:mod:`.realtime`).
+"""``WS /v1/realtime``: one WebSocket carries one Realtime session (:mod:`..realtime.session`).
 
 Here is only the transport: the socket's receive loop, a send queue with back-pressure,
 idle and close handling, and the route with its admission checks.
@@ -14,13 +14,13 @@ from typing import Any
 from fastapi import FastAPI, WebSocket
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
-from .access import choose_subprotocol, websocket_refusal
-from .engine import Engine
-from .ephemeral import KeyRefused, preconfigure
-from .heap import trim_heap
-from .protocol import ClientError
-from .realtime import RealtimeSession, Transport
-from .settings import ServerSettings
+from ..access import choose_subprotocol, websocket_refusal
+from ..engine import Engine
+from ..heap import trim_heap
+from ..realtime.ephemeral import KeyRefused, preconfigure
+from ..realtime.protocol import ClientError
+from ..realtime.session import RealtimeSession, Transport
+from ..settings import ServerSettings
 
 log = logging.getLogger(__name__)
 

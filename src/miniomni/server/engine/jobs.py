@@ -10,8 +10,8 @@ from typing import Any, Protocol
 
 import torch
 
-from ..generate import AnswerState, SamplingOptions
-from ..streaming import AnswerEvents, AudioChunk, StreamEvent
+from ...generate import AnswerState, SamplingOptions
+from ...streaming import AnswerEvents, AudioChunk, StreamEvent
 
 
 def _discard(event: object) -> None:
