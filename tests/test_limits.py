@@ -234,7 +234,7 @@ def test_metrics_have_histograms_connections_and_the_process(port, engine):
 
 
 def test_the_api_key_comes_from_a_file_or_the_environment(tmp_path, monkeypatch):
-    from miniomni.cli import _api_key
+    from miniomni.server.settings import api_key_from_args as _api_key
     from miniomni.errors import MiniOmniError
 
     args = argparse.Namespace(api_key=None, api_key_file=None)
