@@ -95,6 +95,7 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
     app.state.engine = engine
     app.state.settings = settings
     app.state.metrics = ServerMetrics(engine)
+    app.state.connections = set()  # every open transport (WebSocket, WebRTC): the limit and shutdown count them
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"],
                            allow_headers=["*"], expose_headers=["Location"])  # a WebRTC call's id

@@ -110,7 +110,8 @@ class Answering:
     items: OrderedDict[str, ItemRecord]
     transcriptions: dict[str, AnswerJob]
     closing: bool
-    output: Any  # an Output; one that can ``play`` (an AudioOutput, WebRTC) gets the answer's samples itself
+    output: Any  # an Output; with plays_audio an AudioOutput (WebRTC), which gets the answer's samples itself
+    plays_audio: bool
 
     def send(self, event: dict[str, Any]) -> None:
         raise NotImplementedError
@@ -265,7 +266,7 @@ class Answering:
             self.send({"type": kind, **response.where(), "delta": event.text})
         elif isinstance(event, AudioChunk):
             response.audio_samples += len(event.audio)
-            if hasattr(self.output, "play"):  # a media track plays it: no delta on the events channel
+            if self.plays_audio:  # a media track plays it: no delta on the events channel
                 self.output.play(response.id, response.item_id, event.audio)
                 return
             audio = base64.b64encode(float_to_pcm16(event.audio)).decode("ascii")
@@ -294,7 +295,7 @@ class Answering:
             return
         if response.job is not None:
             response.job.cancel(keep_transcript=True)  # the engine drops it before its next step
-        if hasattr(self.output, "play"):
+        if self.plays_audio:
             self.clear_played_audio()
         self.finish(response, "cancelled", details={"type": "cancelled", "reason": reason})
 

@@ -177,31 +177,12 @@ def parse_expires_after(value: Any) -> int:
     return seconds
 
 
-class _Muted:
-    """An output that keeps a session quiet while it is configured, passing its errors on."""
-
-    def __init__(self, output: Any) -> None:
-        self.output = output
-
-    def send_text(self, data: str) -> None:
-        if data.startswith("{") and '"type":"error"' in data:
-            self.output.send_text(data)
-
-    def close(self, code: int, reason: str) -> None:
-        self.output.close(code, reason)
-
-
 async def preconfigure(session: Any, updates: list[dict[str, Any] | None]) -> None:
     """Apply session configurations (``session.update`` bodies, None skipped) before ``session.created``,
     which then shows them: no ``session.updated`` is said. A bad one raises :class:`ClientError`."""
-    output = session.output
-    session.output = _Muted(output)
-    try:
-        for update in updates:
-            if update is not None:
-                await session.on_session_update({"session": update})
-    finally:
-        session.output = output
+    for update in updates:
+        if update is not None:
+            await session.configure(update, announce=False)
 
 
 def add_client_secret_routes(app: FastAPI, settings: ServerSettings) -> ClientSecrets:

@@ -119,12 +119,18 @@ class Transport:
 
 
 class RealtimeSession(Answering):
-    """One client's session; engine events arrive on the loop with ``call_soon_threadsafe``."""
+    """One client's session; engine events arrive on the loop with ``call_soon_threadsafe``.
 
-    def __init__(self, engine: Engine, settings: ServerSettings, model: str, output: Output) -> None:
+    ``output`` is its transport; with ``plays_audio`` it is an :class:`AudioOutput` that plays the
+    answers itself (a media track) instead of carrying audio deltas.
+    """
+
+    def __init__(self, engine: Engine, settings: ServerSettings, model: str, output: Output,
+                 plays_audio: bool = False) -> None:
         self.engine = engine
         self.settings = settings
         self.output = output
+        self.plays_audio = plays_audio
         self.loop = asyncio.get_running_loop()
         self.session_id = new_id("sess")
         self.conversation_id = new_id("conv")
@@ -282,7 +288,12 @@ class RealtimeSession(Answering):
         await self.on_session_update({"session": {**session, "type": "transcription"}})
 
     async def on_session_update(self, event: dict[str, Any]) -> None:
-        config = parse_session_update(event.get("session"), self.config, self.settings.max_tokens_limit)
+        await self.configure(event.get("session"))
+
+    async def configure(self, update: Any, announce: bool = True) -> None:
+        """Apply one ``session.update`` body; ``session.updated`` follows unless ``announce`` is False
+        (a configuration applied before ``session.created``, which then shows it). Errors are said either way."""
+        config = parse_session_update(update, self.config, self.settings.max_tokens_limit)
         if config.turn_detection is not None and not self.vad_available:
             raise ClientError(f"server VAD needs the silero-vad package on the server ({install_hint('server')}); "
                               "set turn_detection to null", code="vad_unavailable",
@@ -295,7 +306,8 @@ class RealtimeSession(Answering):
                 self.error(str(exc), code="turn_model_unavailable", param="session.audio.input.turn_detection.type")
         self.config = config
         self.turns.configure(config.turn_detection)
-        self.send({"type": "session.updated", "session": self.session_object()})
+        if announce:
+            self.send({"type": "session.updated", "session": self.session_object()})
 
     # ------------------------------------------------------------------ input audio and turns
 
@@ -378,7 +390,7 @@ class RealtimeSession(Answering):
 
     async def on_output_audio_clear(self, event: dict[str, Any]) -> None:
         """WebRTC only: drop the answer audio queued on the track (the answer itself goes on; cancel it apart)."""
-        if not hasattr(self.output, "play"):
+        if not self.plays_audio:
             raise ClientError(f"output_audio_buffer.clear is not supported by this server "
                               f"({UNSUPPORTED_EVENTS['output_audio_buffer.clear']})", code="unsupported_event",
                               param="type")

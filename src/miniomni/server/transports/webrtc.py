@@ -122,7 +122,7 @@ class WebRTCCall(Transport):
         self.arrived: dict[str, float] = {}  # response -> when its first audio reached the track (not started yet)
         self.track = AnswerTrack(self)
         self.playout = settings.webrtc_playout
-        self.session = RealtimeSession(engine, settings, model, self)
+        self.session = RealtimeSession(engine, settings, model, self, plays_audio=True)
         self.pc.on("datachannel", self.on_datachannel)
         self.pc.on("track", self.on_track)
         self.pc.on("connectionstatechange", self.on_state)
@@ -395,7 +395,7 @@ async def _answer_offer(app: FastAPI, engine: Engine, settings: ServerSettings, 
 def add_webrtc_routes(app: FastAPI, engine: Engine, settings: ServerSettings) -> None:
     """``POST /v1/realtime/calls`` and the hang-up routes; calls share ``app.state.connections``."""
     calls: dict[str, WebRTCCall] = {}
-    connections: set[Any] = app.state.connections  # the WebSocket's, so that limits and shutdown cover both
+    connections: set[Any] = app.state.connections  # the app's registry: limits and shutdown cover every transport
     if settings.webrtc_addresses is not None:
         restrict_host_addresses(settings.webrtc_addresses)
 

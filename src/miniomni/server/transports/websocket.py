@@ -115,8 +115,8 @@ class RealtimeConnection(Transport):
 
 
 def add_realtime_routes(app: FastAPI, engine: Engine, settings: ServerSettings) -> None:
-    connections: set[RealtimeConnection] = set()
-    app.state.connections = connections
+    """``WS /v1/realtime``; its connections join the app's registry (``app.state.connections``)."""
+    connections: set[Any] = app.state.connections  # shared with WebRTC calls: limits and shutdown cover both
 
     @app.websocket("/v1/realtime")
     async def realtime(websocket: WebSocket) -> None:
