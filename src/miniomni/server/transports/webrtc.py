@@ -32,12 +32,12 @@ from fastapi.responses import Response
 from ...audio import float_to_pcm16
 from ..bodies import BodyTooLarge, ClientDisconnect, read_body
 from ..engine import Engine
-from ..heap import trim_heap
 from ..realtime.ephemeral import KeyRefused, preconfigure
 from ..realtime.protocol import PROTOCOL_SAMPLE_RATE, ClientError, new_id, parse_json
 from ..realtime.session import RealtimeSession, Transport
 from ..replies import error_response
 from ..settings import ServerSettings
+from .admission import STOPPING, closed, count_refused, opened, refusal
 
 log = logging.getLogger(__name__)
 
@@ -349,16 +349,14 @@ async def read_offer(request: Request, settings: ServerSettings) -> tuple[str, A
     return fields["sdp"], None if session is None else parse_json(session, "the session field")
 
 
-def _refusal(app: FastAPI, settings: ServerSettings, connections: set[Any]) -> Response | None:
-    """Why no call can start now (shutting down, every connection in use), or None."""
-    if getattr(app.state, "stopping", False):
-        app.state.metrics.refused.labels(reason="503").inc()
-        return error_response(503, "the server is shutting down", "server_error")
-    if len(connections) >= settings.max_connections:
-        app.state.metrics.refused.labels(reason="503").inc()
-        return error_response(503, f"all {settings.max_connections} connections are in use; try again later",
-                              "server_busy")
-    return None
+def _refusal(app: FastAPI, settings: ServerSettings) -> Response | None:
+    """Why no call can start now (shutting down, every connection in use), as the 503 that says so; or None."""
+    refused = refusal(app, settings)
+    if refused is None:
+        return None
+    count_refused(app, 503)
+    kind, message = refused
+    return error_response(503, message, "server_error" if kind == STOPPING else "server_busy")
 
 
 async def _answer_offer(app: FastAPI, engine: Engine, settings: ServerSettings, request: Request,
@@ -395,14 +393,13 @@ async def _answer_offer(app: FastAPI, engine: Engine, settings: ServerSettings, 
 def add_webrtc_routes(app: FastAPI, engine: Engine, settings: ServerSettings) -> None:
     """``POST /v1/realtime/calls`` and the hang-up routes; calls share ``app.state.connections``."""
     calls: dict[str, WebRTCCall] = {}
-    connections: set[Any] = app.state.connections  # the app's registry: limits and shutdown cover every transport
     if settings.webrtc_addresses is not None:
         restrict_host_addresses(settings.webrtc_addresses)
 
     @app.post("/v1/realtime/calls", status_code=201, responses={201: {"content": {"application/sdp": {}}}})
     async def create_call(request: Request, model: str = "mini-omni") -> Response:
         """A WebRTC Realtime session: the body is the SDP offer, the answer the SDP answer (see docs/server.md)."""
-        refused = _refusal(app, settings, connections)
+        refused = _refusal(app, settings)
         if refused is not None:
             return refused
         made = await _answer_offer(app, engine, settings, request, model)
@@ -410,8 +407,7 @@ def add_webrtc_routes(app: FastAPI, engine: Engine, settings: ServerSettings) ->
             return made
         call, answer = made
         calls[call.call_id] = call
-        connections.add(call)
-        app.state.metrics.connections.inc()
+        opened(app, call)  # at once: the next offer already counts it
         call.session.start()
 
         async def lifetime() -> None:
@@ -419,9 +415,7 @@ def add_webrtc_routes(app: FastAPI, engine: Engine, settings: ServerSettings) ->
                 await call.run()
             finally:
                 calls.pop(call.call_id, None)
-                connections.discard(call)
-                app.state.metrics.connections.dec()
-                trim_heap()
+                closed(app, call)
 
         call.main_task = asyncio.create_task(lifetime())
         return Response(answer, status_code=201, media_type="application/sdp",

@@ -16,11 +16,11 @@ from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from ..access import choose_subprotocol, websocket_refusal
 from ..engine import Engine
-from ..heap import trim_heap
 from ..realtime.ephemeral import KeyRefused, preconfigure
 from ..realtime.protocol import ClientError
 from ..realtime.session import RealtimeSession, Transport
 from ..settings import ServerSettings
+from .admission import STOPPING, count_refused, hold, refusal
 
 log = logging.getLogger(__name__)
 
@@ -115,8 +115,7 @@ class RealtimeConnection(Transport):
 
 
 def add_realtime_routes(app: FastAPI, engine: Engine, settings: ServerSettings) -> None:
-    """``WS /v1/realtime``; its connections join the app's registry (``app.state.connections``)."""
-    connections: set[Any] = app.state.connections  # shared with WebRTC calls: limits and shutdown cover both
+    """``WS /v1/realtime``; its connections join the app's registry of open transports."""
 
     @app.websocket("/v1/realtime")
     async def realtime(websocket: WebSocket) -> None:
@@ -129,13 +128,12 @@ def add_realtime_routes(app: FastAPI, engine: Engine, settings: ServerSettings) 
             reason = str(exc)
         reason = reason or websocket_refusal(websocket.headers, settings, offered, client_secret_ok=grant is not None)
         code = 1008
-        if reason is None and len(connections) >= settings.max_connections:
-            reason, code = f"all {settings.max_connections} connections are in use; try again later", 1013
-        if reason is None and getattr(app.state, "stopping", False):
-            reason, code = "the server is shutting down", 1001
+        if reason is None and (refused := refusal(app, settings)) is not None:
+            kind, reason = refused
+            code = 1001 if kind == STOPPING else 1013
         await websocket.accept(subprotocol=choose_subprotocol(offered))
         if reason is not None:
-            app.state.metrics.refused.labels(reason=str(code)).inc()
+            count_refused(app, code)
             await websocket.close(code=code, reason=reason.encode()[:123].decode(errors="ignore"))
             return
         model = (grant.model if grant else None) or websocket.query_params.get("model") or "mini-omni"
@@ -145,14 +143,7 @@ def add_realtime_routes(app: FastAPI, engine: Engine, settings: ServerSettings) 
                 await preconfigure(connection.session, [grant.session])
             except ClientError as exc:  # checked when the key was made; the server's state may have changed
                 connection.session.error(f"the client secret's session: {exc.message}", exc.code, exc.param)
-        connections.add(connection)
-        app.state.metrics.connections.inc()
-        try:
-            await connection.run()
-        finally:
-            connections.discard(connection)
-            app.state.metrics.connections.dec()
-            trim_heap()
+        await hold(app, connection, connection.run)
 
 
 async def close_all(app: FastAPI, message: str, timeout: float = 3.0) -> None:
