@@ -241,12 +241,12 @@ def cpu_seconds(pid: int) -> float:
 
 
 class Server:
-    def __init__(self, checkpoint: Path, flags: list[str], max_sessions: int, log_path: Path,
+    def __init__(self, checkpoint: Path, flags: list[str], max_answers: int, log_path: Path,
                  source: str | None = None, avx2: bool = False) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, "-m", "miniomni.cli", "serve", "--checkpoint", str(checkpoint), "--port",
-               str(self.port), "--max-sessions", str(max_sessions), *flags]
+               str(self.port), "--max-answers", str(max_answers), *flags]
         env = dict(os.environ)
         if avx2:  # PyTorch, oneDNN and fbgemm use no more than AVX2, as on most laptops
             env.update(AVX2_LIMIT)

@@ -74,7 +74,7 @@ def main() -> None:
             probe.bind(("127.0.0.1", 0))
             port = probe.getsockname()[1]
         server = subprocess.Popen([sys.executable, "-m", "miniomni.cli", "-q", "serve", "--checkpoint",
-                                   str(checkpoint), "--port", str(port), "--max-sessions", "3",
+                                   str(checkpoint), "--port", str(port), "--max-answers", "3",
                                    "--max-audio-seconds", "5", "--max-message-mb", "0.5", "--max-request-mb", "1",
                                    "--max-connections", "200", "--max-events-per-second", "1000",
                                    *args.server_flags.split()])

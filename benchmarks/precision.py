@@ -152,7 +152,7 @@ def bench_talkers(runs: int) -> dict[str, float]:
         if bits:
             int8act.use_int8_activations(omni.model.llm, bits)
         for talkers in (1, 4, 8):
-            engine = Engine(omni, max_sessions=talkers, start=False)
+            engine = Engine(omni, max_answers=talkers, start=False)
             for seed in range(talkers):
                 engine.open(AnswerRequest(task="A1A2-batch", audio=speech_like(1.0 + 0.1 * seed), sample_rate=16000,
                                           max_new_tokens=16 + 8 * runs, max_chunk=4), lambda event: None)

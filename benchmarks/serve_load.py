@@ -72,7 +72,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     omni = latency.build(args.mode, "cpu", args.encoder_context)
-    engine = Engine(omni, max_sessions=args.max_clients)
+    engine = Engine(omni, max_answers=args.max_clients)
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]

@@ -223,14 +223,14 @@ def serving(app, **options):
         thread.join(timeout=10)
 
 
-def engine_fixture(max_sessions: int):
+def engine_fixture(max_answers: int):
     """A module-scoped ``engine`` fixture: an Engine with its own compute thread on the tiny model."""
 
     @pytest.fixture(scope="module")
     def engine(omni):
         from miniomni.server.engine import Engine
 
-        engine = Engine(omni, max_sessions=max_sessions)
+        engine = Engine(omni, max_answers=max_answers)
         yield engine
         engine.close()
 
@@ -256,9 +256,9 @@ def wait_idle(engine, timeout: float = 10.0) -> bool:
     import time
 
     deadline = time.time() + timeout
-    while engine.active_sessions and time.time() < deadline:
+    while engine.active_answers and time.time() < deadline:
         time.sleep(0.02)
-    return engine.active_sessions == 0
+    return engine.active_answers == 0
 
 
 @contextlib.contextmanager

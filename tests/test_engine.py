@@ -44,7 +44,7 @@ def clock():
 
 @pytest.fixture
 def engine(omni, clock):
-    engine = Engine(omni, max_sessions=3, clock=clock, start=False)
+    engine = Engine(omni, max_answers=3, clock=clock, start=False)
     yield engine
     engine.close()
 
@@ -89,7 +89,7 @@ def test_a_cancelled_held_answer_says_nothing_and_frees_its_slot_at_once(engine)
     drain(engine)
     assert events and all(not isinstance(e, Done) or e.text_tokens for e in events)
     assert engine.stats.speculative_dropped == 3 and engine.stats.speculative_used == 0
-    assert engine.active_sessions == 0 and sorted(engine.free_slots) == [0, 1, 2]
+    assert engine.active_answers == 0 and sorted(engine.free_slots) == [0, 1, 2]
 
 
 def playing_answer(engine: Engine, clock: Clock) -> tuple[object, list]:
@@ -211,7 +211,7 @@ def test_a_transcript_row_beside_the_answer_equals_the_asr_task(omni, engine):
     assert "".join(e.text for e in events if isinstance(e, TranscriptDelta)) == expected
     answer = [e for e in events if isinstance(e, Done)]
     assert len(answer) == 1 and audio_of(events)  # the answer itself, as usual
-    assert engine.active_sessions == 0 and sorted(engine.free_slots) == [0, 1, 2]
+    assert engine.active_answers == 0 and sorted(engine.free_slots) == [0, 1, 2]
 
 
 def test_a_transcript_outlives_its_interrupted_answer_and_dies_with_a_dropped_one(omni, engine):
@@ -232,7 +232,7 @@ def test_a_transcript_outlives_its_interrupted_answer_and_dies_with_a_dropped_on
     engine.run_once()
     held.cancel()  # a speculation dropped before it was prepared: its transcript row goes too
     drain(engine)
-    assert dropped == [] and engine.active_sessions == 0 and sorted(engine.free_slots) == [0, 1, 2]
+    assert dropped == [] and engine.active_answers == 0 and sorted(engine.free_slots) == [0, 1, 2]
 
 
 def test_a_finished_answer_is_freed_without_waiting_for_the_garbage_collector(engine):
@@ -268,7 +268,7 @@ def test_answers_batched_equal_answers_alone(checkpoint_dir, kernels):
     omni = miniomni.load(checkpoint_dir, device="cpu", quantize="int8",
                          int8_activations="on" if kernels == "int8 activations" else "off")
     requests = [question(steps=20, seed=seed) for seed in range(8)]
-    engine = Engine(omni, max_sessions=8, start=False)
+    engine = Engine(omni, max_answers=8, start=False)
     try:
         together: list[list] = [[] for _ in requests]
         for request, sink in zip(requests, together, strict=True):

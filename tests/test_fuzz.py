@@ -97,7 +97,7 @@ def test_a_hundred_clients_vanishing_at_random_moments_leave_nothing_behind(port
     assert wait_idle(engine, timeout=20)
     assert sorted(engine.free_slots) == [0, 1, 2]
     metrics = httpx.get(f"http://127.0.0.1:{port}/metrics").text
-    assert "miniomni_active_sessions 0.0" in metrics and "miniomni_open_connections 0.0" in metrics
+    assert "miniomni_active_answers 0.0" in metrics and "miniomni_open_connections 0.0" in metrics
     assert threading.active_count() <= threads_before + 1  # uvicorn may keep one worker thread around
     rss_after = rss_mb()
     print(f"a hundred vanishing clients: RSS {rss_before:.0f} MB before, {rss_after:.0f} MB after")

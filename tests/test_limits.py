@@ -234,8 +234,8 @@ def test_metrics_have_histograms_connections_and_the_process(port, engine):
 
 
 def test_the_api_key_comes_from_a_file_or_the_environment(tmp_path, monkeypatch):
-    from miniomni.server.settings import api_key_from_args as _api_key
     from miniomni.errors import MiniOmniError
+    from miniomni.server.settings import api_key_from_args as _api_key
 
     args = argparse.Namespace(api_key=None, api_key_file=None)
     monkeypatch.delenv("MINIOMNI_API_KEY", raising=False)
@@ -251,7 +251,7 @@ def test_the_api_key_comes_from_a_file_or_the_environment(tmp_path, monkeypatch)
 
 
 def test_shutting_down_ends_answers_with_an_error_and_closes_with_1001(omni):
-    engine = Engine(omni, max_sessions=2)
+    engine = Engine(omni, max_answers=2)
     app = create_app(engine, ServerSettings())
     try:
         with serving(app) as port:

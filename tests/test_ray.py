@@ -59,7 +59,7 @@ def ray_serve(checkpoint_dir):
     port = free_port()
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": None})
-        spec = ReplicaSpec(checkpoint=str(checkpoint), max_sessions=1,
+        spec = ReplicaSpec(checkpoint=str(checkpoint), max_answers=1,
                            load_options={"device": "cpu", "quantize": "none"})
         serve.run(application(spec, ScaleOptions(replicas=2, replica_cpus=1, graceful_shutdown_timeout_s=8)),
                   name=APP_NAME, route_prefix="/")
@@ -141,7 +141,7 @@ def test_talkers_spread_over_replicas_and_the_third_is_refused(ray_serve, omni):
 
     assert asyncio.run(run())
     health = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=10)
-    assert health.status_code == 200 and health.json()["max_sessions"] == 1
+    assert health.status_code == 200 and health.json()["max_answers"] == 1
     assert health.headers[REPLICA_HEADER]
 
 

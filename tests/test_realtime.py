@@ -26,11 +26,11 @@ from miniomni.server.settings import ServerSettings
 from miniomni.server.transports import websocket as connection
 from miniomni.streaming import AudioChunk
 
-MAX_SESSIONS = 2
+MAX_ANSWERS = 2
 RATE = 24000
 
 
-engine = engine_fixture(MAX_SESSIONS)
+engine = engine_fixture(MAX_ANSWERS)
 port = port_fixture(ServerSettings(max_audio_seconds=30))
 keyed_port = port_fixture(ServerSettings(api_key="sekret"))
 
@@ -227,7 +227,7 @@ def test_sdk_cancel_stops_the_answer_within_a_step(port, engine):
             await conn.response.create(response={"max_output_tokens": "inf"})  # up to the server's 2048
             created, _ = await next_of(conn, "response.created")
             await next_of(conn, "response.output_audio.delta")
-            assert engine.active_sessions == 1
+            assert engine.active_answers == 1
             await conn.response.cancel()
             done, events = await next_of(conn, "response.done")
             assert done.response.id == created.response.id
@@ -235,9 +235,9 @@ def test_sdk_cancel_stops_the_answer_within_a_step(port, engine):
             assert done.response.status_details.reason == "client_cancelled"
             assert "response.output_audio_transcript.done" in [e.type for e in events]
             began = time.monotonic()
-            while engine.active_sessions and time.monotonic() - began < 2:
+            while engine.active_answers and time.monotonic() - began < 2:
                 await asyncio.sleep(0.02)
-            assert engine.active_sessions == 0
+            assert engine.active_answers == 0
             # The connection goes on: nothing to cancel now, and a new short answer works.
             await conn.response.cancel()
             error, _ = await next_of(conn, "error")
@@ -419,7 +419,7 @@ def test_bad_input_is_an_error_event_and_the_connection_goes_on(port, engine, me
             assert (await conn.recv())["type"] == "input_audio_buffer.cleared"
 
     asyncio.run(run())
-    assert engine.active_sessions == 0
+    assert engine.active_answers == 0
 
 
 def test_a_failing_answer_is_an_error_and_a_failed_response(port, engine):
@@ -481,7 +481,7 @@ def test_audio_buffer_is_capped_at_max_audio_seconds(engine):
 
 def test_busy_engine_gives_server_busy_and_the_connection_goes_on(port, engine):
     held = [engine.open(AnswerRequest(task="T1T2", text="hold the line", max_new_tokens=1500), lambda e: None)
-            for _ in range(MAX_SESSIONS)]
+            for _ in range(MAX_ANSWERS)]
 
     async def run():
         async with raw_connect(port) as ws:
@@ -576,10 +576,10 @@ def test_client_that_stops_reading_is_cut_off_and_others_are_served(port, engine
             await conn.send({"type": "response.create"})  # up to 2048 steps, never read
             began = time.monotonic()
             while time.monotonic() - began < 30 and (engine.stats.answers_started == started
-                                                     or engine.active_sessions):
+                                                     or engine.active_answers):
                 await asyncio.sleep(0.02)
             assert engine.stats.answers_started == started + 1
-            assert engine.active_sessions == 0  # cancelled, long before 2048 steps
+            assert engine.active_answers == 0  # cancelled, long before 2048 steps
             assert engine.stats.answers_finished == finished  # cut off, not finished
             # Another client is served meanwhile.
             async with raw_connect(port) as other_ws:

@@ -20,7 +20,7 @@ from miniomni.server.engine import AnswerRequest
 from miniomni.server.settings import ServerSettings
 from miniomni.streaming import AudioChunk
 
-MAX_SESSIONS = 3
+MAX_ANSWERS = 3
 
 
 def wav_bytes(seconds: float, rate: int = 16000) -> bytes:
@@ -33,7 +33,7 @@ def chat_body(seconds: float = 1.5, **extra) -> dict:
     return {"audio": base64.b64encode(wav_bytes(seconds)).decode(), **extra}
 
 
-engine = engine_fixture(MAX_SESSIONS)
+engine = engine_fixture(MAX_ANSWERS)
 
 
 @pytest.fixture(scope="module")
@@ -88,12 +88,12 @@ def test_bad_chat_input_is_a_clear_error_and_harmless(server, engine, body, stat
     assert response.status_code == status
     assert words in response.json()["error"]["message"]
     assert httpx.get(f"{server}/healthz").json()["status"] == "ok"
-    assert engine.active_sessions == 0
+    assert engine.active_answers == 0
 
 
 def test_busy_server_answers_503_and_frees_slots(server, engine):
     sessions = [engine.open(AnswerRequest(task="T1T2", text="hold the line", max_new_tokens=1500), lambda e: None)
-                for _ in range(MAX_SESSIONS)]
+                for _ in range(MAX_ANSWERS)]
     try:
         response = httpx.post(f"{server}/chat", json=chat_body(), timeout=60)
         assert response.status_code == 503
@@ -102,18 +102,18 @@ def test_busy_server_answers_503_and_frees_slots(server, engine):
         for session in sessions:
             session.cancel()
     assert wait_idle(engine)
-    assert sorted(engine.free_slots) == list(range(MAX_SESSIONS))
+    assert sorted(engine.free_slots) == list(range(MAX_ANSWERS))
     assert httpx.post(f"{server}/chat", json=chat_body(max_tokens=10), timeout=60).status_code == 200
 
 
 def test_concurrent_sessions_match_alone(server, omni, engine):
     alone = expected_pcm(omni, max_tokens=30)
-    results = [None] * MAX_SESSIONS
+    results = [None] * MAX_ANSWERS
 
     def client(index):
         results[index] = httpx.post(f"{server}/chat", json=chat_body(max_tokens=30), timeout=120).content
 
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(MAX_SESSIONS)]
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(MAX_ANSWERS)]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -131,9 +131,9 @@ def test_client_that_disconnects_stops_its_answer(server, engine):
 
 def test_health_and_metrics(server):
     health = httpx.get(f"{server}/healthz").json()
-    assert health["status"] == "ok" and health["max_sessions"] == MAX_SESSIONS
+    assert health["status"] == "ok" and health["max_answers"] == MAX_ANSWERS
     text = httpx.get(f"{server}/metrics").text
-    assert "# TYPE miniomni_active_sessions gauge" in text
+    assert "# TYPE miniomni_active_answers gauge" in text
     steps = [line for line in text.splitlines() if line.startswith("miniomni_decode_steps_total ")]
     assert steps and float(steps[0].split()[1]) > 0
     assert 'miniomni_answers_total{result="finished"}' in text
@@ -216,7 +216,7 @@ def test_serve_command_warms_up_reports_its_speed_serves_and_stops_on_sigterm(ch
     import time
 
     log = tmp_path / "serve.log"
-    with serve_process(checkpoint_dir, log, "--max-sessions", "1") as (process, port):
+    with serve_process(checkpoint_dir, log, "--max-answers", "1") as (process, port):
         pcm = httpx.post(f"http://127.0.0.1:{port}/chat", json=chat_body(max_tokens=12), timeout=60).content
         assert len(pcm) == (12 - 7) * 2048 * 2
         for _ in range(100):  # the engine counts the answer just after its last event

@@ -43,7 +43,7 @@ def spoken_question(path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def page_server(omni):
-    engine = Engine(omni, max_sessions=4)  # a closed browser's call may answer on until its peer times out
+    engine = Engine(omni, max_answers=4)  # a closed browser's call may answer on until its peer times out
     with serving(create_app(engine, ServerSettings(api_key=KEY))) as port:
         yield f"http://localhost:{port}", engine
     engine.close()

@@ -271,7 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_serve(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="serve voice chat over HTTP (see docs/server.md)")
     _add_loading(p, serve=True)
-    p.add_argument("--max-sessions", type=int, default=4, help="concurrent answers; more get HTTP 503")
+    p.add_argument("--max-answers", "--max-sessions", dest="max_answers", type=int, default=4,
+                   help="concurrent answers; more get HTTP 503 (--max-sessions: its former name)")
     add_server_arguments(p)
     from .server.rayserve import add_ray_arguments  # ray itself is imported only with --ray
 
@@ -304,7 +305,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     omni = _load(args, quantize)
     omni.plan = confirm_codec(omni.codec, omni.plan)
     settings = settings_from_args(args, api_key_from_args(args), turn_model)
-    engine = Engine(omni, max_sessions=args.max_sessions, start=False)
+    engine = Engine(omni, max_answers=args.max_answers, start=False)
     _report_speed(engine.warm_up(), omni.plan, args)
     app = create_app(engine, settings)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, ssl_certfile=args.ssl_certfile,

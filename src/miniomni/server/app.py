@@ -117,7 +117,7 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
 
     @app.get("/healthz")
     async def healthz() -> dict[str, Any]:
-        return {"status": "ok", "active_sessions": engine.active_sessions, "max_sessions": engine.max_sessions}
+        return {"status": "ok", "active_answers": engine.active_answers, "max_answers": engine.max_answers}
 
     @app.get("/metrics")
     async def metrics() -> Response:

@@ -27,11 +27,11 @@ class _EngineCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         engine, stats = self.engine, self.engine.stats
-        yield GaugeMetricFamily("miniomni_active_sessions", "Answers being prepared, decoded or finished off.",
-                                value=engine.active_sessions)
-        yield GaugeMetricFamily("miniomni_queued_sessions", "Answers waiting for their prompt to be prepared.",
-                                value=engine.queued_sessions)
-        yield GaugeMetricFamily("miniomni_max_sessions", "Concurrent answers allowed.", value=engine.max_sessions)
+        yield GaugeMetricFamily("miniomni_active_answers", "Answers being prepared, decoded or finished off.",
+                                value=engine.active_answers)
+        yield GaugeMetricFamily("miniomni_queued_answers", "Answers waiting for their prompt to be prepared.",
+                                value=engine.queued_answers)
+        yield GaugeMetricFamily("miniomni_max_answers", "Concurrent answers allowed.", value=engine.max_answers)
         yield GaugeMetricFamily("miniomni_free_slots", "Answer slots free now.", value=len(engine.free_slots))
         yield CounterMetricFamily("miniomni_decode_steps", "Batched decode steps run.", value=stats.steps)
         yield CounterMetricFamily("miniomni_preparation_seconds",

@@ -6,13 +6,13 @@ HTTP proxy, so ``/v1/realtime``, ``/chat``, ``/healthz`` and the page behave as 
 ``miniomni serve``. Ray is imported only inside the functions here (``pip install
 'miniomni-speech[ray]'``); the rest of the package never needs it.
 
-Capacity: a replica holds ``max_sessions`` talkers (WebSocket connections, or ``/chat``
-streams). Ray may send it one request more (``max_ongoing_requests = max_sessions + 1``), so
+Capacity: a replica holds ``max_answers`` talkers (WebSocket connections, or ``/chat``
+streams). Ray may send it one request more (``max_ongoing_requests = max_answers + 1``), so
 that a talker over capacity reaches a replica and is refused at once by the application
 (the WebSocket is accepted and closed with 1013, "try again later"; ``/chat`` answers 503)
 instead of waiting in the proxy's queue. Requests are routed to the least loaded replica.
 
-``serve run miniomni.server.rayserve:build checkpoint=DIR max_sessions=4`` (or a Serve
+``serve run miniomni.server.rayserve:build checkpoint=DIR max_answers=4`` (or a Serve
 config file naming that import path, as a KubeRay ``RayService`` does) builds the same
 application without the ``miniomni`` command line.
 """
@@ -43,7 +43,7 @@ class ReplicaSpec:
     """What one replica loads and serves: the checkpoint, how to load it, the engine's size, the settings."""
 
     checkpoint: str
-    max_sessions: int = 4
+    max_answers: int = 4
     load_options: dict[str, Any] = field(default_factory=dict)  # keyword arguments of miniomni.pipeline.load
     settings: ServerSettings = field(default_factory=ServerSettings)
     warm_up: bool = True  # answer a silent question before serving (pays PyTorch's one-time costs)
@@ -57,14 +57,14 @@ class ScaleOptions:
     min_replicas: int | None = None  # with max_replicas: autoscale on talkers per replica
     max_replicas: int | None = None
     replica_cpus: float = 1.0
-    max_queued_requests: int = 8  # per proxy, only while every replica holds max_sessions + 1 requests
+    max_queued_requests: int = 8  # per proxy, only while every replica holds max_answers + 1 requests
     graceful_shutdown_timeout_s: float = 10.0
 
-    def deployment_options(self, max_sessions: int) -> dict[str, Any]:
-        """Keyword arguments of ``Deployment.options`` for replicas of ``max_sessions`` talkers."""
+    def deployment_options(self, max_answers: int) -> dict[str, Any]:
+        """Keyword arguments of ``Deployment.options`` for replicas of ``max_answers`` talkers."""
         options: dict[str, Any] = {
             "name": DEPLOYMENT_NAME,
-            "max_ongoing_requests": max_sessions + 1,
+            "max_ongoing_requests": max_answers + 1,
             "max_queued_requests": self.max_queued_requests,
             "ray_actor_options": {"num_cpus": self.replica_cpus},
             "graceful_shutdown_timeout_s": self.graceful_shutdown_timeout_s,
@@ -79,7 +79,7 @@ class ScaleOptions:
             # Scale up before every replica is full: a replica at 70 % of its talkers asks for another.
             options["autoscaling_config"] = {"min_replicas": low, "max_replicas": high,
                                              "initial_replicas": min(max(low, 1), high),
-                                             "target_ongoing_requests": max(0.5, 0.7 * max_sessions),
+                                             "target_ongoing_requests": max(0.5, 0.7 * max_answers),
                                              "upscale_delay_s": 5.0, "downscale_delay_s": 120.0}
         else:
             if self.replicas < 1:
@@ -205,12 +205,13 @@ class EngineReplica:
         self.replica_id = replica_id
         omni = load(spec.checkpoint, **spec.load_options)
         omni.plan = confirm_codec(omni.codec, omni.plan)
-        # A talker is a connection here: past max_sessions of them the app refuses with 1013 at once.
-        settings = ServerSettings(**{**asdict(spec.settings), "max_connections": spec.max_sessions})
-        self.engine = Engine(omni, max_sessions=spec.max_sessions, start=False)
+        # A talker is a connection here: past max_answers of them the app refuses with 1013 at once.
+        settings = ServerSettings(**{**asdict(spec.settings), "max_connections": spec.max_answers})
+        self.engine = Engine(omni, max_answers=spec.max_answers, start=False)
         if spec.warm_up:
             self.engine.warm_up()
-        log.info("replica %s: %d sessions, %d torch threads", replica_id, spec.max_sessions, torch.get_num_threads())
+        log.info("replica %s: %d concurrent answers, %d torch threads", replica_id, spec.max_answers,
+                 torch.get_num_threads())
         # In a replica the actor's threads own the main thread: the engine computes on one of its own.
         self.compute = threading.Thread(target=self.engine.run_forever, name="miniomni-compute", daemon=True)
         self.compute.start()
@@ -321,7 +322,7 @@ def application(spec: ReplicaSpec, scale: ScaleOptions | None = None) -> Any:
     from ray.serve.config import RequestRouterConfig
 
     scale = scale or ScaleOptions()
-    options = scale.deployment_options(spec.max_sessions)
+    options = scale.deployment_options(spec.max_answers)
     options["request_router_config"] = RequestRouterConfig(request_router_class=least_loaded_router())
     return _deployment().options(**options).bind(spec)
 
@@ -329,8 +330,8 @@ def application(spec: ReplicaSpec, scale: ScaleOptions | None = None) -> Any:
 def build(args: dict[str, Any]) -> Any:
     """Application builder for ``serve run miniomni.server.rayserve:build key=value ...`` and Serve config files.
 
-    Keys: ``checkpoint`` (required), ``max_sessions``, ``replicas``, ``min_replicas``, ``max_replicas``,
-    ``replica_cpus``, ``quantize``, ``encoder_context`` (30, 10, 5 or audio; default
+    Keys: ``checkpoint`` (required), ``max_answers`` (or its former name ``max_sessions``), ``replicas``,
+    ``min_replicas``, ``max_replicas``, ``replica_cpus``, ``quantize``, ``encoder_context`` (30, 10, 5 or audio; default
     :data:`~miniomni.server.settings.SERVE_ENCODER_CONTEXT`), ``fast_encoder`` (true: short for
     ``encoder_context=audio``), ``api_key`` (else ``MINIOMNI_API_KEY``), ``turn_model``.
     """
@@ -346,8 +347,9 @@ def build(args: dict[str, Any]) -> Any:
     load_options: dict[str, Any] = {"device": args.get("device", "auto"),
                                     "quantize": _quantize(args.get("quantize", "auto"), args.get("device", "auto")),
                                     "encoder_context": _encoder_context(args)}
-    spec = ReplicaSpec(checkpoint=str(args["checkpoint"]), max_sessions=number("max_sessions", int, 4),
-                       load_options=load_options, settings=settings)
+    answers = number("max_answers", int, number("max_sessions", int, 4))
+    spec = ReplicaSpec(checkpoint=str(args["checkpoint"]), max_answers=answers, load_options=load_options,
+                       settings=settings)
     scale = ScaleOptions(replicas=number("replicas", int, 1), min_replicas=number("min_replicas", int, None),
                          max_replicas=number("max_replicas", int, None),
                          replica_cpus=number("replica_cpus", float, 1.0))
@@ -405,7 +407,7 @@ def serve_from_args(args: argparse.Namespace) -> int:
                     "encoder_context": args.encoder_context, "encoder_dtype": args.encoder_dtype,
                     "codec_dtype": args.codec_dtype, "int8_activations": args.int8_activations}
     spec = ReplicaSpec(checkpoint=os.path.abspath(args.checkpoint) if os.path.exists(args.checkpoint)
-                       else args.checkpoint, max_sessions=args.max_sessions, load_options=load_options,
+                       else args.checkpoint, max_answers=args.max_answers, load_options=load_options,
                        settings=settings)
     scale = ScaleOptions(replicas=args.replicas, min_replicas=args.min_replicas, max_replicas=args.max_replicas,
                          replica_cpus=args.replica_cpus)

@@ -4,7 +4,7 @@ Every piece of model work runs on a single compute thread that uses all of the m
 cores for each operation, so no two computations ever fight over the cores. It interleaves:
 
 * **decode steps**: one forward pass over the rows of every decoding answer (the KV cache
-  has ``2 * max_sessions`` rows; answer k holds rows 2k and 2k + 1, a batch-parallel
+  has ``2 * max_answers`` rows; answer k holds rows 2k and 2k + 1, a batch-parallel
   answer uses both), each row at its own position; then each answer samples from its own
   rows and turns the step into events (text deltas, audio: SNAC runs here too);
 * **preparation jobs**: reading a question's audio, the Whisper encoder and the prompt's
@@ -71,21 +71,21 @@ class Engine:
     it with :meth:`run_once` (tests, with a scripted ``clock``).
     """
 
-    def __init__(self, omni: MiniOmni, max_sessions: int = 4, lead_floor: float = LEAD_FLOOR,
+    def __init__(self, omni: MiniOmni, max_answers: int = 4, lead_floor: float = LEAD_FLOOR,
                  max_wait: float = MAX_WAIT, clock: Callable[[], float] = time.perf_counter,
                  start: bool = True) -> None:
-        if max_sessions < 1:
-            raise ValueError("max_sessions must be >= 1")
+        if max_answers < 1:
+            raise ValueError("max_answers must be >= 1")
         self.omni = omni
-        self.max_sessions = max_sessions
+        self.max_answers = max_answers
         self.lead_floor = lead_floor
         self.max_wait = max_wait
         self.clock = clock
         self._last_was_job = False
         self.device = omni.device
-        self.cache = omni.model.new_cache(2 * max_sessions, max_length=MAX_POSITIONS)
+        self.cache = omni.model.new_cache(2 * max_answers, max_length=MAX_POSITIONS)
         self.staging = omni.model.new_cache(2, max_length=MAX_POSITIONS)  # prefill runs here
-        self.free_slots = list(range(max_sessions))
+        self.free_slots = list(range(max_answers))
         self.jobs: dict[int, AnswerJob] = {}  # every open job
         self.preparing: deque[AnswerJob] = deque()  # waiting for or in preparation (compute thread)
         self.active: list[AnswerJob] = []  # decoding (compute thread)
@@ -106,23 +106,23 @@ class Engine:
     # ------------------------------------------------------------------ public
 
     @property
-    def active_sessions(self) -> int:
+    def active_answers(self) -> int:
         return len(self.jobs)
 
     @property
-    def queued_sessions(self) -> int:
+    def queued_answers(self) -> int:
         return sum(1 for s in list(self.jobs.values()) if s.state is None)
 
     def open(self, request: AnswerRequest, emit: Callable[[StreamEvent | ErrorEvent], None],
              hold: bool = False) -> AnswerJob:
-        """Start answering; raises :class:`EngineBusy` when ``max_sessions`` answers are running."""
+        """Start answering; raises :class:`EngineBusy` when ``max_answers`` answers are running."""
         with self._lock:
             if self._shutdown is not None:
                 raise EngineBusy(self._shutdown)
             if not self.free_slots:
                 if not hold:
                     self.stats.rejected_busy += 1
-                raise EngineBusy(f"all {self.max_sessions} answer slots are busy; try again when one has finished")
+                raise EngineBusy(f"all {self.max_answers} answer slots are busy; try again when one has finished")
             job = AnswerJob(self, request, emit, hold=hold)
             job.slot = self.free_slots.pop(0)
             self.jobs[job.id] = job
