@@ -7,7 +7,7 @@ import base64
 import json
 
 import numpy as np
-from conftest import engine_fixture, speech_like
+from conftest import engine_fixture, speech_like, wait_idle
 
 from miniomni.server.realtime.protocol import pcm16_to_float
 from miniomni.server.realtime.session import RealtimeSession
@@ -42,7 +42,10 @@ class Recorder:
                         return event
                 self.arrived.clear()
                 await self.arrived.wait()
-        return await asyncio.wait_for(seen(), timeout)
+        try:
+            return await asyncio.wait_for(seen(), timeout)
+        except asyncio.TimeoutError:
+            raise AssertionError(f"no {kind} within {timeout} s; the session said {self.events}") from None
 
 
 engine = engine_fixture(2)
@@ -185,3 +188,73 @@ def test_tools_are_kept_and_echoed_as_sent(engine):
     assert updated[-1]["tools"] == tools  # kept by a later update that does not name them
     errors = [e["error"] for e in out.events if e["type"] == "error"]
     assert [e["param"] for e in errors] == ["session.tools"]
+
+
+def test_an_out_of_band_response_echoes_its_metadata_and_leaves_the_conversation_alone(engine):
+    assert wait_idle(engine)  # the slots of the tests before are free
+
+    async def talk() -> Recorder:
+        out = Recorder()
+        session = RealtimeSession(engine, ServerSettings(), "mini-omni", out)
+        session.start()
+        send = session.receive
+        await send(json.dumps({"type": "session.update", "session": {
+            "output_modalities": ["text"], "max_output_tokens": 4, "audio": {"input": {"turn_detection": None}}}}))
+        await send(json.dumps({"type": "conversation.item.create", "item": {
+            "type": "message", "role": "user", "content": [{"type": "input_text", "text": "Hello there"}]}}))
+        user = (await out.wait_for("conversation.item.done"))["item"]["id"]
+        await send(json.dumps({"type": "response.create", "response": {
+            "conversation": "none", "metadata": {"topic": "classify"},
+            "input": [{"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Is it?"}]}]}}))
+        done = await out.wait_for("response.done")
+        await send(json.dumps({"type": "conversation.item.retrieve", "item_id": done["response"]["output"][0]["id"]}))
+        await send(json.dumps({"type": "response.create", "response": {"conversation": "elsewhere"}}))
+        await send(json.dumps({"type": "response.create", "response": {
+            "conversation": "none", "input": [{"type": "item_reference", "id": "item_old"}]}}))
+        out.events.clear()
+        await send(json.dumps({"type": "response.create", "response": {
+            "conversation": "none", "input": [{"type": "item_reference", "id": user}]}}))
+        await out.wait_for("response.done")
+        session.close()
+        return out, user
+
+    out, user = run(talk())
+    types = [e["type"] for e in out.events]
+    assert "conversation.item.added" not in types and "conversation.item.done" not in types
+    assert types[0] == "response.created" and types[-1] == "response.done"
+    assert out.events[-1]["response"]["conversation_id"] is None
+
+
+def test_out_of_band_events_in_order(engine):
+    """The first out-of-band response: metadata echoed, no conversation events, its item not retrievable."""
+    assert wait_idle(engine)  # the slots of the tests before are free
+
+    async def talk() -> Recorder:
+        out = Recorder()
+        session = RealtimeSession(engine, ServerSettings(), "mini-omni", out)
+        session.start()
+        send = session.receive
+        await send(json.dumps({"type": "session.update", "session": {
+            "output_modalities": ["text"], "max_output_tokens": 4, "audio": {"input": {"turn_detection": None}}}}))
+        await send(json.dumps({"type": "response.create", "response": {
+            "conversation": "none", "metadata": {"topic": "classify"},
+            "input": [{"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Is it?"}]}]}}))
+        done = await out.wait_for("response.done")
+        await send(json.dumps({"type": "conversation.item.retrieve", "item_id": done["response"]["output"][0]["id"]}))
+        await send(json.dumps({"type": "response.create", "response": {"conversation": "elsewhere"}}))
+        await send(json.dumps({"type": "response.create", "response": {
+            "conversation": "none", "input": [{"type": "item_reference", "id": "item_old"}]}}))
+        await asyncio.sleep(0.1)
+        session.close()
+        return out
+
+    out = run(talk())
+    types = [e["type"] for e in out.events]
+    assert "conversation.item.added" not in types and "conversation.item.done" not in types, types
+    created = next(e for e in out.events if e["type"] == "response.created")["response"]
+    done = next(e for e in out.events if e["type"] == "response.done")["response"]
+    assert created["metadata"] == done["metadata"] == {"topic": "classify"}
+    assert done["conversation_id"] is None and done["status"] == "completed"
+    errors = [e["error"] for e in out.events if e["type"] == "error"]
+    assert [e["code"] for e in errors] == ["item_retrieve_invalid_item_id", "invalid_value", "invalid_value"], errors
+    assert errors[1]["param"] == "response.conversation" and errors[2]["param"] == "response.input[0].id"

@@ -179,6 +179,17 @@ class Answering:
     def parse_message(self, item: Any, param: str) -> tuple[UserInput | None, dict[str, Any]]:
         return parse_message(item, param, self.turns.max_buffer_bytes, self.settings.max_audio_seconds)
 
+    def input_item(self, item: Any, param: str) -> UserInput | None:
+        """One item of ``response.input``: a message, or an ``item_reference`` to the latest user turn."""
+        if isinstance(item, dict) and item.get("type") == "item_reference":
+            wanted = item.get("id")
+            if self.last_user is not None and wanted == self.last_user.item_id:
+                return self.last_user
+            known = "no user turn yet" if self.last_user is None else f"the latest is {self.last_user.item_id!r}"
+            raise ClientError(f"{param}: an item_reference can name the latest user turn only ({known}); got "
+                              f"{wanted!r}. Send other turns as message items", param=f"{param}.id")
+        return self.parse_message(item, param)[0]
+
 
     # ------------------------------------------------------------------ responses
 
@@ -198,7 +209,7 @@ class Answering:
         if params.input_items is not None:
             user = None
             for index, item in enumerate(params.input_items):
-                parsed, _ = self.parse_message(item, f"response.input[{index}]")
+                parsed = self.input_item(item, f"response.input[{index}]")
                 user = parsed or user
         if user is None:
             raise ClientError("nothing to answer: commit input audio or create a user message first",
@@ -217,13 +228,15 @@ class Answering:
         self.response = response
         self.turns.pause_idle()
         user.transcribed = user.transcribed or request.transcribe
-        self.remember(response.item_id, ItemRecord("assistant", response=response))
+        if response.in_conversation:
+            self.remember(response.item_id, ItemRecord("assistant", response=response))
         self.send({"type": "response.created",
                    "response": response.response_object(self.conversation_id, "in_progress", [])})
         item = response.item("in_progress", None)
         self.send({"type": "response.output_item.added", "response_id": response.id, "output_index": 0, "item": item})
-        previous, self.last_item_id = self.last_item_id, response.item_id
-        self.send({"type": "conversation.item.added", "previous_item_id": previous, "item": item})
+        if response.in_conversation:  # an out-of-band answer is the client's alone
+            previous, self.last_item_id = self.last_item_id, response.item_id
+            self.send({"type": "conversation.item.added", "previous_item_id": previous, "item": item})
         self.send({"type": "response.content_part.added", **response.where(), "part": response.part("")})
         response.job.release()  # a held answer's events follow the events above
 
@@ -242,7 +255,8 @@ class Answering:
         # The transcript of a spoken turn committed by the VAD comes from a row beside its answer.
         request.transcribe = (self.config.transcription is not None and user.pcm is not None
                               and not user.transcribed and params.input_items is None)
-        response = Response(new_id("resp"), new_id("item"), audio_out, limit, params.metadata)
+        response = Response(new_id("resp"), new_id("item"), audio_out, limit, params.metadata,
+                            in_conversation=params.conversation != "none")
         response.user_item_id = user.item_id
         return request, response
 
@@ -332,7 +346,8 @@ class Answering:
         self.send({"type": "response.content_part.done", **where, "part": response.part(text)})
         item = response.item("completed" if status == "completed" else "incomplete", text)
         self.send({"type": "response.output_item.done", "response_id": response.id, "output_index": 0, "item": item})
-        self.send({"type": "conversation.item.done", "item": item})
+        if response.in_conversation:
+            self.send({"type": "conversation.item.done", "item": item})
         self.send({"type": "response.done",
                    "response": response.response_object(self.conversation_id, status, [item], details=details,
                                                         usage=usage)})

@@ -283,6 +283,7 @@ class ResponseParams:
     max_output_tokens: int | None
     input_items: list[Any] | None
     metadata: Any = None
+    conversation: str = "auto"  # "none": out of band, nothing is added to the conversation
 
 
 def parse_response_create(params: Any, config: SessionConfig, max_tokens_limit: int) -> ResponseParams:
@@ -302,7 +303,11 @@ def parse_response_create(params: Any, config: SessionConfig, max_tokens_limit: 
     items = params.get("input")
     if items is not None and not isinstance(items, list):
         raise ClientError("response.input must be a list of items", param="response.input")
-    return ResponseParams(modalities, max_tokens, items, params.get("metadata"))
+    conversation = params.get("conversation", "auto")
+    if conversation not in ("auto", "none"):
+        raise ClientError(f"response.conversation must be \"auto\" (the session's conversation) or \"none\" "
+                          f"(out of band: nothing is added to it), got {conversation!r}", param="response.conversation")
+    return ResponseParams(modalities, max_tokens, items, params.get("metadata"), conversation)
 
 
 # ---------------------------------------------------------------------- audio and items
@@ -447,6 +452,7 @@ class ResponseIds:
     audio_out: bool
     max_output_tokens: int
     metadata: Any = None
+    in_conversation: bool = True  # False: an out-of-band response (``conversation: "none"``)
 
     def where(self) -> dict[str, Any]:
         return {"response_id": self.id, "item_id": self.item_id, "output_index": 0, "content_index": 0}
@@ -471,7 +477,7 @@ class ResponseIds:
             "status": status,
             "status_details": details,
             "output": output,
-            "conversation_id": conversation_id,
+            "conversation_id": conversation_id if self.in_conversation else None,
             "output_modalities": ["audio"] if self.audio_out else ["text"],
             "max_output_tokens": self.max_output_tokens,
             "audio": {"output": {"format": dict(PCM_FORMAT)}},
