@@ -163,6 +163,16 @@ def check_format(value: Any, param: str) -> None:
                       f"beta shape); got {value!r}", code="unsupported_audio_format", param=param)
 
 
+def check_noise_reduction(value: Any, param: str) -> None:
+    """Only null: no denoiser runs on this server, and a refusal is better than pretending."""
+    if value is None:
+        return
+    kind = value.get("type") if isinstance(value, dict) else value
+    raise ClientError(f"{param}: noise reduction ({kind!r}) is not available on this server, which runs no "
+                      "denoiser; send null (the question is heard as it arrives)", code="unsupported_noise_reduction",
+                      param=param)
+
+
 def parse_turn_detection(value: Any, param: str) -> TurnDetection | None:
     """``turn_detection``: a ``server_vad`` or ``semantic_vad`` object, or null (the client commits)."""
     if value is None:
@@ -248,9 +258,13 @@ def parse_session_update(session: Any, current: SessionConfig, max_tokens_limit:
             if side == "input" and "turn_detection" in part:
                 config.turn_detection = parse_turn_detection(part["turn_detection"],
                                                              "session.audio.input.turn_detection")
+            if side == "input" and "noise_reduction" in part:
+                check_noise_reduction(part["noise_reduction"], "session.audio.input.noise_reduction")
             if side == "input" and "transcription" in part:
                 config.transcription = parse_transcription(part["transcription"],
                                                            "session.audio.input.transcription")
+    if "input_audio_noise_reduction" in session:  # beta
+        check_noise_reduction(session["input_audio_noise_reduction"], "session.input_audio_noise_reduction")
     for key in ("input_audio_format", "output_audio_format"):  # beta
         if key in session:
             check_format(session[key], f"session.{key}")
