@@ -12,7 +12,8 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
-from ...audio import float_to_pcm16
+import numpy as np
+
 from ...generate import SamplingOptions
 from ...streaming import AudioChunk, Done, TextDelta
 from ..engine import (
@@ -28,6 +29,7 @@ from ..engine import (
 )
 from ..settings import ServerSettings
 from ..turns.taking import InputTurns
+from .formats import InputConverter, OutputConverter
 from .protocol import (
     PROTOCOL_SAMPLE_RATE,
     ClientError,
@@ -35,21 +37,41 @@ from .protocol import (
     ResponseParams,
     SessionConfig,
     UserInput,
-    cut_transcript,
+    decode_pcm16,
     new_id,
     parse_message,
     parse_response_create,
     user_audio_item,
 )
 
+
+def cut_transcript(text: str, played_ms: int, total_ms: int) -> str:
+    """The part of an answer's transcript heard in its first ``played_ms`` of ``total_ms`` of speech.
+
+    The words are taken in proportion to the time played, cut at a word boundary (the text
+    and the speech are not aligned word by word).
+    """
+    if total_ms <= 0 or played_ms >= total_ms:
+        return text
+    cut = int(len(text) * played_ms / total_ms)
+    if cut < len(text) and not text[cut].isspace():
+        space = text.rfind(" ", 0, cut + 1)
+        cut = space if space >= 0 else 0
+    return text[:cut].rstrip()
+
+
+# ---------------------------------------------------------------------- server event shapes
+
+
 AUDIO_CHUNK_FRAMES = 4  # frames (85 ms each) per audio delta once streaming is under way
 
 
 @dataclass
 class Response(ResponseIds):
-    """A running response: its ids, the engine session answering it, the text so far."""
+    """A running response: its ids, the engine job answering it, the text so far."""
 
     job: AnswerJob | None = None
+    encoder: OutputConverter | None = None  # its audio in the session's output format
     text: list[str] = field(default_factory=list)
     finished: bool = False
     user_item_id: str | None = None  # the user's turn it answers (and transcribes, when asked)
@@ -177,7 +199,12 @@ class Answering:
 
 
     def parse_message(self, item: Any, param: str) -> tuple[UserInput | None, dict[str, Any]]:
-        return parse_message(item, param, self.turns.max_buffer_bytes, self.settings.max_audio_seconds)
+        return parse_message(item, param, self.turns.max_buffer_bytes, self.settings.max_audio_seconds,
+                             self.item_audio)
+
+    def item_audio(self, data: Any, param: str) -> bytes:
+        """An item's ``input_audio`` (base64, in the session's input format) as 24 kHz PCM."""
+        return InputConverter(self.config.input_format).to_pcm16(decode_pcm16(data, param, self.config.input_format))
 
     def input_item(self, item: Any, param: str) -> UserInput | None:
         """One item of ``response.input``: a message, or an ``item_reference`` to the latest user turn."""
@@ -256,7 +283,8 @@ class Answering:
         request.transcribe = (self.config.transcription is not None and user.pcm is not None
                               and not user.transcribed and params.input_items is None)
         response = Response(new_id("resp"), new_id("item"), audio_out, limit, params.metadata,
-                            in_conversation=params.conversation != "none")
+                            in_conversation=params.conversation != "none", output_format=self.config.output_format)
+        response.encoder = OutputConverter(self.config.output_format)
         response.user_item_id = user.item_id
         return request, response
 
@@ -283,9 +311,10 @@ class Answering:
             if self.plays_audio:  # a media track plays it: no delta on the events channel
                 self.output.play(response.id, response.item_id, event.audio)
                 return
-            audio = base64.b64encode(float_to_pcm16(event.audio)).decode("ascii")
-            self.send({"type": "response.output_audio.delta", **response.where(), "delta": audio})
+            self.send_audio(response, response.encoder.encode(event.audio))
         elif isinstance(event, Done):
+            if response.audio_out and not self.plays_audio:
+                self.send_audio(response, response.encoder.encode(np.zeros(0, np.float32), last=True))
             usage = {"total_tokens": event.prompt_length + len(event.text_tokens),
                      "input_tokens": event.prompt_length, "output_tokens": len(event.text_tokens)}
             self.finish(response, "completed", text=event.text, usage=usage)
@@ -295,6 +324,12 @@ class Answering:
             self.finish(response, "failed", details={"type": "failed", "error": {"type": kind,
                                                                                  "code": "response_failed",
                                                                                  "message": event.message}})
+
+    def send_audio(self, response: Response, data: bytes) -> None:
+        """One ``response.output_audio.delta`` (none for no bytes)."""
+        if data:
+            delta = base64.b64encode(data).decode("ascii")
+            self.send({"type": "response.output_audio.delta", **response.where(), "delta": delta})
 
     async def on_response_cancel(self, event: dict[str, Any]) -> None:
         wanted = event.get("response_id")

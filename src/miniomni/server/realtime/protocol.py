@@ -8,19 +8,19 @@ the beta spellings of session fields are accepted too. ``docs/server.md`` lists 
 
 from __future__ import annotations
 
-import base64
-import binascii
 import copy
 import json
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-# The protocol's only audio format, both ways: 16-bit little-endian mono PCM at 24 kHz.
-PROTOCOL_SAMPLE_RATE = 24000
-PCM_FORMAT = {"type": "audio/pcm", "rate": PROTOCOL_SAMPLE_RATE}
+from .formats import PCM, AudioFormat, FormatError, decode_audio, parse_format, pcm16_to_float
+from .formats import PROTOCOL_SAMPLE_RATE as PROTOCOL_SAMPLE_RATE  # the model's rate, both ways
+
+PCM_FORMAT = PCM.shape()  # the model's format: 16-bit little-endian mono PCM at 24 kHz (G.711 converted)
 API_KEY_PROTOCOL = "openai-insecure-api-key."
 MAX_JSON_DEPTH = 32  # events nest a few levels; deeper is not an event, and could not be echoed back
 MAX_TEXT_CHARS = 32_768  # far more than the 2048 positions of the context can hold
@@ -121,6 +121,8 @@ class SessionConfig:
     turn_detection: TurnDetection | None = field(default_factory=TurnDetection)
     max_output_tokens: int | None = None  # None: "inf", i.e. the server's max_tokens_limit
     instructions: str = ""
+    input_format: AudioFormat = PCM  # of input_audio_buffer.append and input_audio parts
+    output_format: AudioFormat = PCM  # of response.output_audio.delta
     transcription: dict[str, Any] | None = None  # transcribe the user's spoken turns (with the model's asr task)
     tools: list[Any] = field(default_factory=list)  # kept and echoed as sent: this model never calls a tool
     tool_choice: Any = "auto"
@@ -152,15 +154,12 @@ def parse_modalities(value: Any, param: str) -> list[str]:
     return ["audio"] if "audio" in value else ["text"]
 
 
-def check_format(value: Any, param: str) -> None:
-    """Only 16-bit PCM at 24 kHz: GA ``{"type": "audio/pcm", "rate": 24000}`` or beta ``"pcm16"``."""
-    if value == "pcm16":
-        return
-    if isinstance(value, dict) and value.get("type") == "audio/pcm" and \
-            value.get("rate", PROTOCOL_SAMPLE_RATE) in (None, PROTOCOL_SAMPLE_RATE):
-        return
-    raise ClientError(f"{param}: only 16-bit PCM at 24 kHz is supported ({PCM_FORMAT}, or \"pcm16\" in the "
-                      f"beta shape); got {value!r}", code="unsupported_audio_format", param=param)
+def check_format(value: Any, param: str) -> AudioFormat:
+    """An audio format: 16-bit PCM at 24 kHz, or G.711 μ-law / A-law at 8 kHz (GA or beta shape)."""
+    try:
+        return parse_format(value, param)
+    except FormatError as exc:
+        raise ClientError(str(exc), code="unsupported_audio_format", param=param) from None
 
 
 def check_noise_reduction(value: Any, param: str) -> None:
@@ -226,6 +225,28 @@ def parse_max_tokens(value: Any, param: str, limit: int) -> int | None:
     return min(value, limit)
 
 
+def _parse_audio(audio: Any, config: SessionConfig) -> None:
+    """GA ``session.audio``: each side's format; the input's turn detection, noise reduction and transcription."""
+    if audio is None:
+        return
+    if not isinstance(audio, dict):
+        raise ClientError("session.audio must be an object", param="session.audio")
+    for side in ("input", "output"):
+        part = audio.get(side)
+        if part is None:
+            continue
+        if not isinstance(part, dict):
+            raise ClientError(f"session.audio.{side} must be an object", param=f"session.audio.{side}")
+        if "format" in part:
+            setattr(config, f"{side}_format", check_format(part["format"], f"session.audio.{side}.format"))
+        if side == "input" and "turn_detection" in part:
+            config.turn_detection = parse_turn_detection(part["turn_detection"], "session.audio.input.turn_detection")
+        if side == "input" and "noise_reduction" in part:
+            check_noise_reduction(part["noise_reduction"], "session.audio.input.noise_reduction")
+        if side == "input" and "transcription" in part:
+            config.transcription = parse_transcription(part["transcription"], "session.audio.input.transcription")
+
+
 def parse_session_update(session: Any, current: SessionConfig, max_tokens_limit: int) -> SessionConfig:
     """The session configuration after a ``session.update`` (``current`` is left as it was)."""
     if not isinstance(session, dict):
@@ -243,31 +264,13 @@ def parse_session_update(session: Any, current: SessionConfig, max_tokens_limit:
     for key in ("output_modalities", "modalities"):  # GA, beta
         if key in session:
             config.output_modalities = parse_modalities(session[key], f"session.{key}")
-    audio = session.get("audio")
-    if audio is not None:
-        if not isinstance(audio, dict):
-            raise ClientError("session.audio must be an object", param="session.audio")
-        for side in ("input", "output"):
-            part = audio.get(side)
-            if part is None:
-                continue
-            if not isinstance(part, dict):
-                raise ClientError(f"session.audio.{side} must be an object", param=f"session.audio.{side}")
-            if "format" in part:
-                check_format(part["format"], f"session.audio.{side}.format")
-            if side == "input" and "turn_detection" in part:
-                config.turn_detection = parse_turn_detection(part["turn_detection"],
-                                                             "session.audio.input.turn_detection")
-            if side == "input" and "noise_reduction" in part:
-                check_noise_reduction(part["noise_reduction"], "session.audio.input.noise_reduction")
-            if side == "input" and "transcription" in part:
-                config.transcription = parse_transcription(part["transcription"],
-                                                           "session.audio.input.transcription")
+    _parse_audio(session.get("audio"), config)
     if "input_audio_noise_reduction" in session:  # beta
         check_noise_reduction(session["input_audio_noise_reduction"], "session.input_audio_noise_reduction")
-    for key in ("input_audio_format", "output_audio_format"):  # beta
-        if key in session:
-            check_format(session[key], f"session.{key}")
+    for side in ("input", "output"):  # beta
+        if f"{side}_audio_format" in session:
+            setattr(config, f"{side}_format", check_format(session[f"{side}_audio_format"],
+                                                          f"session.{side}_audio_format"))
     if "turn_detection" in session:  # beta
         config.turn_detection = parse_turn_detection(session["turn_detection"], "session.turn_detection")
     for key in ("max_output_tokens", "max_response_output_tokens"):  # GA, beta
@@ -327,22 +330,12 @@ def parse_response_create(params: Any, config: SessionConfig, max_tokens_limit: 
 # ---------------------------------------------------------------------- audio and items
 
 
-def decode_pcm16(data: Any, param: str) -> bytes:
-    """A base64 field of 16-bit PCM -> its bytes."""
-    if not isinstance(data, str):
-        raise ClientError(f"{param} must be a base64 string of 16-bit PCM at 24 kHz", code="invalid_audio", param=param)
+def decode_pcm16(data: Any, param: str, fmt: AudioFormat = PCM) -> bytes:
+    """A base64 field of audio in ``fmt`` -> its raw bytes (G.711 not yet converted)."""
     try:
-        pcm = base64.b64decode(data, validate=True)
-    except (binascii.Error, ValueError):
-        raise ClientError(f"{param} is not valid base64", code="invalid_audio", param=param) from None
-    if len(pcm) % 2:
-        raise ClientError(f"{param} holds {len(pcm)} bytes: 16-bit PCM needs an even number",
-                          code="invalid_audio", param=param)
-    return pcm
-
-
-def pcm16_to_float(pcm: bytes | bytearray) -> np.ndarray:
-    return np.frombuffer(bytes(pcm), dtype="<i2").astype(np.float32) / 32768.0
+        return decode_audio(data, param, fmt)
+    except FormatError as exc:
+        raise ClientError(str(exc), code="invalid_audio", param=param) from None
 
 
 @dataclass
@@ -356,9 +349,12 @@ class UserInput:
     transcribed: bool = False  # its transcription has been started (on its own, or beside an answer)
 
 
-def parse_message(item: Any, param: str, max_audio_bytes: int,
-                  max_audio_seconds: float) -> tuple[UserInput | None, dict[str, Any]]:
-    """A message item -> (the user input, or None for other roles; the item as echoed back)."""
+def parse_message(item: Any, param: str, max_audio_bytes: int, max_audio_seconds: float,
+                  to_pcm16: Callable[[Any, str], bytes] = decode_pcm16) -> tuple[UserInput | None, dict[str, Any]]:
+    """A message item -> (the user input, or None for other roles; the item as echoed back).
+
+    ``to_pcm16`` turns an ``input_audio`` part's base64 field into 24 kHz PCM (the session's input format).
+    """
     if not isinstance(item, dict):
         raise ClientError(f"{param} must be an object", param=param)
     kind = item.get("type", "message")
@@ -388,7 +384,7 @@ def parse_message(item: Any, param: str, max_audio_bytes: int,
             texts.append(text)
             echoed["content"].append({"type": part_type, "text": text})
         elif part_type == "input_audio":
-            audio += decode_pcm16(part.get("audio"), f"{where}.audio")
+            audio += to_pcm16(part.get("audio"), f"{where}.audio")
             echoed["content"].append({"type": "input_audio", "transcript": part.get("transcript")})
         elif role != "user" and part_type in ("audio", "output_audio"):
             echoed["content"].append({"type": part_type, "transcript": part.get("transcript")})
@@ -416,24 +412,6 @@ def user_audio_item(item_id: str, transcript: str | None = None) -> dict[str, An
             "status": "completed", "content": [{"type": "input_audio", "transcript": transcript}]}
 
 
-def cut_transcript(text: str, played_ms: int, total_ms: int) -> str:
-    """The part of an answer's transcript heard in its first ``played_ms`` of ``total_ms`` of speech.
-
-    The words are taken in proportion to the time played, cut at a word boundary (the text
-    and the speech are not aligned word by word).
-    """
-    if total_ms <= 0 or played_ms >= total_ms:
-        return text
-    cut = int(len(text) * played_ms / total_ms)
-    if cut < len(text) and not text[cut].isspace():
-        space = text.rfind(" ", 0, cut + 1)
-        cut = space if space >= 0 else 0
-    return text[:cut].rstrip()
-
-
-# ---------------------------------------------------------------------- server event shapes
-
-
 def session_object(session_id: str, model: str, config: SessionConfig) -> dict[str, Any]:
     return {
         "type": config.type,
@@ -447,12 +425,12 @@ def session_object(session_id: str, model: str, config: SessionConfig) -> dict[s
         "tool_choice": copy.deepcopy(config.tool_choice),
         "audio": {
             "input": {
-                "format": dict(PCM_FORMAT),
+                "format": config.input_format.shape(),
                 "transcription": None if config.transcription is None else dict(config.transcription),
                 "noise_reduction": None,
                 "turn_detection": None if config.turn_detection is None else config.turn_detection.as_dict(),
             },
-            "output": {"format": dict(PCM_FORMAT)},
+            "output": {"format": config.output_format.shape()},
         },
     }
 
@@ -467,6 +445,7 @@ class ResponseIds:
     max_output_tokens: int
     metadata: Any = None
     in_conversation: bool = True  # False: an out-of-band response (``conversation: "none"``)
+    output_format: AudioFormat = PCM
 
     def where(self) -> dict[str, Any]:
         return {"response_id": self.id, "item_id": self.item_id, "output_index": 0, "content_index": 0}
@@ -494,7 +473,7 @@ class ResponseIds:
             "conversation_id": conversation_id if self.in_conversation else None,
             "output_modalities": ["audio"] if self.audio_out else ["text"],
             "max_output_tokens": self.max_output_tokens,
-            "audio": {"output": {"format": dict(PCM_FORMAT)}},
+            "audio": {"output": {"format": self.output_format.shape()}},
             "usage": usage,
             "metadata": self.metadata,
         }

@@ -44,6 +44,7 @@ from ..turns.taking import (
 )
 from ..turns.vad import StreamingVAD, vad_available
 from .answers import Answering, ItemRecord, Response, Speculation
+from .formats import InputConverter
 from .protocol import (
     PROTOCOL_SAMPLE_RATE,
     UNSUPPORTED_EVENTS,
@@ -136,6 +137,7 @@ class RealtimeSession(Answering):
         self.conversation_id = new_id("conv")
         self.model = model
         self.config = SessionConfig()
+        self.input_converter = InputConverter(self.config.input_format)
         self.vad_available = vad_available()
         if not self.vad_available:
             self.config.turn_detection = None
@@ -312,7 +314,10 @@ class RealtimeSession(Answering):
     # ------------------------------------------------------------------ input audio and turns
 
     async def on_append(self, event: dict[str, Any]) -> None:
-        await self.append_audio(decode_pcm16(event.get("audio"), "audio"))
+        fmt = self.config.input_format
+        if self.input_converter.format is not fmt:  # a new format: a new resampler
+            self.input_converter = InputConverter(fmt)
+        await self.append_audio(self.input_converter.to_pcm16(decode_pcm16(event.get("audio"), "audio", fmt)))
 
     async def append_audio(self, pcm: bytes, rolling: bool = False) -> None:
         """Add 24 kHz mono 16-bit input audio (an append event's, or with ``rolling`` a media track's, which keeps
