@@ -11,7 +11,7 @@ import warnings
 import numpy as np
 import pytest
 import soxr
-from conftest import engine_fixture, speech_like, wait_idle
+from conftest import engine_fixture, port_fixture, speech_like, wait_idle
 
 from miniomni.server.realtime.formats import (
     PCMA,
@@ -131,3 +131,52 @@ def test_a_session_hears_and_speaks_g711_at_8_khz(engine, update, inbound, outbo
     errors = [e["error"] for e in out.events if e["type"] == "error"]
     assert [(e["code"], e["param"]) for e in errors] == [("unsupported_audio_format", "session.audio.input.format")]
     assert "8000 Hz" in errors[0]["message"]
+
+
+port = port_fixture()
+
+
+@pytest.mark.slow
+def test_a_telephone_bridge_talks_mu_law_at_8_khz_through_the_server(port, engine):
+    """A telephony-shaped client: 20 ms frames of μ-law at 8 kHz paced as a call sends them, server VAD
+    ends the turn, the answer comes back as μ-law at 8 kHz."""
+    import time
+
+    import websockets
+    from test_realtime import voiced_speech
+
+    assert wait_idle(engine)
+    rate = 8000
+    call = np.concatenate([np.zeros(int(0.3 * rate)), voiced_speech(1.2, rate=rate, seed=3), np.zeros(rate)])
+    frames = ulaw_encode((np.clip(call, -1, 1) * 32767).astype(np.int16)).tobytes()
+
+    async def run() -> list[dict]:
+        url = f"ws://127.0.0.1:{port}/v1/realtime?model=mini-omni"
+        async with websockets.connect(url, proxy=None) as ws:
+            async def send(event: dict) -> None:
+                await ws.send(json.dumps(event))
+
+            await send({"type": "session.update", "session": {"type": "realtime", "max_output_tokens": 16, "audio": {
+                "input": {"format": {"type": "audio/pcmu"}, "turn_detection": {
+                    "type": "server_vad", "silence_duration_ms": 400}},
+                "output": {"format": {"type": "audio/pcmu"}}}}})
+            began = time.monotonic()
+            for index, start in enumerate(range(0, len(frames), 160)):
+                await asyncio.sleep(max(0.0, began + index * 0.02 - time.monotonic()))  # a call's pace
+                await send({"type": "input_audio_buffer.append",
+                            "audio": base64.b64encode(frames[start:start + 160]).decode()})
+            events = []
+            while not events or events[-1]["type"] != "response.done":
+                events.append(json.loads(await asyncio.wait_for(ws.recv(), 60)))
+            return events
+
+    events = asyncio.run(run())
+    types = [e["type"] for e in events]
+    assert "input_audio_buffer.speech_started" in types and "input_audio_buffer.committed" in types
+    assert events[-1]["response"]["status"] == "completed"
+    audio = b"".join(base64.b64decode(e["delta"]) for e in events if e["type"] == "response.output_audio.delta")
+    seconds = len(audio) / rate  # one byte per sample
+    deltas = sum(1 for e in events if e["type"] == "response.output_audio.delta")
+    assert deltas > 0 and 0.5 < seconds < 20, seconds
+    assert not [e for e in events if e["type"] == "error"]
+    assert wait_idle(engine)
