@@ -51,5 +51,15 @@ else
   echo "npm is not installed: tests/test_agents_client.py (the @openai/agents-realtime client) will be skipped" >&2
 fi
 
+# The Python openai-agents realtime client needs websockets<17 and the server a newer one: the client gets
+# an environment of its own that sees this one's packages (tests/test_agents_python.py skips without it).
+if [ ! -x .venv-agents/bin/python ]; then
+  "$PY" -m venv --system-site-packages .venv-agents || echo "could not make .venv-agents" >&2
+fi
+if [ -x .venv-agents/bin/python ]; then
+  .venv-agents/bin/python -m pip install -q "openai-agents==0.24.0" "websockets>=15,<17" \
+    || echo "installing openai-agents in .venv-agents failed; tests/test_agents_python.py will say why" >&2
+fi
+
 "$PY" -m ruff check .
 "$PY" -m pytest -q "$@"
