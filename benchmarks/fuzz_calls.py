@@ -32,49 +32,10 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 from conftest import write_checkpoint_dir  # noqa: E402  (the test suite's tiny checkpoint writer)
 from fuzz import rss_mb  # noqa: E402
-from fuzzcases import pcm, spoken_answer  # noqa: E402
+from fuzzcases import good_offer, mutate_offer, pcm, spoken_answer  # noqa: E402
 
 SLOTS = 8
 SDP = {"content-type": "application/sdp"}
-
-
-async def good_offer() -> str:
-    """A real browser-like offer (aiortc): an audio track and the oai-events data channel, loopback only."""
-    from aiortc import RTCConfiguration, RTCPeerConnection
-
-    from miniomni.server.transports.webrtc import restrict_host_addresses
-
-    restrict_host_addresses(["127.0.0.1"])
-    pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
-    pc.addTransceiver("audio", direction="sendrecv")
-    pc.createDataChannel("oai-events")
-    await pc.setLocalDescription(await pc.createOffer())
-    offer = pc.localDescription.sdp
-    await pc.close()
-    return offer
-
-
-def mutate(offer: str, rng: random.Random) -> str:
-    """A damaged offer: lines dropped, swapped, cut, garbled, or candidates with impossible values."""
-    lines = offer.strip().split("\r\n")
-    kind = rng.randrange(6)
-    if kind == 0:
-        del lines[rng.randrange(len(lines))]
-    elif kind == 1:
-        i, j = rng.randrange(len(lines)), rng.randrange(len(lines))
-        lines[i], lines[j] = lines[j], lines[i]
-    elif kind == 2:
-        cut = rng.randrange(len(lines))
-        lines[cut] = lines[cut][: rng.randrange(len(lines[cut]) + 1)]
-    elif kind == 3:
-        port = rng.choice([0, 65536, 70000, -1, 99999999, "x"])
-        lines.append(f"a=candidate:1 1 udp {rng.choice([1, -5, 'p'])} 127.0.0.1 {port} typ {rng.choice(['host', 'x'])}")
-    elif kind == 4:
-        line = rng.randrange(len(lines))
-        lines[line] = "".join(chr(rng.randrange(32, 0x2FF)) for _ in range(rng.randrange(1, 80)))
-    else:
-        lines = lines[: rng.randrange(len(lines))]
-    return "\r\n".join(lines) + "\r\n"
 
 
 def multipart(fields: dict[str, str], boundary: str = "fuzzboundary") -> tuple[bytes, dict[str, str]]:
@@ -90,10 +51,21 @@ def cut_upload(port: int, path: str, declared: int, sent: bytes) -> None:
                     f"Content-Length: {declared}\r\n\r\n".encode() + sent)
 
 
-def one_request(client: httpx.Client, port: int, offer: str, rng: random.Random, statuses: Counter) -> None:
-    """One seeded request to the calls or keys endpoints; its status counted under a short name."""
-    kind = rng.choice(["good", "good", "mutated", "mutated", "mutated", "content-type", "form", "form-session",
-                       "oversize", "cut", "secret", "secret-session", "hangup-unknown", "wrong-method"])
+KINDS = ["good", "good", "mutated", "mutated", "mutated", "content-type", "form", "form-session", "oversize", "cut",
+         "secret", "secret-session", "hangup-unknown", "wrong-method"]
+
+
+def one_request(client: httpx.Client, port: int, offer: str, rng: random.Random, statuses: Counter) -> str:
+    """One seeded request to the calls or keys endpoints; its status counted under a short name. Returns the kind."""
+    kind = rng.choice(KINDS)
+    try:
+        _send(kind, client, port, offer, rng, statuses)
+    except httpx.TransportError as exc:
+        statuses[f"{kind} {type(exc).__name__}"] += 1
+    return kind
+
+
+def _send(kind: str, client: httpx.Client, port: int, offer: str, rng: random.Random, statuses: Counter) -> None:
     url = f"http://127.0.0.1:{port}"
     if kind == "good":
         response = client.post(f"{url}/v1/realtime/calls", content=offer, headers=SDP)
@@ -102,7 +74,7 @@ def one_request(client: httpx.Client, port: int, offer: str, rng: random.Random,
         elif response.status_code == 201:
             client.post(url + response.headers["location"] + "/hangup")
     elif kind == "mutated":
-        response = client.post(f"{url}/v1/realtime/calls", content=mutate(offer, rng), headers=SDP)
+        response = client.post(f"{url}/v1/realtime/calls", content=mutate_offer(offer, rng), headers=SDP)
         if response.status_code == 201:
             client.delete(url + response.headers["location"])
     elif kind == "content-type":
@@ -118,9 +90,13 @@ def one_request(client: httpx.Client, port: int, offer: str, rng: random.Random,
         response = client.post(f"{url}/v1/realtime/calls", content=body, headers=headers)
         if response.status_code == 201:
             client.delete(url + response.headers["location"])
-    elif kind == "oversize":
-        response = client.post(f"{url}/v1/realtime/calls", content=b"v=0\r\n" + b"a" * rng.choice([70_000, 2_000_000]),
-                               headers=SDP)
+    elif kind == "oversize":  # on a connection of its own: the server refuses it unread and closes it
+        try:
+            response = httpx.post(f"{url}/v1/realtime/calls", headers=SDP, timeout=30,
+                                  content=b"v=0\r\n" + b"a" * rng.choice([70_000, 2_000_000]))
+        except httpx.TransportError:
+            statuses["oversize closed before the answer"] += 1
+            return
     elif kind == "cut":
         cut_upload(port, rng.choice(["/v1/realtime/calls", "/v1/realtime/client_secrets"]), 5000, b"v=0\r\n")
         statuses["cut upload"] += 1
@@ -230,6 +206,10 @@ def main() -> None:
     print("resident memory: " + ", ".join(f"{k} {v:.0f} MB" for k, v in rss.items())
           + f" (largest growth over warm: {max(rss.values()) - rss['warm']:+.0f} MB)")
     print(f"a good session answered afterwards: {answered}; a good offer afterwards: {last.status_code}")
+    if "Traceback" in text:
+        kept = Path(tempfile.gettempdir()) / "fuzz_calls_server.log"
+        kept.write_text(text)
+        print(f"the server's log, with its tracebacks: {kept}")
 
 
 if __name__ == "__main__":

@@ -320,3 +320,45 @@ def fuzz_chat(port: int, cases: int, seed: int, report: Report) -> None:
                     message = ""
                 if not message:
                     report.crashes.append(f"/chat {response.status_code} without a message")
+
+
+# ---------------------------------------------------------------------- WebRTC offers
+
+
+async def good_offer() -> str:
+    """A real browser-like offer (aiortc): an audio track and the oai-events data channel, loopback only."""
+    from aiortc import RTCConfiguration, RTCPeerConnection
+
+    from miniomni.server.transports.webrtc import restrict_host_addresses
+
+    restrict_host_addresses(["127.0.0.1"])
+    pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+    pc.addTransceiver("audio", direction="sendrecv")
+    pc.createDataChannel("oai-events")
+    await pc.setLocalDescription(await pc.createOffer())
+    offer = pc.localDescription.sdp
+    await pc.close()
+    return offer
+
+
+def mutate_offer(offer: str, rng: random.Random) -> str:
+    """A damaged offer: lines dropped, swapped, cut, garbled, or candidates with impossible values."""
+    lines = offer.strip().split("\r\n")
+    kind = rng.randrange(6)
+    if kind == 0:
+        del lines[rng.randrange(len(lines))]
+    elif kind == 1:
+        i, j = rng.randrange(len(lines)), rng.randrange(len(lines))
+        lines[i], lines[j] = lines[j], lines[i]
+    elif kind == 2:
+        cut = rng.randrange(len(lines))
+        lines[cut] = lines[cut][: rng.randrange(len(lines[cut]) + 1)]
+    elif kind == 3:
+        port = rng.choice([0, 65536, 70000, -1, 99999999, "x"])
+        lines.append(f"a=candidate:1 1 udp {rng.choice([1, -5, 'p'])} 127.0.0.1 {port} typ {rng.choice(['host', 'x'])}")
+    elif kind == 4:
+        line = rng.randrange(len(lines))
+        lines[line] = "".join(chr(rng.randrange(32, 0x2FF)) for _ in range(rng.randrange(1, 80)))
+    else:
+        lines = lines[: rng.randrange(len(lines))]
+    return "\r\n".join(lines) + "\r\n"

@@ -307,3 +307,27 @@ def test_answers_announce_only_the_chosen_addresses(port):
     assert webrtc_addresses(argparse.Namespace(webrtc_address=None, host="127.0.0.1")) == ("127.0.0.1",)
     assert webrtc_addresses(argparse.Namespace(webrtc_address=None, host="0.0.0.0")) is None
     assert webrtc_addresses(argparse.Namespace(webrtc_address=["10.1.2.3"], host="127.0.0.1")) == ("10.1.2.3",)
+
+
+def test_damaged_offers_are_refused_and_never_a_server_error(port):
+    """Seeded damage to a real offer (lines dropped, swapped, cut, garbled; impossible candidates): each is a
+    201 or a 4xx that says why, never a 500 (aiortc fails on some half-built connections as it closes them)."""
+    import random
+    from collections import Counter
+
+    from fuzzcases import good_offer, mutate_offer
+
+    offer = asyncio.run(good_offer())
+    rng = random.Random(0)
+    statuses: Counter = Counter()
+    with httpx.Client(timeout=30) as client:
+        for _ in range(60):
+            response = client.post(f"http://127.0.0.1:{port}/v1/realtime/calls", content=mutate_offer(offer, rng),
+                                   headers={"content-type": "application/sdp"})
+            statuses[response.status_code] += 1
+            if response.status_code == 201:
+                client.delete(f"http://127.0.0.1:{port}" + response.headers["location"])
+            else:
+                assert response.json()["error"]["message"]
+    assert set(statuses) <= {201, 400}, statuses
+    assert statuses[400] > 0

@@ -384,10 +384,14 @@ async def _answer_offer(app: FastAPI, engine: Engine, settings: ServerSettings, 
             return error_response(400, f"session: {exc.message}")
     try:
         return call, await call.answer(offer)
-    except Exception as exc:  # noqa: BLE001 - aiortc raises ValueError and others for a bad offer
+    except Exception as exc:  # noqa: BLE001 - aiortc raises ValueError, AttributeError and others for a bad offer
         call.abort(None, None)
-        await call.pc.close()
-        return error_response(400, f"the SDP offer was refused: {exc}")
+        try:
+            await call.pc.close()
+        except Exception as failure:  # noqa: BLE001 - a half-built peer connection may fail to close; it is dropped
+            log.info("a refused offer's peer connection did not close cleanly (%s: %s)", type(failure).__name__,
+                     failure)
+        return error_response(400, f"the SDP offer was refused ({type(exc).__name__}: {exc})")
 
 
 def add_webrtc_routes(app: FastAPI, engine: Engine, settings: ServerSettings) -> None:
