@@ -118,7 +118,8 @@ def event(talk, kind: str) -> dict:
 @pytest.mark.slow
 def test_the_sdks_default_session_is_accepted_as_it_is_sent(talk):
     sent = talk["sent"]
-    assert [event["session"] for event in sent] == SDK_SESSION_UPDATES  # what the fast test above parses
+    # What the fast test above parses; the agent's tool comes on top (checked below).
+    assert [{k: v for k, v in event["session"].items() if k != "tools"} for event in sent] == SDK_SESSION_UPDATES
     first = sent[0]["session"]
     # What the SDK sends unless told otherwise: semantic VAD and a transcript of the user's words.
     assert first["audio"]["input"]["turn_detection"] == {"type": "semantic_vad"}
@@ -159,3 +160,17 @@ def test_the_sdk_reports_no_error_and_its_history_has_the_users_words(talk):
     assert event(talk, "conversation.item.retrieved")["item"]["id"] == event(talk, "input_audio_buffer.committed")[
         "item_id"]
     assert talk["summary"]["history"][0]["transcripts"] == [talk["summary"]["input_transcript"]]
+
+
+@pytest.mark.slow
+def test_a_tool_is_carried_and_a_history_edit_deletes_the_users_turn(talk):
+    """The agent's tool reaches the session as the SDK sends it; updateHistory drops the user's turn with
+    conversation.item.delete, which the server confirms; no error event."""
+    sent = [e["session"] for e in talk["sent"]]
+    assert any(tool.get("name") == "get_weather" for update in sent for tool in update.get("tools", []))
+    summary = talk["summary"]
+    assert summary["deleted"] == 1 and event(talk, "conversation.item.deleted")["item_id"] == event(
+        talk, "input_audio_buffer.committed")["item_id"]
+    assert [item["role"] for item in summary["history_after_edit"]] == ["assistant"]
+    assert talk["errors"] == [] and not [e for e in talk["events"] if e["type"] == "error"]
+

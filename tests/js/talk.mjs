@@ -7,14 +7,16 @@
 // The WAV must be 16-bit PCM, mono, 24 kHz. It is sent with session.sendAudio in 20 ms chunks at real-time
 // pace, then silence (as a microphone would) until the answer and the user's transcript are in, or until
 // --silence-s of silence has gone by. The only settings given to the SDK are the URL, the key and the
-// model name; the RealtimeSession sends its own default session.update (transport: websocket).
+// model name; the RealtimeSession sends its own default session.update (transport: websocket). The agent
+// has a tool, and once the answer is in the history is edited (the user's turn dropped), which makes the
+// SDK send conversation.item.delete.
 //
 // Lines: {"kind":"sent","event":{...}} for each session.update the SDK sent, {"kind":"event","type":...} for
 // every server event (audio deltas without their audio), {"kind":"error",...} for each error the SDK
 // reported, and last {"kind":"summary",...}.
 import { readFileSync } from 'node:fs';
 import { parseArgs } from 'node:util';
-import { RealtimeAgent, RealtimeSession } from '@openai/agents-realtime';
+import { RealtimeAgent, RealtimeSession, tool } from '@openai/agents-realtime';
 
 const { values: args } = parseArgs({
   options: {
@@ -69,7 +71,15 @@ function readPcm16(path) {
 const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, Math.max(0, ms)));
 
 const pcm = readPcm16(args.wav);
-const agent = new RealtimeAgent({ name: 'Assistant', instructions: 'You are a helpful assistant.' });
+// An agent with a tool, as applications define them (this model never calls one; the session carries it).
+const getWeather = tool({
+  name: 'get_weather',
+  description: 'The weather in a city.',
+  parameters: { type: 'object', properties: { city: { type: 'string' } }, required: ['city'], additionalProperties: false },
+  strict: true,
+  execute: async ({ city }) => `It is sunny in ${city}.`,
+});
+const agent = new RealtimeAgent({ name: 'Assistant', instructions: 'You are a helpful assistant.', tools: [getWeather] });
 const session = new RealtimeSession(agent, { transport: 'websocket', model: args.model });
 
 // Observe (never change) what the SDK sends: its session.update events are the point of this check.
@@ -133,6 +143,18 @@ for (let i = 0; i < silenceChunks && !complete(); i++) {
 }
 await outcome;
 clearTimeout(timeout);
+const messages = (history) => history.filter((item) => item.type === 'message').map((item) => ({
+  role: item.role,
+  transcripts: item.content.map((part) => part.transcript ?? part.text ?? null),
+}));
+// The SDK's own view of the conversation (RealtimeSession.history): each message's role and transcripts.
+const historyBefore = messages(session.history);
+// An application edits its history: the SDK sends conversation.item.delete for what it drops.
+let deleted = 0;
+session.transport.on('conversation.item.deleted', () => { deleted += 1; });
+session.updateHistory((history) => history.filter((item) => item.role !== 'user'));
+for (let waited = 0; deleted === 0 && waited < 5000; waited += 50) await sleep(50);
+await sleep(200);  // an error event about the delete would come by now
 print({
   kind: 'summary',
   audio_bytes: audioBytes,
@@ -141,11 +163,9 @@ print({
   response_status: responseStatus,
   errors,
   event_types: [...new Set(types)],
-  // The SDK's own view of the conversation (RealtimeSession.history): each message's role and transcripts.
-  history: session.history.filter((item) => item.type === 'message').map((item) => ({
-    role: item.role,
-    transcripts: item.content.map((part) => part.transcript ?? part.text ?? null),
-  })),
+  history: historyBefore,
+  deleted,
+  history_after_edit: messages(session.history),
   seconds: (Date.now() - started) / 1000,
 });
 session.close();
