@@ -246,7 +246,7 @@ class Server:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, "-m", "miniomni.cli", "serve", "--checkpoint", str(checkpoint), "--port",
-               str(self.port), "--max-answers", str(max_answers), *flags]
+               str(self.port), "--max-sessions", str(max_answers), *flags]  # the name old servers know too
         env = dict(os.environ)
         if avx2:  # PyTorch, oneDNN and fbgemm use no more than AVX2, as on most laptops
             env.update(AVX2_LIMIT)
