@@ -97,10 +97,11 @@ def make_qa(work: Path, checkpoint: Path, settings: dict) -> list[dict]:
     from miniomni.checkpoints import read_checkpoint
     from miniomni.data.lmanswer import answer_questions, spoken_answer
     from miniomni.pipeline import MiniOmni
+    from miniomni.precision import Precision
 
     rows = make_questions(settings["topics"])
     parts = read_checkpoint(checkpoint)
-    omni = MiniOmni.from_parts(parts, torch.device("cpu"), torch.float32)
+    omni = MiniOmni.from_parts(parts, torch.device("cpu"), Precision(dtype=torch.float32))
     tokenizer = Tokenizer.from_str(parts.tokenizer_json)
     started = time.perf_counter()
     raw = answer_questions(omni.model, tokenizer, [r["question"] for r in rows],

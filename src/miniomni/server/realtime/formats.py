@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from ...audio import float_to_pcm16
+
 PROTOCOL_SAMPLE_RATE = 24000
 TELEPHONE_RATE = 8000
 
@@ -147,9 +149,8 @@ class InputConverter:
         if self._stream is None:
             return raw
         codes = np.frombuffer(raw, dtype=np.uint8)
-        linear = ulaw_decode(codes) if self.format is PCMU else alaw_decode(codes)
-        audio = self._stream.resample_chunk(linear.astype(np.float32) / 32768.0)
-        return (np.clip(audio, -1, 1) * 32767).astype("<i2").tobytes()
+        linear = ulaw_decode(codes) if self.format == PCMU else alaw_decode(codes)
+        return float_to_pcm16(self._stream.resample_chunk(linear.astype(np.float32) / 32768.0))
 
 
 class OutputConverter:
@@ -166,10 +167,9 @@ class OutputConverter:
     def encode(self, audio: np.ndarray, last: bool = False) -> bytes:
         """The bytes for ``audio``; with ``last`` also what the resampler still holds (the answer's end)."""
         if self._stream is not None:
-            audio = self._stream.resample_chunk(np.asarray(audio, dtype=np.float32), last=last)
-        linear = (np.clip(audio, -1, 1) * 32767).astype(np.int16)
-        if self.format is PCMU:
-            return ulaw_encode(linear).tobytes()
-        if self.format is PCMA:
-            return alaw_encode(linear).tobytes()
-        return linear.astype("<i2").tobytes()
+            audio = self._stream.resample_chunk(np.asarray(audio, dtype=np.float32).reshape(-1), last=last)
+        pcm = float_to_pcm16(audio)  # the server's one rounding of float audio
+        if self.format == PCM:
+            return pcm
+        linear = np.frombuffer(pcm, dtype="<i2")
+        return (ulaw_encode(linear) if self.format == PCMU else alaw_encode(linear)).tobytes()

@@ -315,7 +315,7 @@ class RealtimeSession(Answering):
 
     async def on_append(self, event: dict[str, Any]) -> None:
         fmt = self.config.input_format
-        if self.input_converter.format is not fmt:  # a new format: a new resampler
+        if self.input_converter.format != fmt:  # a new format: a new resampler
             self.input_converter = InputConverter(fmt)
         await self.append_audio(self.input_converter.to_pcm16(decode_pcm16(event.get("audio"), "audio", fmt)))
 
