@@ -42,9 +42,9 @@ SMALL_SNAC = {"sampling_rate": 24000, "encoder_dim": 8, "encoder_rates": [2, 4, 
 # score_asr / score_agreement rows (utterances alternate questions and answer sentences, so both kinds stay).
 FULL = {"topics": None, "answer_tokens": 48, "sentences": 2, "eval_asr": 80, "eval_agreement": 40,
         "score_asr": 48, "score_agreement": 24, "set": []}
-# CI's subset: 2 trained topics of each kind and one held out, few steps; no evaluation between the stages.
+# CI's subset: 2 trained topics of each kind and one held out, few steps.
 QUICK = {"topics": 2, "answer_tokens": 32, "sentences": 1, "eval_asr": 8, "eval_agreement": 4,
-         "score_asr": 8, "score_agreement": 4, "middle_eval": False,
+         "score_asr": 8, "score_agreement": 4,
          "set": [f"{stage}:{override}" for stage in ("stage1", "stage2") for override in
                  ("checkpoint_every=8", "eval_every=8", "schedule.warmup_steps=2", "data.batch_tokens=1600")]
          + ["stage1:steps=16", "stage2:steps=8", "stage2:optim.lr=3.0e-5"]}
