@@ -58,10 +58,11 @@ def real_text() -> str:
 def load_llm():
     """SmolLM2 as this project's transformer (float32), its tokenizer JSON and its vocabulary size."""
     from miniomni.shipped import smollm2_gguf
-    from miniomni.train.from_lm import grown_model, read_gguf
+    from miniomni.train.from_lm import read_gguf
+    from miniomni.train.grow import grown_model
 
     lm = read_gguf(smollm2_gguf())
-    model = grown_model(lm, whisper_dim=32)
+    model = grown_model(lm, whisper_dim=32, rows="mean")  # the plain LM: model.llm(ids) is SmolLM2
     return model.llm.requires_grad_(False).eval(), lm.tokenizer_json, lm.vocab_size
 
 

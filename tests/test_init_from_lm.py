@@ -13,22 +13,26 @@ from conftest import build_tokenizer_json, write_tiny_snac, write_tiny_whisper
 
 from miniomni.errors import CheckpointError
 from miniomni.tokens import (
+    ANSWER_T,
+    ASR,
     EOT,
+    INPUT_T,
     NUM_STREAMS,
     PADDED_TEXT_VOCAB_SIZE,
+    TEXT_STREAM,
     VOCAB_SIZE,
     Task,
+    padding_ids,
     text_prompt,
 )
 from miniomni.train.from_lm import (
     add_init_command,
-    grow_to_omni,
-    grown_model,
     init_from_lm,
     read_gguf,
     read_hf_dir,
     unpermute_gguf_qk,
 )
+from miniomni.train.grow import grow_to_omni, grown_model
 
 transformers = pytest.importorskip("transformers")
 
@@ -66,6 +70,13 @@ def parts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {"root": root, "whisper": root / "small.pt", "snac": root / "snac"}
 
 
+def _text_streams(ids: torch.Tensor) -> torch.Tensor:
+    """(1, 8, n) streams of a text position run: ``ids`` on the text stream, ``_pad_a`` on the audio streams."""
+    streams = padding_ids().view(1, NUM_STREAMS, 1).repeat(1, 1, ids.shape[1])
+    streams[:, TEXT_STREAM] = ids
+    return streams
+
+
 @pytest.mark.parametrize("kind", ["qwen2", "llama"])
 def test_hf_lm_logits_survive_the_init(kind: str, parts: dict[str, Path]) -> None:
     import miniomni
@@ -80,30 +91,49 @@ def test_hf_lm_logits_survive_the_init(kind: str, parts: dict[str, Path]) -> Non
     assert written["padded_vocab_size"] == VOCAB_SIZE and written["text_vocab_size"] == PADDED_TEXT_VOCAB_SIZE
     assert written["n_layer"] == 2 and written["n_query_groups"] == 2 and written["whisper_adapter_dim"] == 32
     assert written["add_qkv_bias"] == (kind == "qwen2")
-    assert written["tie_word_embeddings"] == (kind == "qwen2")
+    assert written["tie_word_embeddings"] is False  # the input table is 8 times the output one
 
     omni = miniomni.load(out, device="cpu")
     model = omni.model
     assert model.llm.embed.weight.shape == (VOCAB_SIZE, 64)
     ids = torch.tensor([[5, 17, 123, 399, 42, 7, 250, 3]])
-    # Mini-Omni's input is the mean of 8 stream embeddings: 8 copies of one id give its plain embedding.
-    streams = ids.unsqueeze(1).expand(1, NUM_STREAMS, ids.shape[1])
-    torch.testing.assert_close(model.embed_streams(streams), model.llm.embed(ids), rtol=0, atol=1e-6)
+    # Text on the text stream and _pad_a on the 7 audio streams: the mean of the 8 rows is the
+    # source's own embedding, so the grown model's text logits are the source LM's.
+    source_embed = hf.get_input_embeddings().weight
+    torch.testing.assert_close(model.embed_streams(_text_streams(ids)), source_embed[ids], rtol=0, atol=1e-6)
     with torch.no_grad():
         expected = hf(ids).logits
-        ours = model.llm(ids)[..., :HF_VOCAB]
-        text_logits, _ = model(streams)
-    assert (ours - expected).abs().max() < 1e-4
+        text_logits, _ = model(_text_streams(ids))
     assert (text_logits[..., :HF_VOCAB] - expected).abs().max() < 1e-4
-    # The text rows are the source's; the rest are new and finite.
-    assert torch.equal(model.llm.embed.weight[:HF_VOCAB], hf.get_input_embeddings().weight)
+    assert torch.equal(model.llm.lm_head.weight[:HF_VOCAB], hf.get_output_embeddings().weight)
+    assert torch.equal(model.llm.lm_head.weight[HF_VOCAB:PADDED_TEXT_VOCAB_SIZE][:: 997].abs().sum(1),
+                       torch.zeros(len(range(HF_VOCAB, PADDED_TEXT_VOCAB_SIZE, 997))))
     assert torch.isfinite(model.llm.lm_head.weight).all()
-    assert not torch.equal(model.llm.embed.weight[EOT], model.llm.embed.weight[EOT + 1])
+    specials = model.llm.embed.weight[[INPUT_T, EOT, ANSWER_T, ASR]]
+    assert torch.linalg.matrix_rank(specials) == 4  # four distinct task words
 
     result = omni.generate("T1T2", text="What is your name?", max_new_tokens=5)
     assert isinstance(result.text, str)
     prompt = text_prompt(omni.tokenizer.encode("What is your name?").ids, Task.T1T2)
     assert int(prompt.max()) < VOCAB_SIZE
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "llama"])
+def test_mean_rows_keep_the_source_tables(kind: str, parts: dict[str, Path]) -> None:
+    hf = _tiny_hf(kind)
+    source = read_hf_dir_from(hf, parts["root"] / f"hf-mean-{kind}")
+    model = grown_model(source, whisper_dim=32, rows="mean")
+    assert (model.llm.lm_head.weight is model.llm.embed.weight) == (kind == "qwen2")
+    ids = torch.tensor([[5, 17, 123, 399, 42, 7, 250, 3]])
+    # 8 copies of one id give its plain embedding; model.llm alone is the source LM.
+    streams = ids.unsqueeze(1).expand(1, NUM_STREAMS, ids.shape[1])
+    torch.testing.assert_close(model.embed_streams(streams), model.llm.embed(ids), rtol=0, atol=1e-6)
+    with torch.no_grad():
+        assert (model.llm(ids)[..., :HF_VOCAB] - hf(ids).logits).abs().max() < 1e-4
+    assert torch.equal(model.llm.embed.weight[:HF_VOCAB], hf.get_input_embeddings().weight)
+    assert not torch.equal(model.llm.embed.weight[EOT], model.llm.embed.weight[EOT + 1])
+    with pytest.raises(ValueError, match="rows must be one of"):
+        grow_to_omni(source, 32, rows="zeros")
 
 
 def test_init_model_command(parts: dict[str, Path]) -> None:
@@ -180,12 +210,12 @@ PROMPT = "The capital of France is"
 
 @pytest.fixture(scope="module")
 def smollm2_grown(smollm2):
-    """The grown OmniModel (tied, 181,120 rows) and its logits over SmolLM2's vocabulary for PROMPT."""
+    """The grown OmniModel (mean rows: tied, 181,120 rows) and its logits over SmolLM2's vocabulary for PROMPT."""
     from tokenizers import Tokenizer
 
     _, lm = smollm2
     tokenizer = Tokenizer.from_str(lm.tokenizer_json)
-    model = grown_model(lm, whisper_dim=32)
+    model = grown_model(lm, whisper_dim=32, rows="mean")
     assert model.llm.lm_head.weight is model.llm.embed.weight  # tied, as SmolLM2 is
     ids = tokenizer.encode(PROMPT).ids
     with torch.no_grad():
@@ -231,3 +261,24 @@ def test_smollm2_logits_match_transformers_gguf_reader(smollm2, smollm2_grown) -
     with torch.no_grad():
         expected = hf(torch.tensor([ids])).logits[0]
     assert (ours - expected).abs().max() < 1e-3
+
+
+@pytest.mark.slow
+def test_smollm2_grown_for_prompts_reads_a_t1t2_prompt_as_its_chat_turn(smollm2) -> None:
+    """Prompt rows: `_input_t` q `_eot` `_answer_t` in the layout gives SmolLM2's own logits for
+    <|im_start|> q <|im_end|> newline, and the answer it starts is SmolLM2's."""
+    from tokenizers import Tokenizer
+
+    _, lm = smollm2
+    tokenizer = Tokenizer.from_str(lm.tokenizer_json)
+    model = grown_model(lm, whisper_dim=32)
+    plain = grown_model(lm, whisper_dim=32, rows="mean")
+    question = tokenizer.encode("What is the capital of France?").ids
+    prompt = text_prompt(question, Task.T1T2).unsqueeze(0).long()
+    chat = torch.tensor([[1, *question, 2, 198]])  # <|im_start|> … <|im_end|> \n
+    with torch.no_grad():
+        ours, _ = model(prompt)
+        theirs = plain.llm(chat)[..., : lm.vocab_size]
+    assert (ours[..., : lm.vocab_size] - theirs).abs().max() < 1e-3
+    assert int(ours[0, -1].argmax()) == int(theirs[0, -1].argmax())
+    assert int(ours[0, -1].argmax()) < lm.vocab_size  # a word of the source's vocabulary, not a new row

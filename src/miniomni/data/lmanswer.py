@@ -2,8 +2,9 @@
 
 The paper had a stronger LM write the answers of its spoken QA data; here any checkpoint that
 ``init-model`` made from a chat model (SmolLM2-Instruct, Qwen2-Instruct: the ChatML template)
-answers with its own text head, before any training: its text logits are the source LM's.
-Greedy decoding, so the same questions always get the same answers.
+answers with its own text head, before any training: text on its text stream with ``_pad_a`` on
+the audio streams (the layout's text position) gives the source LM's logits there. Greedy
+decoding, so the same questions always get the same answers.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from ..models.omni import OmniModel
-from ..tokens import NUM_STREAMS
+from ..tokens import NUM_STREAMS, TEXT_STREAM, padding_ids
 
 CHATML = "<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n"
 ASSISTANT = "You are a helpful voice assistant. Answer in one or two short spoken sentences."
@@ -63,11 +64,18 @@ def answer_questions(
     return answers
 
 
+def _text_positions(ids: torch.Tensor) -> torch.Tensor:
+    """(B, L) text ids -> (B, 8, L) streams: the ids on the text stream, ``_pad_a`` on the audio streams."""
+    streams = padding_ids(ids.device).view(1, NUM_STREAMS, 1).repeat(ids.shape[0], 1, ids.shape[1])
+    streams[:, TEXT_STREAM] = ids
+    return streams
+
+
 def _greedy(model: OmniModel, ids: torch.Tensor, stop_ids: set[int], vocab: int, max_new: int) -> list[list[int]]:
     """Greedy continuations of equal-length prompts (B, L), each cut before its first stop token."""
     rows, length = ids.shape
     cache = model.new_cache(rows, length + max_new)
-    streams = ids[:, None, :].expand(rows, NUM_STREAMS, length)  # 8 equal streams: the plain LM embedding
+    streams = _text_positions(ids)
     hidden = model.hidden_states(streams, torch.arange(length, device=ids.device), cache, kv_len=length)
     out: list[list[int]] = [[] for _ in range(rows)]
     done = [False] * rows
@@ -82,7 +90,7 @@ def _greedy(model: OmniModel, ids: torch.Tensor, stop_ids: set[int], vocab: int,
         if all(done) or step == max_new - 1:
             break
         position = length + step
-        streams = token[:, None, None].expand(rows, NUM_STREAMS, 1)
+        streams = _text_positions(token[:, None])
         hidden = model.hidden_states(streams, torch.tensor([position], device=ids.device), cache,
                                      kv_len=position + 1)
     return out

@@ -22,7 +22,6 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,29 +34,16 @@ from ..checkpoints import (
     read_whisper_file,
     state_dict_to_litgpt,
 )
-from ..config import OmniConfig
 from ..devices import resolve_dtype
 from ..errors import CheckpointError
 from ..models.ctranslate2 import is_ct2_dir, whisper_checkpoint_from_ct2
-from ..models.omni import OmniModel
 from ..models.whisper import encoder_state_dict_from_whisper
-from ..tokens import TEXT_VOCAB_SIZE, VOCAB_SIZE
+from .grow import ROWS, SourceLM, grow_to_omni
 
 log = logging.getLogger(__name__)
 
 SUPPORTED_HF_TYPES = ("qwen2", "llama", "mistral")
 SUPPORTED_GGUF_ARCHS = ("llama", "qwen2")
-
-
-@dataclass
-class SourceLM:
-    """A causal LM read into this package's tensor names (``llm.*``), text vocabulary only."""
-
-    config: dict[str, Any]  # OmniConfig keys (no vocabulary keys)
-    state: dict[str, torch.Tensor]  # llm.embed.weight (V, C), llm.layers.*, llm.final_norm.weight, llm.lm_head.weight?
-    vocab_size: int  # rows of its embedding table
-    tied: bool
-    tokenizer_json: str | None
 
 
 # ------------------------------------------------------------------ Hugging Face directory
@@ -322,61 +308,6 @@ def _is_gguf(path: Path) -> bool:
         return handle.read(4) == b"GGUF"
 
 
-# ------------------------------------------------------------------------ growing
-
-
-def _grow_rows(table: torch.Tensor, rows: int, generator: torch.Generator, noise: float) -> torch.Tensor:
-    """(V, C) -> (rows, C): the first V rows kept, the new ones the mean row plus small Gaussian noise."""
-    table = table.float()
-    mean = table.mean(0, keepdim=True)
-    scale = noise * table.std().item()
-    new = mean + scale * torch.randn(rows - table.shape[0], table.shape[1], generator=generator)
-    return torch.cat((table, new))
-
-
-def grow_to_omni(source: SourceLM, whisper_dim: int, seed: int = 0, noise: float = 0.02,
-                 untie: bool = False) -> tuple[OmniConfig, dict[str, torch.Tensor]]:
-    """The source LM grown to the 181,120-row layout plus a fresh audio adapter (OmniModel names).
-
-    Text ids 0..V-1 keep their rows (embedding and head); rows V..181119 (the unused rest of the
-    text block, the text specials and all audio rows) are new: the mean row plus noise of
-    ``noise`` times the table's standard deviation. A tied source stays tied unless ``untie``.
-    """
-    from ..models.llm import SwiGLU
-
-    if source.vocab_size > TEXT_VOCAB_SIZE:
-        raise CheckpointError(
-            f"the source LM has {source.vocab_size} text tokens; the Mini-Omni layout holds at most "
-            f"{TEXT_VOCAB_SIZE} (ids from {TEXT_VOCAB_SIZE} on are the text specials _eot, _pad_t, …)"
-        )
-    tied = source.tied and not untie
-    config = OmniConfig(**source.config, whisper_adapter_dim=whisper_dim, tie_word_embeddings=tied)
-    generator = torch.Generator().manual_seed(seed)
-    state = {k: v.float() for k, v in source.state.items() if k not in ("llm.embed.weight", "llm.lm_head.weight")}
-    embed = source.state["llm.embed.weight"]
-    state["llm.embed.weight"] = _grow_rows(embed, VOCAB_SIZE, generator, noise)
-    if not tied:
-        head = embed if source.tied else source.state["llm.lm_head.weight"]
-        state["llm.lm_head.weight"] = _grow_rows(head, VOCAB_SIZE, generator, noise)
-    torch.manual_seed(seed)
-    adapter = SwiGLU(whisper_dim, config.intermediate_size, config.n_embd, bias=False)
-    for name, tensor in adapter.state_dict().items():
-        state[f"adapter.{name}"] = tensor
-    return config, state
-
-
-def grown_model(source: SourceLM, whisper_dim: int) -> OmniModel:
-    """The source LM grown (:func:`grow_to_omni`) as an :class:`OmniModel` in memory, float32, eval mode."""
-    config, state = grow_to_omni(source, whisper_dim=whisper_dim)
-    with torch.device("meta"):
-        model = OmniModel(config)
-    model.load_state_dict(state, strict=not config.tie_word_embeddings, assign=True)
-    if config.tie_word_embeddings:
-        model.llm.lm_head.weight = model.llm.embed.weight
-    model.llm.init_rope()
-    return model.eval()
-
-
 # ------------------------------------------------------------------------- writing
 
 
@@ -405,6 +336,7 @@ def init_from_lm(
     untie: bool = False,
     link: bool = False,
     block_size: int = 2048,
+    rows: str = "prompt",
 ) -> Path:
     """Write a Mini-Omni checkpoint directory (published layout) started from a causal LM.
 
@@ -413,7 +345,8 @@ def init_from_lm(
     adapter); a CTranslate2 one is written converted, as ``small.pt``. ``snac``: a directory with the
     SNAC ``config.json`` + ``pytorch_model.bin``. ``tokenizer``: a tokenizer.json to use instead
     of the source's (needed when the source ships none). ``link`` symlinks ``small.pt`` and SNAC
-    instead of copying them. ``dtype`` is the dtype of ``lit_model.pth``.
+    instead of copying them. ``dtype`` is the dtype of ``lit_model.pth``. ``rows`` says how the new rows
+    start (:mod:`.grow`): ``"prompt"`` makes the grown model read a text prompt as the source does.
     """
     started = time.perf_counter()
     out_dir = Path(out_dir)
@@ -444,7 +377,8 @@ def init_from_lm(
     tok_size = Tokenizer.from_str(tokenizer_json).get_vocab_size(with_added_tokens=True)
     if tok_size > lm.vocab_size:
         raise CheckpointError(f"the tokenizer has {tok_size} tokens but the model only {lm.vocab_size} embedding rows")
-    config, state = grow_to_omni(lm, whisper_dims.n_audio_state, seed=seed, untie=untie)
+    config, state = grow_to_omni(lm, whisper_dims.n_audio_state, seed=seed, untie=untie, rows=rows,
+                                 tokenizer_json=tokenizer_json)
     del lm
     state = {k: v.to(dtype) for k, v in state.items()}
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -483,7 +417,12 @@ def add_init_command(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--tokenizer", default=None, help="tokenizer.json (default: the source's)")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--untie", action="store_true", help="store a separate lm_head even if the source ties it")
+    parser.add_argument("--rows", default="prompt", choices=ROWS,
+                        help="how the new rows start: 'prompt' (default) reads a text prompt as the source LM "
+                             "does (separate output table); 'mean' keeps the source's tables and fills new rows "
+                             "with the mean row plus noise")
+    parser.add_argument("--untie", action="store_true",
+                        help="with --rows mean: store a separate lm_head even if the source ties it")
     parser.add_argument("--link", action="store_true", help="symlink small.pt and snac/ instead of copying")
     parser.set_defaults(func=run_init)
     return parser
@@ -492,6 +431,7 @@ def add_init_command(subparsers: Any) -> argparse.ArgumentParser:
 def run_init(args: argparse.Namespace) -> int:
     """Errors are CheckpointErrors: the CLI prints them and exits with 2."""
     out = init_from_lm(args.source, args.out, whisper=args.whisper, snac=args.snac, tokenizer=args.tokenizer,
-                       dtype=args.dtype, seed=args.seed, untie=args.untie, link=args.link)
+                       dtype=args.dtype, seed=args.seed, untie=args.untie, link=args.link,
+                       rows=args.rows)
     print(f"wrote {out}")
     return 0
