@@ -9,7 +9,7 @@ from torch import nn
 
 from ..config import OmniConfig
 from ..cooperative import Steps, run
-from ..tokens import NUM_AUDIO_LAYERS, NUM_STREAMS, TEXT_STREAM
+from ..tokens import NUM_AUDIO_LAYERS, NUM_STREAMS
 from .llm import KVCache, KVSegments, SwiGLU, Transformer, linear_rows
 
 
@@ -104,38 +104,12 @@ class OmniModel(nn.Module):
         audio_lengths: Sequence[int] | None = None,
         kv_len: int | KVSegments | None = None,
         last_only: bool = False,
-        wanted: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor] | list[torch.Tensor]:
-        """Logits for every position, or only the last one with ``last_only``.
-
-        With ``wanted`` ((B, 8, T) booleans, the positions each stream is trained on) the logits of
-        those positions only, one (n, vocab) tensor per stream in stream order (see :meth:`stream_logits`).
-        """
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits for every position, or only the last one with ``last_only``."""
         hidden = self.hidden_states(streams, positions, cache, audio_features, audio_lengths, kv_len)
-        if wanted is not None:
-            return self.stream_logits(hidden, wanted)
         if last_only:
             hidden = hidden[:, -1:]
         return self.heads(hidden)
-
-    def stream_logits(self, hidden: torch.Tensor, wanted: torch.Tensor) -> list[torch.Tensor]:
-        """Per stream, the logits over its own block at the positions ``wanted[:, stream]`` marks.
-
-        Audio layer i gets (n_i, audio_vocab_size) logits over its 4,160-wide block (local ids), the
-        text stream (n, text_vocab_size). Training needs only these: a spoken question's hundreds of
-        prompt positions never meet the 152,000-wide text head.
-        """
-        config = self.config
-        out = []
-        for stream in range(NUM_STREAMS):
-            rows = hidden[wanted[:, stream]]
-            if stream == TEXT_STREAM:
-                start, end = 0, config.text_vocab_size
-            else:
-                start = config.text_vocab_size + stream * config.audio_vocab_size
-                end = start + config.audio_vocab_size
-            out.append(linear_rows(self.llm.lm_head, rows, start, end))
-        return out
 
     def new_cache(self, batch_size: int, max_length: int | None = None, dtype: torch.dtype | None = None) -> KVCache:
         return self.llm.new_cache(batch_size, max_length, dtype=dtype)
