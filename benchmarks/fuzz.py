@@ -43,6 +43,24 @@ def rss_mb(pid: int) -> float:
     raise RuntimeError(f"no VmRSS for process {pid}")
 
 
+def start_server(checkpoint: Path, flags: list[str], log=None, quiet: bool = False) -> tuple[subprocess.Popen, int]:
+    """``miniomni serve`` on a free port of 127.0.0.1 with ``flags``, once it answers /healthz (``quiet``: ``-q``)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "miniomni.cli", *(["-q"] if quiet else []), "serve",
+                               "--checkpoint", str(checkpoint),
+                               "--port", str(port), *flags], stdout=log, stderr=subprocess.STDOUT if log else None)
+    for _ in range(600):
+        try:
+            httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2)
+            return server, port
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    server.terminate()
+    raise RuntimeError("the server did not answer /healthz within two minutes")
+
+
 async def storm(port: int, clients: int, question: bytes) -> None:
     """``clients`` connections that each send a question, ask for an answer and drop at once."""
     async def one(i: int) -> None:
@@ -70,21 +88,10 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = write_checkpoint_dir(Path(tmp) / "tiny")
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
-        server = subprocess.Popen([sys.executable, "-m", "miniomni.cli", "-q", "serve", "--checkpoint",
-                                   str(checkpoint), "--port", str(port), "--max-answers", "3",
-                                   "--max-audio-seconds", "5", "--max-message-mb", "0.5", "--max-request-mb", "1",
-                                   "--max-connections", "200", "--max-events-per-second", "1000",
-                                   *args.server_flags.split()])
+        server, port = start_server(checkpoint, [
+            "--max-answers", "3", "--max-audio-seconds", "5", "--max-message-mb", "0.5", "--max-request-mb", "1",
+            "--max-connections", "200", "--max-events-per-second", "1000", *args.server_flags.split()], quiet=True)
         try:
-            for _ in range(600):
-                try:
-                    httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2)
-                    break
-                except httpx.HTTPError:
-                    time.sleep(0.2)
             started = time.perf_counter()
             question = pcm(1.0, seed=42)
             alone = asyncio.run(spoken_answer(port, question, 10))

@@ -19,7 +19,6 @@ import asyncio
 import json
 import random
 import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -31,7 +30,7 @@ import httpx
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 from conftest import write_checkpoint_dir  # noqa: E402  (the test suite's tiny checkpoint writer)
-from fuzz import rss_mb  # noqa: E402
+from fuzz import rss_mb, start_server  # noqa: E402
 from fuzzcases import good_offer, mutate_offer, pcm, spoken_answer  # noqa: E402
 
 SLOTS = 8
@@ -157,22 +156,12 @@ def main() -> None:
     offer = asyncio.run(good_offer())
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = write_checkpoint_dir(Path(tmp) / "tiny")
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
         log_path = Path(tmp) / "server.log"
         with log_path.open("w") as log:
-            server = subprocess.Popen([sys.executable, "-m", "miniomni.cli", "serve", "--checkpoint", str(checkpoint),
-                                       "--port", str(port), "--quantize", "none", "--max-answers", "3",
-                                       "--max-connections", str(SLOTS), "--max-request-mb", "1",
-                                       "--webrtc-address", "127.0.0.1"], stdout=log, stderr=subprocess.STDOUT)
+            server, port = start_server(checkpoint, [
+                "--quantize", "none", "--max-answers", "3", "--max-connections", str(SLOTS),
+                "--max-request-mb", "1", "--webrtc-address", "127.0.0.1"], log)
         try:
-            for _ in range(600):
-                try:
-                    httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2)
-                    break
-                except httpx.HTTPError:
-                    time.sleep(0.2)
             question = pcm(1.0, seed=42)
             for _ in range(3):  # warm
                 asyncio.run(spoken_answer(port, question, 10))
