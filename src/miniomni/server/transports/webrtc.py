@@ -4,7 +4,7 @@ The client's SDP offer comes in, the SDP answer (ICE fully gathered, no trickle)
 The ``oai-events`` data channel carries the same JSON events as the WebSocket; the microphone
 arrives on the remote audio track (Opus 48 kHz, resampled here to 24 kHz for the session) and the
 answer leaves on a local audio track, paced in 20 ms frames, silent when idle: the session hands
-it samples through :class:`~.realtime.AudioOutput` instead of sending ``response.output_audio.delta``.
+it samples through :class:`~..realtime.context.AudioOutput` instead of sending ``response.output_audio.delta``.
 """
 
 from __future__ import annotations
@@ -34,10 +34,11 @@ from ..bodies import BodyTooLarge, ClientDisconnect, read_body
 from ..engine import Engine
 from ..realtime.ephemeral import KeyRefused, preconfigure
 from ..realtime.protocol import PROTOCOL_SAMPLE_RATE, ClientError, new_id, parse_json
-from ..realtime.session import RealtimeSession, Transport
+from ..realtime.session import RealtimeSession
 from ..replies import error_response
 from ..settings import ServerSettings
 from .admission import STOPPING, closed, count_refused, opened, refusal
+from .base import Transport
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +103,7 @@ class AnswerTrack(MediaStreamTrack):
 
 
 class WebRTCCall(Transport):
-    """One peer connection and its session; an :class:`~.realtime.AudioOutput`; runs on the event loop."""
+    """One peer connection and its session; an :class:`~..realtime.context.AudioOutput`; runs on the event loop."""
 
     def __init__(self, engine: Engine, settings: ServerSettings, model: str) -> None:
         self.call_id = new_id("rtc")

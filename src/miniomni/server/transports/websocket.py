@@ -18,9 +18,10 @@ from ..access import choose_subprotocol, websocket_refusal
 from ..engine import Engine
 from ..realtime.ephemeral import KeyRefused, preconfigure
 from ..realtime.protocol import ClientError
-from ..realtime.session import RealtimeSession, Transport
+from ..realtime.session import RealtimeSession
 from ..settings import ServerSettings
 from .admission import STOPPING, count_refused, hold, refusal
+from .base import Transport
 
 log = logging.getLogger(__name__)
 
