@@ -1,5 +1,5 @@
 """The package's shape: no import circles (lazy imports inside functions count too), nothing below the
-command line imports it, no module over 500 lines."""
+command line imports it, no module over 500 lines, no private name imported across modules."""
 
 from __future__ import annotations
 
@@ -113,3 +113,14 @@ def test_no_function_in_the_server_over_60_lines():
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 60:
                 long[f"{path.name}:{node.name}"] = node.end_lineno - node.lineno + 1
     assert long == {}
+
+
+def test_no_private_name_is_imported_from_another_module():
+    """A leading underscore means "this module's own": nothing in the package imports one from elsewhere."""
+    crossing = []
+    for path in _package_modules():
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith("miniomni")):
+                crossing += [f"{path.relative_to(ROOT)}: {a.name}" for a in node.names
+                             if a.name.startswith("_") and not a.name.startswith("__")]
+    assert crossing == []

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import MiniOmniError, install_hint
-from .synth import JobState, SynthOptions, _init_worker, make_row, synthesize
+from .synth import JobState, SynthOptions, init_worker, make_row, synthesize
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -47,7 +47,7 @@ class SynthActor:
     """One Ray Data actor: a TTS backend and a SNAC codec, loaded once, making rows block by block."""
 
     def __init__(self, options: SynthOptions, threads: int) -> None:
-        _init_worker(options, threads)  # the actor's process is ours: threads set, SNAC fast for any length
+        init_worker(options, threads)  # the actor's process is ours: threads set, SNAC fast for any length
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         """Pairs (index, question, answer) -> (index, the pickled result of :func:`make_row`)."""

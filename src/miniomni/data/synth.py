@@ -109,7 +109,7 @@ def parse_shard(text: str) -> tuple[int, int]:
 _WORKER: dict = {}
 
 
-def _init_worker(options: SynthOptions, threads: int | None = None) -> None:
+def init_worker(options: SynthOptions, threads: int | None = None) -> None:
     import torch
 
     from ..checkpoints import load_codec
@@ -294,14 +294,14 @@ def _clean_orphans(out: Path, state: JobState) -> None:
 
 def _results(options: SynthOptions, todo: list[tuple[int, str, str]]) -> Iterator[dict]:
     if options.workers <= 1:
-        _init_worker(options)
+        init_worker(options)
         with variable_length_snac():
             for pair in todo:
                 yield make_row(pair)
         return
     threads = max(1, (os.cpu_count() or 1) // options.workers)
     context = multiprocessing.get_context("spawn")  # each worker loads its own codec; no forked torch state
-    with context.Pool(options.workers, initializer=_init_worker, initargs=(options, threads)) as pool:
+    with context.Pool(options.workers, initializer=init_worker, initargs=(options, threads)) as pool:
         yield from pool.imap(make_row, todo, chunksize=1)
 
 
