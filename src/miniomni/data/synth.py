@@ -110,6 +110,7 @@ _WORKER: dict = {}
 
 
 def init_worker(options: SynthOptions, threads: int | None = None) -> None:
+    """Set up a synthesis worker process (its threads, its TTS backend and codec) once, before its rows."""
     import torch
 
     from ..checkpoints import load_codec
