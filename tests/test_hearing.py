@@ -18,7 +18,7 @@ from miniomni.data.lmanswer import answer_questions, spoken_answer
 from miniomni.errors import ConfigError, MiniOmniError
 from miniomni.eval.agreement import AGREE_F1, evaluate_agreement, word_f1, write_agreement_report
 from miniomni.eval.asr import evaluate_asr
-from miniomni.tokens import Task, padding_ids
+from miniomni.tokens import EOT, Task, padding_ids
 from miniomni.train import IGNORE, build_example, collate_batch
 from miniomni.train.loss import STREAMS, loss
 from miniomni.train.recipe import Recipe
@@ -125,8 +125,9 @@ def _greedy_without_cache(model, ids: list[int], stop: int, vocab: int, steps: i
             streams = padding_ids().view(1, 8, 1).repeat(1, 1, x.shape[1])  # _pad_a on the audio streams
             streams[:, 7] = x
             hidden = model.hidden_states(streams)
-            token = int(model.text_logits(hidden[:, -1])[0, :vocab].argmax())
-            if token == stop:
+            logits = model.text_logits(hidden[:, -1])[0]
+            token = int(torch.cat((logits[:vocab], logits[EOT:EOT + 1])).argmax())
+            if token in (stop, vocab):  # vocab: the _eot column
                 break
             out.append(token)
     return out

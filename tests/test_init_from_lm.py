@@ -32,7 +32,7 @@ from miniomni.train.from_lm import (
     read_hf_dir,
     unpermute_gguf_qk,
 )
-from miniomni.train.grow import grow_to_omni, grown_model
+from miniomni.train.grow import grow_to_omni, grown_model, seed_ids
 
 transformers = pytest.importorskip("transformers")
 
@@ -104,8 +104,12 @@ def test_hf_lm_logits_survive_the_init(kind: str, parts: dict[str, Path]) -> Non
     with torch.no_grad():
         expected = hf(ids).logits
         text_logits, _ = model(_text_streams(ids))
-    assert (text_logits[..., :HF_VOCAB] - expected).abs().max() < 1e-4
-    assert torch.equal(model.llm.lm_head.weight[:HF_VOCAB], hf.get_output_embeddings().weight)
+    end = seed_ids(build_tokenizer_json(), HF_VOCAB)[EOT]  # the source's end of turn, moved to _eot
+    words = [i for i in range(HF_VOCAB) if i != end]
+    assert (text_logits[..., words] - expected[..., words]).abs().max() < 1e-4
+    assert (text_logits[..., EOT] - expected[..., end]).abs().max() < 1e-4
+    head = model.llm.lm_head.weight
+    assert torch.equal(head[words], hf.get_output_embeddings().weight[words]) and not head[end].any()
     assert torch.equal(model.llm.lm_head.weight[HF_VOCAB:PADDED_TEXT_VOCAB_SIZE][:: 997].abs().sum(1),
                        torch.zeros(len(range(HF_VOCAB, PADDED_TEXT_VOCAB_SIZE, 997))))
     assert torch.isfinite(model.llm.lm_head.weight).all()
@@ -266,7 +270,7 @@ def test_smollm2_logits_match_transformers_gguf_reader(smollm2, smollm2_grown) -
 @pytest.mark.slow
 def test_smollm2_grown_for_prompts_reads_a_t1t2_prompt_as_its_chat_turn(smollm2) -> None:
     """Prompt rows: `_input_t` q `_eot` `_answer_t` in the layout gives SmolLM2's own logits for
-    <|im_start|> q <|im_end|> newline, and the answer it starts is SmolLM2's."""
+    <|im_start|> q <|im_end|> newline (its end of turn as _eot), and the answer it starts is SmolLM2's."""
     from tokenizers import Tokenizer
 
     _, lm = smollm2
@@ -279,6 +283,8 @@ def test_smollm2_grown_for_prompts_reads_a_t1t2_prompt_as_its_chat_turn(smollm2)
     with torch.no_grad():
         ours, _ = model(prompt)
         theirs = plain.llm(chat)[..., : lm.vocab_size]
-    assert (ours[..., : lm.vocab_size] - theirs).abs().max() < 1e-3
+    words = [i for i in range(lm.vocab_size) if i != 2]  # <|im_end|>'s row moved to _eot
+    assert (ours[..., words] - theirs[..., words]).abs().max() < 1e-3
+    assert (ours[..., EOT] - theirs[..., 2]).abs().max() < 1e-3
     assert int(ours[0, -1].argmax()) == int(theirs[0, -1].argmax())
     assert int(ours[0, -1].argmax()) < lm.vocab_size  # a word of the source's vocabulary, not a new row

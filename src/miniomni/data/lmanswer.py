@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from ..models.omni import OmniModel
-from ..tokens import NUM_STREAMS, TEXT_STREAM, padding_ids
+from ..tokens import EOT, NUM_STREAMS, TEXT_STREAM, padding_ids
 
 CHATML = "<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n"
 ASSISTANT = "You are a helpful voice assistant. Answer in one or two short spoken sentences."
@@ -80,10 +80,13 @@ def _greedy(model: OmniModel, ids: torch.Tensor, stop_ids: set[int], vocab: int,
     out: list[list[int]] = [[] for _ in range(rows)]
     done = [False] * rows
     for step in range(max_new):
-        token = model.text_logits(hidden[:, -1])[:, :vocab].argmax(-1)
+        logits = model.text_logits(hidden[:, -1])
+        # The source's words, and _eot: init-model moves the source's end of turn there.
+        token = torch.cat((logits[:, :vocab], logits[:, EOT:EOT + 1]), dim=1).argmax(-1)
+        token = torch.where(token == vocab, EOT, token)
         for row, value in enumerate(token.tolist()):
             if not done[row]:
-                if value in stop_ids:
+                if value in stop_ids or value == EOT:
                     done[row] = True
                 else:
                     out[row].append(value)

@@ -9,11 +9,11 @@ Two ways to fill the new rows (``rows=``):
   stored 8 times larger: a text token then reaches the first layer exactly as the source's own
   embedding. The prompt's specials start as the source's nearest tokens (``_input_t`` as
   ``<|im_start|>``, ``_eot`` as ``<|im_end|>``, ``_answer_t`` as a newline, ``_asr`` as
-  " transcript", where the tokenizer has them), and ``_eot``'s output row is the source's
-  end-of-turn row, so answers end where the source would end them. The output table stays at the
-  source's scale, so it is stored apart from the input table (never tied); its unused text rows
-  are zero and its audio rows the mean row plus noise. Audio adapter positions carry 7/8 of the
-  adapter's output, which it learns.
+  " transcript", where the tokenizer has them), and the source's end-of-turn output row moves to
+  ``_eot`` (the source's own row is zero), so answers end with ``_eot`` where the source would end
+  them. The output table stays at the source's scale, so it is stored apart from the input table
+  (never tied); its unused text rows are zero and its audio rows the mean row plus noise. Audio
+  adapter positions carry 7/8 of the adapter's output, which it learns.
 * ``"mean"``: the source's tables as they are (a tied source stays tied unless ``untie``); every
   new row is the mean row plus small noise. A plain ``model.llm(ids)`` then is the source LM.
 """
@@ -93,8 +93,9 @@ def _prompt_tables(embed: torch.Tensor, head: torch.Tensor, seeds: dict[int, int
     new_embed *= NUM_STREAMS
     audio_rows = _noise_rows(head, VOCAB_SIZE - PADDED_TEXT_VOCAB_SIZE, generator, noise)
     new_head = torch.cat((head, torch.zeros(PADDED_TEXT_VOCAB_SIZE - vocab, width), audio_rows))
-    if EOT in seeds:
+    if EOT in seeds:  # the source's end of turn moves to _eot (a tie would go to the lower, source id)
         new_head[EOT] = head[seeds[EOT]]
+        new_head[seeds[EOT]] = 0
     return new_embed, new_head
 
 
