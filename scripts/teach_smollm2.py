@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import re
 import time
 from pathlib import Path
@@ -193,20 +194,32 @@ def stage_recipe(stage: str, work: Path, spoken: dict[str, Path], overrides: lis
 
 
 def train_stage(stage: str, work: Path, spoken: dict[str, Path], overrides: list[str]) -> Path:
-    """Train one stage (resuming a killed run) unless its export is there; returns the export."""
+    """Train one stage (resuming a killed run) unless its export is there; returns the export.
+
+    The training runs in a process of its own: stage 2 in the process that had run stage 1 took a
+    median 12.9 s a step, resumed in a fresh process 10.0 s (one run, two cores).
+    """
+    export = Path(stage_recipe(stage, work, spoken, overrides).output_dir) / "export"
+    if not (export / "lit_model.pth").is_file():
+        child = multiprocessing.get_context("spawn").Process(target=_train, args=(stage, work, spoken, overrides))
+        child.start()
+        child.join()
+        if child.exitcode != 0:
+            raise SystemExit(f"{stage}: training failed (exit code {child.exitcode}); run the same command again "
+                             "to resume from its last checkpoint")
+    return export
+
+
+def _train(stage: str, work: Path, spoken: dict[str, Path], overrides: list[str]) -> None:
     from miniomni.train.trainer import Trainer
 
     recipe = stage_recipe(stage, work, spoken, overrides)
-    export = Path(recipe.output_dir) / "export"
-    if (export / "lit_model.pth").is_file():
-        return export
     started = time.perf_counter()
     trainer = Trainer(recipe, progress=False)
     log(f"{stage}: {trainer.trainable_count:,} parameters train; data ready in {time.perf_counter() - started:.0f} s")
     started = time.perf_counter()
     trainer.fit()
     log(f"{stage}: {recipe.steps} steps in {(time.perf_counter() - started) / 60:.1f} min")
-    return export
 
 
 # ----------------------------------------------------------------------------- evaluation
