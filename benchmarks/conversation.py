@@ -18,8 +18,10 @@ Per K it prints:
   each busy server thread's share and this process's (the clients').
 
 Random weights never end an answer, so answers are capped by max_output_tokens
-(--answer-steps; 144 steps = 12.2 s of speech) and their text runs all along (the text head
-is computed every step, as in a real answer's first part).
+(--answer-steps; 144 steps = 12.2 s of speech), and never end their text: the server is
+told to end each answer's text after --text-end of its steps (`serve --simulate-text-end`;
+0.4 by default, as a real answer's text ends well before its speech), after which the text
+head is no longer computed.
 
     python benchmarks/conversation.py --config "" --config "--quantize int8 --fast-encoder" --talkers 1-6
     python benchmarks/conversation.py --avx2 --talkers 1,2     # the server as on an AVX2-only CPU
@@ -358,6 +360,9 @@ def main() -> None:
     parser.add_argument("--talkers", default="1-6", help="values of K, e.g. 1-6 or 1,2,4")
     parser.add_argument("--rounds", type=int, default=2, help="questions each talker asks in a row")
     parser.add_argument("--answer-steps", type=int, default=144, help="max_output_tokens (144 = 12.2 s of speech)")
+    parser.add_argument("--text-end", type=float, default=0.4,
+                        help="the fraction of an answer's steps after which its text ends (0: never, for servers "
+                             "without --simulate-text-end)")
     parser.add_argument("--silence-ms", type=int, default=500, help="server VAD silence before the turn is taken")
     parser.add_argument("--stagger", type=float, default=0.9, help="seconds between the talkers' starts")
     parser.add_argument("--lead-in", type=float, default=1.0, help="seconds of room noise before each question")
@@ -397,7 +402,8 @@ def main() -> None:
     questions = [question_audio(i, args.tts) for i in range(len(QUESTIONS))]
     print(f"questions: {', '.join(f'{len(q) / RATE:.1f}' for q in questions)} s; {args.rounds} rounds; answers "
           f"capped at {args.answer_steps} steps ({args.answer_steps * 2048 / 24000:.1f} s); VAD silence "
-          f"{args.silence_ms} ms; talkers {args.stagger:g} s apart; {os.cpu_count()} CPUs", flush=True)
+          f"{args.silence_ms} ms; text ends after {args.text_end:.0%} of the steps; talkers {args.stagger:g} s "
+          f"apart; {os.cpu_count()} CPUs", flush=True)
     lines, details = [], []
     transports = {"websocket": ["websocket"], "webrtc": ["webrtc"], "both": ["websocket", "webrtc"]}[args.transport]
     detections = {"server_vad": ["server_vad"], "semantic_vad": ["semantic_vad"],
@@ -415,7 +421,8 @@ def main() -> None:
         print(f"\nserver flags: {config or '(none)'}{' (before)' if source else ''}  (log: {log_path})", flush=True)
         started = time.perf_counter()
         run_ks = parse_range(args.before_talkers) if source else ks
-        server = Server(checkpoint, config.split(), max(run_ks), log_path, source, args.avx2)
+        flags = config.split() + (["--simulate-text-end", str(args.text_end)] if args.text_end else [])
+        server = Server(checkpoint, flags, max(run_ks), log_path, source, args.avx2)
         print(f"  started in {time.perf_counter() - started:.0f} s", flush=True)
         for line in log_path.read_text().splitlines():  # what the server said of its speed at start-up
             if any(word in line for word in ("precision:", "real time", "cannot keep")):

@@ -59,6 +59,25 @@ def test_engine_answer_equals_a_local_stream(omni, engine):
     assert events[-1].text_tokens == local[-1].text_tokens and events[-1].audio_tokens == local[-1].audio_tokens
 
 
+def test_a_simulated_text_end_ends_the_text_there_and_skips_the_text_head_after(omni, clock, monkeypatch):
+    from miniomni.tokens import EOT, PAD_T
+
+    with pytest.raises(ValueError, match="fraction"):
+        Engine(omni, start=False, text_end=1.5)
+    engine = Engine(omni, max_answers=1, clock=clock, start=False, text_end=0.25)
+    rows = []
+    text_logits = omni.model.text_logits
+    monkeypatch.setattr(omni.model, "text_logits", lambda hidden: rows.append(len(hidden)) or text_logits(hidden))
+    events: list = []
+    engine.open(question(steps=24), events.append)
+    drain(engine)
+    engine.close()
+    tokens = events[-1].text_tokens
+    assert len(tokens) == 24 and tokens[6] == EOT and set(tokens[7:]) == {PAD_T}
+    assert EOT not in tokens[1:6] and rows == [1] * 6  # the text head ran for steps 0 to 5 only
+    assert audio_of(events)
+
+
 def test_a_held_answer_waits_for_release_and_then_equals_an_open_one(engine):
     alone: list = []
     engine.open(question(), alone.append)

@@ -273,6 +273,10 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     _add_loading(p, serve=True)
     p.add_argument("--max-answers", "--max-sessions", dest="max_answers", type=int, default=4,
                    help="concurrent answers; more get HTTP 503 (--max-sessions: its former name)")
+    p.add_argument("--simulate-text-end", type=float, default=None, metavar="FRACTION",
+                   help="for benchmarks on random weights, which never end their text: end every spoken "
+                        "answer's text after this fraction of its steps, as a real answer's text ends before "
+                        "its speech (0.4 is typical)")
     add_server_arguments(p)
     from .server.rayserve import add_ray_arguments  # ray itself is imported only with --ray
 
@@ -305,7 +309,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     omni = _load(args, quantize)
     omni.plan = confirm_codec(omni.codec, omni.plan)
     settings = settings_from_args(args, api_key_from_args(args), turn_model)
-    engine = Engine(omni, max_answers=args.max_answers, start=False)
+    engine = Engine(omni, max_answers=args.max_answers, start=False, text_end=args.simulate_text_end)
     _report_speed(engine.warm_up(), omni.plan, args)
     app = create_app(engine, settings)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, ssl_certfile=args.ssl_certfile,

@@ -155,13 +155,16 @@ class AnswerState:
         self.index = 0  # the step about to be sampled
         self.text_ended = False
         self.finished = False
+        # Benchmarks on random weights (which never end their text) set the step whose text token is
+        # _eot, as a real speech answer's text ends before its speech.
+        self.text_end_step: int | None = None
         self._last: Step | None = None
         self._audio_ids: torch.Tensor | None = None
 
     @property
     def needs_text_head(self) -> bool:
         """False once a speech answer's text has ended: its text token is then _pad_t, unsampled."""
-        return not (self.audio_out and self.text_ended)
+        return not (self.audio_out and self.text_ended) and self.index != self.text_end_step
 
     @property
     def needs_audio_head(self) -> bool:
@@ -178,6 +181,8 @@ class AnswerState:
             raise RuntimeError("the answer is already finished")
         if self.needs_text_head:
             text_token = int(sample(text_logits, self.options, self.generator)[0])
+        elif self.index == self.text_end_step and not self.text_ended:
+            text_token = EOT
         else:
             text_token = PAD_T
         audio_tokens: list[int] | None = None

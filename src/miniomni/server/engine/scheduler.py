@@ -73,14 +73,18 @@ class Engine:
 
     def __init__(self, omni: MiniOmni, max_answers: int = 4, lead_floor: float = LEAD_FLOOR,
                  max_wait: float = MAX_WAIT, clock: Callable[[], float] = time.perf_counter,
-                 start: bool = True) -> None:
+                 start: bool = True, text_end: float | None = None) -> None:
         if max_answers < 1:
             raise ValueError("max_answers must be >= 1")
+        if text_end is not None and not 0 < text_end <= 1:
+            raise ValueError(f"text_end is a fraction of the answer's steps, in (0, 1]; got {text_end}")
         self.omni = omni
         self.max_answers = max_answers
         self.lead_floor = lead_floor
         self.max_wait = max_wait
         self.clock = clock
+        # Benchmarks on random weights: every speech answer's text ends after this fraction of its steps.
+        self.text_end = text_end
         self._last_was_job = False
         self.device = omni.device
         self.cache = omni.model.new_cache(2 * max_answers, max_length=MAX_POSITIONS)
@@ -291,6 +295,8 @@ class Engine:
         inputs = yield from self.omni.prepare_steps(request.task, audio=request.audio, text=request.text,
                                                     sample_rate=request.sample_rate)
         job.state = AnswerState(inputs, request.options, request.max_new_tokens, self.device)
+        if self.text_end is not None and job.state.audio_out:
+            job.state.text_end_step = max(1, round(self.text_end * job.state.budget))
         job.events = self.omni.answer_events(inputs, job.started, max_chunk=request.max_chunk)
         rows = job.state.rows
         hidden = yield from prefill_steps(self.omni.model, inputs.prompts.to(self.device), inputs,
