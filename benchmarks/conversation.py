@@ -222,7 +222,7 @@ def step_seconds(text: str) -> float:
 
 
 def thread_cpu(pid: int) -> dict[str, float]:
-    """CPU seconds per thread of process ``pid`` ("tid name")."""
+    """CPU seconds per thread of process ``pid`` ("tid name nice N")."""
     out: dict[str, float] = {}
     for task in os.listdir(f"/proc/{pid}/task"):
         try:
@@ -230,8 +230,8 @@ def thread_cpu(pid: int) -> dict[str, float]:
                 text = stat.read()
         except OSError:
             continue
-        name = f"{task} {text[text.index('(') + 1 : text.rindex(')')]}"
         fields = text.rsplit(")", 1)[1].split()
+        name = f"{task} {text[text.index('(') + 1 : text.rindex(')')]} nice {fields[16]}"
         out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     return out
 
@@ -436,8 +436,9 @@ def main() -> None:
                 lines.append(row(label + (" (WebRTC)" if transport == "webrtc" else "")
                                  + (", semantic VAD" if args.detection == "semantic_vad" else ""), r))
                 print(lines[-1], flush=True)
-                busy = sorted(r["thread_cores"].values(), reverse=True)
-                print(f"  server threads (cores): {', '.join(f'{c:.2f}' for c in busy)}; "
+                busy = sorted(r["thread_cores"].items(), key=lambda item: -item[1])
+                print(f"  server threads (cores, nice): "
+                      f"{', '.join(f'{c:.2f} ({n.rsplit(maxsplit=1)[-1]})' for n, c in busy)}; "
                       f"this benchmark's clients: {r['client_cores']:.2f}", flush=True)
                 if r["errors"]:
                     print(f"  errors: {r['errors'][:3]}", flush=True)

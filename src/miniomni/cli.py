@@ -384,6 +384,9 @@ def _advice(plan: Plan, args: argparse.Namespace) -> str:
 
 
 def _serve_http(server: object, engine: object) -> None:
+    from .server.priority import lower_thread
+
+    lower_thread()  # and every thread it starts: the compute thread keeps the cores (server/priority.py)
     try:
         server.run()
     finally:

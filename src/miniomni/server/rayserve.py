@@ -213,7 +213,7 @@ class EngineReplica:
         log.info("replica %s: %d concurrent answers, %d torch threads", replica_id, spec.max_answers,
                  torch.get_num_threads())
         # In a replica the actor's threads own the main thread: the engine computes on one of its own.
-        self.compute = threading.Thread(target=self.engine.run_forever, name="miniomni-compute", daemon=True)
+        self.compute = threading.Thread(target=self._compute, name="miniomni-compute", daemon=True)
         self.compute.start()
         self.app = create_app(self.engine, settings)
         self.app.add_middleware(ReplicaHeader, replica=replica_id)
@@ -222,6 +222,13 @@ class EngineReplica:
         self._draining = draining or replica_draining
         self.watch = threading.Thread(target=self._watch, name="miniomni-drain-watch", daemon=True)
         self.watch.start()
+
+    def _compute(self) -> None:
+        from .priority import lower_other_threads
+
+        # Ray's threads and the app's run below this one, and so do the threads they start later.
+        log.info("replica %s: %d other threads lowered in priority", self.replica_id, lower_other_threads())
+        self.engine.run_forever()
 
     def healthy(self) -> bool:
         """Whether the compute thread still runs."""
