@@ -161,25 +161,63 @@ def test_a_block_never_runs_into_the_lead_floor(engine, clock):
     drain(engine)
 
 
-def test_a_starved_newcomer_gets_every_other_turn_after_waiting(engine, clock):
-    """On a machine too busy to keep answers ahead, a question waits at most max_wait, then shares the compute."""
+def test_a_newcomer_never_takes_a_playing_answers_turn_and_after_waiting_uses_every_spare_moment(engine, clock):
+    """Past max_wait a question takes blocks down to a lead of the block's cost, never below: it waits instead."""
     session, _ = playing_answer(engine, clock)
     newcomer = engine.open(question(seed=5), lambda e: None)
     clock.now = session.first_audio_at + session.audio_out  # the listener is never ahead
     engine.run_once()  # admitted now
+    waited = newcomer.queued_at + engine.max_wait + 0.1
+    for _ in range(20):  # long past max_wait, nothing ahead: only steps
+        clock.now = max(waited, session.first_audio_at + session.audio_out)
+        steps = engine.stats.steps
+        engine.run_once()
+        assert engine.stats.steps == steps + 1 and newcomer.state is None
+    # Ahead by less than the floor but more than a block: before max_wait only steps, after it blocks too.
+    session_lead = engine.lead_floor / 2
     decisions = []
     while newcomer not in engine.active and len(decisions) < 500:
-        clock.now = session.first_audio_at + session.audio_out + (0.5 if len(decisions) < 4 else 2.0)
+        clock.now = waited if len(decisions) >= 4 else newcomer.queued_at + 0.5
+        session.first_audio_at = clock.now + session_lead - session.audio_out
+        assert engine.unit_cost < session_lead
         steps = engine.stats.steps
         engine.run_once()
         decisions.append("step" if engine.stats.steps > steps else "block")
     assert newcomer in engine.active
-    assert set(decisions[:4]) == {"step"}  # within max_wait: steps only
-    later = decisions[4:]
-    assert "block" in later and all(a != b for a, b in zip(later, later[1:], strict=False))  # then alternating
+    assert set(decisions[:4]) == {"step"}  # within max_wait the floor holds
+    assert set(decisions[4:]) == {"block"}  # after it, the spare lead goes to the newcomer
     session.cancel()
     newcomer.cancel()
     drain(engine)
+
+
+def test_an_answer_far_ahead_sits_out_while_another_is_short_and_both_say_what_they_say_alone(engine, clock):
+    alone = {}
+    for seed in (4, 6):
+        events: list = []
+        engine.open(question(steps=40, seed=seed), events.append)
+        drain(engine)
+        alone[seed] = events
+    ahead_events: list = []
+    short_events: list = []
+    ahead = engine.open(question(steps=40, seed=4), ahead_events.append)
+    while not any(isinstance(e, AudioChunk) for e in ahead_events):
+        assert engine.run_once()
+    short = engine.open(question(steps=40, seed=6), short_events.append)
+    sat_out = 0
+    while not any(isinstance(e, Done) for e in short_events):
+        clock.now = ahead.first_audio_at + ahead.audio_out - 5.0  # 5 s ahead of its listener
+        if short.first_audio_at is not None:
+            short.first_audio_at = clock.now - short.audio_out  # its listener has played all it got
+        index, steps = ahead.state.index, engine.stats.steps
+        engine.run_once()
+        sat_out += engine.stats.steps > steps and ahead.state.index == index
+    assert sat_out == 39  # every decode step of the short answer (its first token comes with the prefill)
+    drain(engine)
+    for seed, events in ((4, ahead_events), (6, short_events)):
+        assert events[-1].text_tokens == alone[seed][-1].text_tokens
+        assert events[-1].audio_tokens == alone[seed][-1].audio_tokens
+        assert audio_of(events) == audio_of(alone[seed])
 
 
 def test_an_answer_that_has_not_spoken_comes_before_preparation(engine, clock):

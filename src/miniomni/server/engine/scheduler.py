@@ -11,10 +11,10 @@ cores for each operation, so no two computations ever fight over the cores. It i
   prefill, one encoder or decoder block at a time (prefill fills a separate staging cache
   whose rows are copied into the answer's slot when it is done).
 
-A job's next block runs only when every playing answer has enough audio ahead of real time
-to absorb it (``lead_floor`` seconds after the block's expected cost), so a newcomer's
-preparation never makes a running answer stutter; answers that have not spoken yet are
-stepped first. Answers join between steps; a cancelled job is dropped before the
+What runs next follows from how far each answer is ahead of its listener (:mod:`.policy`):
+a newcomer's preparation only in the time the playing answers have to spare, so a running
+answer never stutters for it; and while one answer is short of audio, the answers far ahead
+sit the decode steps out. Answers join between steps; a cancelled job is dropped before the
 next one and its rows are free again.
 
 A job opened with ``hold=True`` is speculative: it is prepared and decoded like any
@@ -43,19 +43,18 @@ from ...pipeline import MiniOmni
 from ...streaming import Done, StreamEvent, TextDelta, Timings
 from ...tokens import Task, audio_prompt, padding_ids
 from .jobs import AnswerJob, AnswerRequest, ErrorEvent, TranscriptDelta, TranscriptDone, TranscriptFailed
+from .policy import AHEAD, LEAD_FLOOR, MAX_WAIT, answers_to_step, block_may_run
 from .stats import EngineStats
 
 log = logging.getLogger(__name__)
 
-# How much audio every playing answer must have ahead of real time, after a preparation
-# block's expected cost, before that block may run (seconds).
-LEAD_FLOOR = 0.35
 # A transcript of a spoken question ends at _eot; 448 tokens (Whisper's own limit for its
 # 30 s window) bound one that does not.
 TRANSCRIPT_TOKENS = 448
-# When the machine is too busy for that (every answer short of audio), a question waiting
-# longer than this gets one block after each decode step, so it is not starved (seconds).
-MAX_WAIT = 1.0
+
+# The last position of every slot: an answer never feeds a token there (prompt + answer fit in
+# MAX_POSITIONS and the last sampled token is not fed back), so rows left out of a step write there.
+SCRATCH = MAX_POSITIONS - 1
 
 
 class EngineBusy(MiniOmniError):
@@ -72,7 +71,7 @@ class Engine:
     """
 
     def __init__(self, omni: MiniOmni, max_answers: int = 4, lead_floor: float = LEAD_FLOOR,
-                 max_wait: float = MAX_WAIT, clock: Callable[[], float] = time.perf_counter,
+                 max_wait: float = MAX_WAIT, ahead: float = AHEAD, clock: Callable[[], float] = time.perf_counter,
                  start: bool = True, text_end: float | None = None) -> None:
         if max_answers < 1:
             raise ValueError("max_answers must be >= 1")
@@ -82,10 +81,10 @@ class Engine:
         self.max_answers = max_answers
         self.lead_floor = lead_floor
         self.max_wait = max_wait
+        self.ahead = ahead
         self.clock = clock
         # Benchmarks on random weights: every speech answer's text ends after this fraction of its steps.
         self.text_end = text_end
-        self._last_was_job = False
         self.device = omni.device
         self.cache = omni.model.new_cache(2 * max_answers, max_length=MAX_POSITIONS)
         self.staging = omni.model.new_cache(2, max_length=MAX_POSITIONS)  # prefill runs here
@@ -226,10 +225,8 @@ class Engine:
             job = self.preparing[0] if self.preparing else None
             if self.active and (job is None or not self._job_may_run()):
                 self._step()
-                self._last_was_job = False
             elif job is not None:
                 self._advance(job)
-                self._last_was_job = True
             else:
                 return False
         except Exception:
@@ -240,27 +237,10 @@ class Engine:
         return True
 
     def _job_may_run(self) -> bool:
-        """Whether a preparation block runs now rather than a decode step.
-
-        Yes when it fits without making a playing answer run short of audio. Otherwise only
-        when the question has waited over ``max_wait`` seconds, and then every other time:
-        on a machine too busy to keep every answer ahead, a newcomer shares the compute
-        instead of waiting for the answers before it to end.
-        """
+        """Whether a preparation block runs now rather than a decode step (:func:`.policy.block_may_run`)."""
         now = self.clock()
-        if all(self._lead_allows(job, now) for job in self.active):
-            return True
-        waiting = self.preparing[0]
-        return now - waiting.queued_at > self.max_wait and not self._last_was_job
-
-    def _lead_allows(self, job: AnswerJob, now: float) -> bool:
-        if not job.state.audio_out:
-            return True  # text only (an answer in text, a transcript): no player to keep fed
-        if not job.events.samples_out:
-            return False  # an answer that has not spoken yet comes first
-        if job.held:
-            return True  # its first audio waits for the listener: nothing urgent
-        return job.lead(now) - self.unit_cost >= self.lead_floor
+        return block_may_run(self.active, now, now - self.preparing[0].queued_at, self.unit_cost, self.lead_floor,
+                             self.max_wait)
 
     def _admit(self) -> None:
         with self._lock:
@@ -370,22 +350,23 @@ class Engine:
     @torch.inference_mode()
     def _step(self) -> None:
         began = self.clock()
-        # Only the rows up to the highest busy slot take part (the int8 kernel's cost grows with
-        # the rows); idle rows among them are fed padding at position 0 of their own slot.
-        total_rows = 2 * (max(job.slot for job in self.active) + 1)
+        stepping = answers_to_step(self.active, began, self.lead_floor, self.ahead)
+        # Only the rows up to the highest stepping slot take part (the int8 kernel's cost grows with
+        # the rows); the other rows among them are fed padding at SCRATCH, a position no answer uses.
+        total_rows = 2 * (max(job.slot for job in stepping) + 1)
         ids = self._idle_ids.repeat(total_rows, 1)
-        positions = torch.zeros(total_rows, 1, dtype=torch.long, device=self.device)
-        for job in self.active:
+        positions = torch.full((total_rows, 1), SCRATCH, dtype=torch.long, device=self.device)
+        for job in stepping:
             rows = self._rows(job)
             ids[rows] = job.state.next_ids()
             positions[rows] = job.state.position
         # Each answer's rows read their own cache length: a row's arithmetic is then the same whatever
         # else is in the batch (with one cache length for all, attention rounds differently).
-        segments = [(self._rows(job), job.state.position + 1) for job in self.active]
+        segments = [(self._rows(job), job.state.position + 1) for job in stepping]
         hidden = self.omni.model.hidden_states(ids.unsqueeze(-1), positions, self.cache.rows(slice(0, total_rows)),
                                                kv_len=segments)
-        self._sample(list(self.active), {s.id: hidden[self._rows(s)] for s in self.active})
-        for job in [s for s in self.active if s.state.finished]:
+        self._sample(stepping, {s.id: hidden[self._rows(s)] for s in stepping})
+        for job in [s for s in stepping if s.state.finished]:
             self.active.remove(job)
             self._finish(job)
         elapsed = self.clock() - began
