@@ -89,3 +89,25 @@ def test_prompts_past_max_rows_take_the_weight_only_path(omni):
     assert torch.equal(qkv(short), qkv.int8_activations(short))
     assert torch.equal(qkv(long), int8_linear(long, qkv.weight, qkv.scales, qkv.bias))
     assert torch.equal(mlp(long), mlp.down(torch.nn.functional.silu(mlp.gate(long)) * mlp.up(long)))
+
+
+def test_prompts_take_the_int8_products_where_a_prefill_measures_faster(omni):
+    import copy
+    import dataclasses
+
+    from miniomni.int8act import products
+    from miniomni.precision import confirm_prompts
+
+    model = copy.deepcopy(omni.model)
+    model.llm = quantize_int8(model.llm)
+    use_int8_activations(model.llm, 8, max_rows=16)
+    plan = dataclasses.replace(omni.plan, why="test")
+    confirmed = confirm_prompts(model, plan, positions=32)
+    limits = {p.max_rows for p in products(model.llm)}
+    assert len(limits) == 1 and limits <= {16, None}  # every product the same way
+    chosen = "int8" if limits == {None} else "bfloat16"
+    assert confirmed.why.startswith("test; a 32-position prompt measured: bfloat16 GEMM ")
+    assert confirmed.why.endswith(f"so {chosen}")
+    for product in products(model.llm):  # nothing to decide where every product already takes prompts
+        product.max_rows = None
+    assert confirm_prompts(model, plan) is plan

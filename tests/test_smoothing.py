@@ -83,6 +83,9 @@ def test_outlier_channels_in_float_cut_the_error_and_keep_rows_apart():
     alone = torch.cat([product(x[i : i + 1]) for i in range(16)])
     for rows in (1, 2, 5, 16):
         assert torch.equal(product(x[:rows]), alone[:rows]), rows
+    # A prompt's rows (more than PROMPT_ROWS) add the outlier channels in one GEMM: the same sums, in another order.
+    prompt = x.repeat(int8act.PROMPT_ROWS // 16 + 1, 1)
+    assert torch.allclose(product(prompt)[:16], alone, rtol=1e-5, atol=1e-4)
 
 
 @needs_fbgemm

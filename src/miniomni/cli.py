@@ -298,7 +298,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         from .server.turns.endofturn import turn_model_for_serving
     except ImportError as exc:
         raise MiniOmniError(f"serving needs the server extra ({exc}); {install_hint('server')}") from exc
-    from .precision import confirm_codec
+    from .precision import confirm_codec, confirm_prompts
 
     if bool(args.ssl_certfile) != bool(args.ssl_keyfile):
         raise MiniOmniError("give both --ssl-certfile and --ssl-keyfile, or neither")
@@ -307,7 +307,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     if quantize == "auto":
         quantize = "int8" if resolve_device(args.device).type == "cpu" else "none"
     omni = _load(args, quantize)
-    omni.plan = confirm_codec(omni.codec, omni.plan)
+    omni.plan = confirm_prompts(omni.model, confirm_codec(omni.codec, omni.plan))
     settings = settings_from_args(args, api_key_from_args(args), turn_model)
     engine = Engine(omni, max_answers=args.max_answers, start=False, text_end=args.simulate_text_end)
     _report_speed(engine.warm_up(), omni.plan, args)

@@ -26,6 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+# Products of more rows than this are prompts (a decode step has two rows per answer): their outlier
+# channels are added in one GEMM, whose sums may depend on the number of rows; a decode step's never do.
+PROMPT_ROWS = 64
 _OPS = getattr(torch.ops, "quantized", None)
 _MATMUL = getattr(_OPS, "linear_with_input_q_dq_qweight_dq_output_fp32", None) if _OPS is not None else None
 
@@ -82,7 +85,9 @@ class Int8ActLinear:
         magnitude = flat.abs() if self.outliers is None else flat.abs().mul_(self.keep)
         scale = magnitude.amax(dim=1, keepdim=True).clamp_(min=1e-30) / self.limit
         out = _MATMUL(flat / scale, 1.0, self.zero_point, self.packed).mul_(scale)
-        if self.outliers is not None:  # one product per row (batched): a row's sum never depends on the batch
+        if self.outliers is not None and len(flat) > PROMPT_ROWS:  # a prompt: one GEMM for all its rows
+            out.addmm_(flat[:, self.outliers], self.side)
+        elif self.outliers is not None:  # one product per row (batched): a row's sum never depends on the batch
             side = flat[:, self.outliers].unsqueeze(1)
             out.unsqueeze(1).baddbmm_(side, self.side.expand(side.shape[0], *self.side.shape))
         if self.bias is not None:
@@ -120,6 +125,19 @@ def use_int8_activations(model: nn.Module, bits: int, kinds: tuple[str, ...] = K
             mlp.gate_up = Int8ActLinear([mlp.gate, mlp.up], bits, max_rows)
             packed += 1
     return packed
+
+
+def products(model: nn.Module) -> list[Int8ActLinear]:
+    """Every int8-activation product of ``model``'s blocks (an LLM)."""
+    found = []
+    for block in model.layers:
+        for owner, name in ((block.attn, "qkv"), (block.attn, "out"), (block.mlp, "down")):
+            product = getattr(getattr(owner, name), "int8_activations", None)
+            if product is not None:
+                found.append(product)
+        if getattr(block.mlp, "gate_up", None) is not None:
+            found.append(block.mlp.gate_up)
+    return found
 
 
 def swiglu_gate_up(gate_up: Int8ActLinear, x: torch.Tensor) -> torch.Tensor:

@@ -19,6 +19,7 @@ import torch
 
 if TYPE_CHECKING:
     from .codec import Codec
+    from .models.omni import OmniModel
 
 
 # What each decoder precision costs on a real model: (mean next-token KL against float32 in nats, top-1 agreement
@@ -221,3 +222,45 @@ def confirm_codec(codec: Codec, plan: Plan, margin: float = 1.5) -> Plan:
     codec.set_stream_dtype(best)
     measured = ", ".join(f"{str(d).removeprefix('torch.')} {ms:.0f} ms" for d, ms in costs.items())
     return dataclasses.replace(plan, codec=best, why=f"{plan.why}; codec per frame measured: {measured}")
+
+
+def confirm_prompts(model: OmniModel, plan: Plan, positions: int = 128, margin: float = 1.1) -> Plan:
+    """Where prompts go to bfloat16 GEMMs on dequantized weights, time a prefill that way and on the int8 products.
+
+    The int8-activation products take a prompt's rows too where that is ``margin`` times
+    faster: on CPUs with bfloat16 dot products but no AMX the int8 ones are faster, with AMX
+    the bfloat16 GEMM. Their quality is the plan's (it was measured on whole prompts).
+    """
+    import time
+
+    from .int8act import products
+    from .tokens import padding_ids
+
+    found = [p for p in products(model.llm) if p.max_rows is not None]
+    device = model.llm.embed.weight.device
+    if not found or device.type != "cpu":
+        return plan
+    limit = found[0].max_rows
+    streams = padding_ids(device).view(1, -1, 1).expand(1, -1, positions)
+    cache = model.new_cache(1, max_length=positions)
+
+    def prefill_ms() -> float:
+        times = []
+        for _ in range(3):
+            started = time.perf_counter()
+            with torch.inference_mode():
+                model.hidden_states(streams, torch.arange(positions, device=device), cache, kv_len=positions)
+            times.append(time.perf_counter() - started)
+        return 1000 * min(times[1:])
+
+    costs = {}
+    for rows in (limit, None):
+        for product in found:
+            product.max_rows = rows
+        costs[rows] = prefill_ms()
+    best = None if costs[None] * margin < costs[limit] else limit
+    for product in found:
+        product.max_rows = best
+    measured = (f"a {positions}-position prompt measured: bfloat16 GEMM {costs[limit]:.0f} ms, int8 products "
+                f"{costs[None]:.0f} ms, so {'int8' if best is None else 'bfloat16'}")
+    return dataclasses.replace(plan, why=f"{plan.why}; {measured}")

@@ -198,13 +198,13 @@ class EngineReplica:
         import torch
 
         from ..pipeline import load
-        from ..precision import confirm_codec
+        from ..precision import confirm_codec, confirm_prompts
         from .app import create_app
         from .engine import Engine
 
         self.replica_id = replica_id
         omni = load(spec.checkpoint, **spec.load_options)
-        omni.plan = confirm_codec(omni.codec, omni.plan)
+        omni.plan = confirm_prompts(omni.model, confirm_codec(omni.codec, omni.plan))
         # A talker is a connection here: past max_answers of them the app refuses with 1013 at once.
         settings = ServerSettings(**{**asdict(spec.settings), "max_connections": spec.max_answers})
         self.engine = Engine(omni, max_answers=spec.max_answers, start=False)
