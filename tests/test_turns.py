@@ -129,7 +129,7 @@ def test_a_turn_is_offered_once_the_tail_has_arrived_and_ends_with_exactly_that_
     assert out[0].audio_end_ms == 3500 and out[1].item_id == offered.item_id == out[0].item_id
     assert out[1].pcm == offered.pcm  # the model hears exactly what was offered
     # The silence up to the stop went with the turn; what came after it stays buffered.
-    assert len(machine.buffer) == int(0.1 * RATE) * 2 and machine.buffer_start == int(3.5 * RATE)
+    assert len(machine.buffer) == int(tail * RATE) * 2 and machine.buffer_start == int(3.5 * RATE)
 
 
 def test_speech_resuming_withdraws_the_offer_and_the_turn_grows():
@@ -146,11 +146,12 @@ def test_speech_resuming_withdraws_the_offer_and_the_turn_grows():
 
 
 def test_a_short_silence_setting_keeps_at_most_that_much_tail():
-    machine = turns(silence_ms=40)
+    assert TURN_TAIL_MS > 20
+    machine = turns(silence_ms=20)
     feed(machine, 1.0, [vad_at("speech_started", 0.0)])
-    out = feed(machine, 0.2, [vad_at("silence_started", 1.0), vad_at("speech_stopped", 1.04, silence_start=1.0)])
+    out = feed(machine, 0.2, [vad_at("silence_started", 1.0), vad_at("speech_stopped", 1.02, silence_start=1.0)])
     ended = [e for e in out if isinstance(e, TurnEnded)]
-    assert len(ended[0].pcm) == int(1.04 * RATE) * 2
+    assert len(ended[0].pcm) == int(1.02 * RATE) * 2
 
 
 def test_a_monologue_is_cut_at_the_buffer_limit():

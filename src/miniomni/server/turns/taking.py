@@ -30,8 +30,9 @@ from dataclasses import dataclass
 from ..realtime.protocol import PROTOCOL_SAMPLE_RATE, ClientError, TurnDetection, new_id
 from .vad import VAD_SAMPLE_RATE, VADEvent
 
-# The silence kept at the end of a spoken turn (at most silence_duration_ms; none with semantic VAD).
-TURN_TAIL_MS = 100
+# The silence kept at the end of a spoken turn: one VAD window (at most silence_duration_ms; none
+# with semantic VAD), so the turn is offered as soon as the VAD has heard its first quiet window.
+TURN_TAIL_MS = 32
 QUIET_MS = 200  # semantic VAD asks the end-of-turn model after this much silence
 EAGERNESS_CAP_MS = {"low": 8000, "medium": 4000, "high": 2000, "auto": 4000}  # silence that ends a turn anyway
 COMPLETE = 0.5  # the end-of-turn model's probability above which the turn is over
