@@ -220,6 +220,41 @@ def test_an_answer_far_ahead_sits_out_while_another_is_short_and_both_say_what_t
         assert audio_of(events) == audio_of(alone[seed])
 
 
+def test_step_costs_learn_and_extend_in_a_line():
+    from miniomni.server.engine.policy import FRAME, ROOM, StepCosts
+
+    costs = StepCosts()
+    assert costs.expected(1) is None and costs.room_for_one_more(0)  # nothing known: try
+    costs.add(1, 0.040)
+    assert costs.expected(2) is None and costs.room_for_one_more(1)
+    costs.add(2, 0.055)
+    costs.add(2, 0.060)  # a running average
+    assert costs.expected(2) == pytest.approx(0.056)
+    assert costs.expected(4) == pytest.approx(0.056 + 2 * 0.016)  # the line through 1 and 2 answers
+    assert costs.room_for_one_more(2) == (costs.expected(3) <= ROOM * FRAME)
+    costs.add(3, 0.080)
+    assert not costs.room_for_one_more(2) and not costs.room_for_one_more(3)
+
+
+def test_a_newcomer_waits_while_one_more_answer_would_break_real_time_and_never_when_alone(engine, clock):
+    from miniomni.server.engine.policy import FRAME
+
+    engine.step_costs.add(1, 0.9 * FRAME)
+    engine.step_costs.add(2, 1.5 * FRAME)  # two answers at once would not keep real time here
+    session, _ = playing_answer(engine, clock)  # alone, it was prepared anyway
+    newcomer = engine.open(question(seed=7), lambda e: None)
+    for _ in range(30):
+        clock.now = session.first_audio_at + session.audio_out - 10.0  # lead to spare: only room is missing
+        steps = engine.stats.steps
+        engine.run_once()
+        assert engine.stats.steps == steps + 1 and newcomer.state is None  # decode steps only
+    session.cancel()
+    while newcomer not in engine.active:  # the answer ended: the newcomer is prepared
+        assert engine.run_once()
+    newcomer.cancel()
+    drain(engine)
+
+
 def test_an_answer_that_has_not_spoken_comes_before_preparation(engine, clock):
     first: list = []
     session = engine.open(question(), first.append)

@@ -7,6 +7,10 @@ the leads of the answers being decoded:
 * **whether a newcomer's preparation block may run** instead of a decode step: only in the
   time the playing answers have to spare (:func:`block_may_run`), so a running answer never
   waits for a newcomer; on a machine too busy for both, the newcomer waits;
+* **whether there is room for one more answer**: a newcomer is prepared only while a step
+  with it is expected to cost at most 90 % of the speech it makes (:class:`StepCosts`,
+  learnt from the steps so far), so answers already playing keep real time; beyond that
+  the newcomer waits for one of them to end;
 * **which answers a decode step takes** (:func:`answers_to_step`): all of them, unless one is
   short of audio (it has not spoken yet, or its lead is under the floor); then the answers
   far ahead sit the step out, so the short one's steps are as quick as they can be (a step
@@ -18,6 +22,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from ...audio import OUTPUT_SAMPLE_RATE
+from ...tokens import SAMPLES_PER_FRAME
 from .jobs import AnswerJob
 
 # How much audio every playing answer must have ahead of its listener, after a preparation
@@ -28,6 +34,34 @@ LEAD_FLOOR = 0.35
 MAX_WAIT = 1.0
 # An answer this far ahead of its listener sits a decode step out while another is short (seconds).
 AHEAD = 1.0
+FRAME = SAMPLES_PER_FRAME / OUTPUT_SAMPLE_RATE  # the speech one decode step makes (seconds)
+ROOM = 0.9  # a newcomer is prepared while a step with it is expected to cost at most this share of FRAME
+
+
+class StepCosts:
+    """What a decode step costs, by the number of answers it takes: running averages of the steps so far."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[int, float] = {}
+
+    def add(self, answers: int, seconds: float) -> None:
+        old = self.seconds.get(answers)
+        self.seconds[answers] = seconds if old is None else 0.8 * old + 0.2 * seconds
+
+    def expected(self, answers: int) -> float | None:
+        """A step's cost for ``answers`` answers: as measured, or extended in a line from the two largest below."""
+        if answers in self.seconds:
+            return self.seconds[answers]
+        below = sorted(n for n in self.seconds if n < answers)[-2:]
+        if len(below) < 2:
+            return None  # not known yet: try it
+        (n1, c1), (n2, c2) = ((n, self.seconds[n]) for n in below)
+        return c2 + (c2 - c1) / (n2 - n1) * (answers - n2)
+
+    def room_for_one_more(self, answers: int) -> bool:
+        """Whether ``answers`` + 1 answers are expected to keep real time."""
+        expected = self.expected(answers + 1)
+        return expected is None or expected <= ROOM * FRAME
 
 
 def block_may_run(active: Sequence[AnswerJob], now: float, waited: float, cost: float,

@@ -43,7 +43,7 @@ from ...pipeline import MiniOmni
 from ...streaming import Done, StreamEvent, TextDelta, Timings
 from ...tokens import Task, audio_prompt, padding_ids
 from .jobs import AnswerJob, AnswerRequest, ErrorEvent, TranscriptDelta, TranscriptDone, TranscriptFailed
-from .policy import AHEAD, LEAD_FLOOR, MAX_WAIT, answers_to_step, block_may_run
+from .policy import AHEAD, LEAD_FLOOR, MAX_WAIT, StepCosts, answers_to_step, block_may_run
 from .stats import EngineStats
 
 log = logging.getLogger(__name__)
@@ -94,6 +94,7 @@ class Engine:
         self.active: list[AnswerJob] = []  # decoding (compute thread)
         self.stats = EngineStats()
         self.unit_cost = 0.05  # expected seconds of a preparation block (a running average)
+        self.step_costs = StepCosts()
         self.observers: list[Any] = []  # told of every step's duration and every answer's time to first audio
         self._incoming: deque[AnswerJob] = deque()
         self._shutdown: str | None = None  # set by request_shutdown: the message every open answer ends with
@@ -239,7 +240,10 @@ class Engine:
     def _job_may_run(self) -> bool:
         """Whether a preparation block runs now rather than a decode step (:func:`.policy.block_may_run`)."""
         now = self.clock()
-        return block_may_run(self.active, now, now - self.preparing[0].queued_at, self.unit_cost, self.lead_floor,
+        waiting = self.preparing[0]
+        if self.active and not self.step_costs.room_for_one_more(len(self.active)):
+            return False  # one more answer would slow every step past real time: wait for one to end
+        return block_may_run(self.active, now, now - waiting.queued_at, self.unit_cost, self.lead_floor,
                              self.max_wait)
 
     def _admit(self) -> None:
@@ -370,6 +374,7 @@ class Engine:
             self.active.remove(job)
             self._finish(job)
         elapsed = self.clock() - began
+        self.step_costs.add(len(stepping), elapsed)
         self.stats.steps += 1
         self.stats.step_seconds_total += elapsed
         self.stats.last_step_ms = elapsed * 1000
