@@ -191,35 +191,6 @@ def test_a_newcomer_never_takes_a_playing_answers_turn_and_after_waiting_uses_ev
     drain(engine)
 
 
-def test_an_answer_far_ahead_sits_out_while_another_is_short_and_both_say_what_they_say_alone(engine, clock):
-    alone = {}
-    for seed in (4, 6):
-        events: list = []
-        engine.open(question(steps=40, seed=seed), events.append)
-        drain(engine)
-        alone[seed] = events
-    ahead_events: list = []
-    short_events: list = []
-    ahead = engine.open(question(steps=40, seed=4), ahead_events.append)
-    while not any(isinstance(e, AudioChunk) for e in ahead_events):
-        assert engine.run_once()
-    short = engine.open(question(steps=40, seed=6), short_events.append)
-    sat_out = 0
-    while not any(isinstance(e, Done) for e in short_events):
-        clock.now = ahead.first_audio_at + ahead.audio_out - 5.0  # 5 s ahead of its listener
-        if short.first_audio_at is not None:
-            short.first_audio_at = clock.now - short.audio_out  # its listener has played all it got
-        index, steps = ahead.state.index, engine.stats.steps
-        engine.run_once()
-        sat_out += engine.stats.steps > steps and ahead.state.index == index
-    assert sat_out == 39  # every decode step of the short answer (its first token comes with the prefill)
-    drain(engine)
-    for seed, events in ((4, ahead_events), (6, short_events)):
-        assert events[-1].text_tokens == alone[seed][-1].text_tokens
-        assert events[-1].audio_tokens == alone[seed][-1].audio_tokens
-        assert audio_of(events) == audio_of(alone[seed])
-
-
 def test_step_costs_learn_and_extend_in_a_line():
     from miniomni.server.engine.policy import FRAME, ROOM, StepCosts
 
@@ -376,3 +347,13 @@ def test_answers_batched_equal_answers_alone(checkpoint_dir, kernels):
             assert audio_of(batched) == audio_of(alone) and audio_of(alone)
     finally:
         engine.close()
+
+
+def test_the_warm_up_learns_what_a_step_for_one_and_for_two_answers_costs(omni):
+    engine = Engine(omni, max_answers=3, start=False)
+    timings = engine.warm_up(seconds=0.5, steps=12)
+    assert timings.steps == 12 and timings.step_ms_median > 0
+    assert set(engine.step_costs.seconds) == {1, 2} and min(engine.step_costs.seconds.values()) > 0
+    assert engine.stats.steps == 0 and engine.stats.answers_started == 0  # the counters start afresh
+    assert sorted(engine.free_slots) == [0, 1, 2] and not engine.jobs
+    engine.close()

@@ -1,8 +1,8 @@
 """The rules of real time: what the compute thread does next, from how far each answer is ahead of its listener.
 
 An answer's *lead* is the audio it has sent beyond what its listener has played, were
-playback to start at the first byte (:meth:`AnswerJob.lead`). Two decisions follow from
-the leads of the answers being decoded:
+playback to start at the first byte (:meth:`AnswerJob.lead`). Two decisions follow, from
+the leads of the answers being decoded and what their steps cost:
 
 * **whether a newcomer's preparation block may run** instead of a decode step: only in the
   time the playing answers have to spare (:func:`block_may_run`), so a running answer never
@@ -10,12 +10,7 @@ the leads of the answers being decoded:
 * **whether there is room for one more answer**: a newcomer is prepared only while a step
   with it is expected to cost at most 90 % of the speech it makes (:class:`StepCosts`,
   learnt from the steps so far), so answers already playing keep real time; beyond that
-  the newcomer waits for one of them to end;
-* **which answers a decode step takes** (:func:`answers_to_step`): all of them, unless one is
-  short of audio (it has not spoken yet, or its lead is under the floor); then the answers
-  far ahead sit the step out, so the short one's steps are as quick as they can be (a step
-  costs less with fewer answers: their codec calls and head rows go). An answer's tokens
-  never depend on which others share its step.
+  the newcomer waits for one of them to end.
 """
 
 from __future__ import annotations
@@ -32,8 +27,6 @@ LEAD_FLOOR = 0.35
 # A question waiting longer than this may take blocks down to the block's cost: the floor is
 # no longer kept, and the listener's own buffer is the margin (seconds).
 MAX_WAIT = 1.0
-# An answer this far ahead of its listener sits a decode step out while another is short (seconds).
-AHEAD = 1.0
 FRAME = SAMPLES_PER_FRAME / OUTPUT_SAMPLE_RATE  # the speech one decode step makes (seconds)
 ROOM = 0.9  # a newcomer is prepared while a step with it is expected to cost at most this share of FRAME
 
@@ -71,14 +64,6 @@ def block_may_run(active: Sequence[AnswerJob], now: float, waited: float, cost: 
     return all(_spares(job, now, cost + floor) for job in active)
 
 
-def answers_to_step(active: Sequence[AnswerJob], now: float, floor: float = LEAD_FLOOR,
-                    ahead: float = AHEAD) -> list[AnswerJob]:
-    """The answers the next decode step takes: every one, or, while one is short of audio, all but those far ahead."""
-    if not any(_short(job, now, floor) for job in active):
-        return list(active)
-    return [job for job in active if not _far_ahead(job, now, ahead)]
-
-
 def _speaks(job: AnswerJob) -> bool:
     return job.state.audio_out  # a text answer or a transcript has no player to keep fed
 
@@ -91,15 +76,3 @@ def _spares(job: AnswerJob, now: float, seconds: float) -> bool:
     if job.held:
         return True  # its first audio waits for the listener: nothing urgent
     return job.lead(now) >= seconds
-
-
-def _short(job: AnswerJob, now: float, floor: float) -> bool:
-    if not _speaks(job) or job.held:
-        return False
-    return not job.events.samples_out or job.lead(now) < floor
-
-
-def _far_ahead(job: AnswerJob, now: float, ahead: float) -> bool:
-    if not _speaks(job) or not job.events.samples_out:
-        return False
-    return job.held or job.lead(now) >= ahead

@@ -12,10 +12,10 @@ cores for each operation, so no two computations ever fight over the cores. It i
   whose rows are copied into the answer's slot when it is done).
 
 What runs next follows from how far each answer is ahead of its listener (:mod:`.policy`):
-a newcomer's preparation only in the time the playing answers have to spare, so a running
-answer never stutters for it; and while one answer is short of audio, the answers far ahead
-sit the decode steps out. Answers join between steps; a cancelled job is dropped before the
-next one and its rows are free again.
+a newcomer's preparation only in the time the playing answers have to spare, and only
+while one more answer keeps a step within real time, so a running answer never stutters
+for it. Answers join between steps; a cancelled job is dropped before the next one and
+its rows are free again.
 
 A job opened with ``hold=True`` is speculative: it is prepared and decoded like any
 other, but its events wait until :meth:`AnswerJob.release`; :meth:`AnswerJob.cancel` drops it
@@ -43,7 +43,7 @@ from ...pipeline import MiniOmni
 from ...streaming import Done, StreamEvent, TextDelta, Timings
 from ...tokens import Task, audio_prompt, padding_ids
 from .jobs import AnswerJob, AnswerRequest, ErrorEvent, TranscriptDelta, TranscriptDone, TranscriptFailed
-from .policy import AHEAD, LEAD_FLOOR, MAX_WAIT, StepCosts, answers_to_step, block_may_run
+from .policy import LEAD_FLOOR, MAX_WAIT, StepCosts, block_may_run
 from .stats import EngineStats
 
 log = logging.getLogger(__name__)
@@ -53,7 +53,7 @@ log = logging.getLogger(__name__)
 TRANSCRIPT_TOKENS = 448
 
 # The last position of every slot: an answer never feeds a token there (prompt + answer fit in
-# MAX_POSITIONS and the last sampled token is not fed back), so rows left out of a step write there.
+# MAX_POSITIONS and the last sampled token is not fed back), so idle rows in a step write there.
 SCRATCH = MAX_POSITIONS - 1
 
 
@@ -71,7 +71,7 @@ class Engine:
     """
 
     def __init__(self, omni: MiniOmni, max_answers: int = 4, lead_floor: float = LEAD_FLOOR,
-                 max_wait: float = MAX_WAIT, ahead: float = AHEAD, clock: Callable[[], float] = time.perf_counter,
+                 max_wait: float = MAX_WAIT, clock: Callable[[], float] = time.perf_counter,
                  start: bool = True, text_end: float | None = None) -> None:
         if max_answers < 1:
             raise ValueError("max_answers must be >= 1")
@@ -81,7 +81,6 @@ class Engine:
         self.max_answers = max_answers
         self.lead_floor = lead_floor
         self.max_wait = max_wait
-        self.ahead = ahead
         self.clock = clock
         # Benchmarks on random weights: every speech answer's text ends after this fraction of its steps.
         self.text_end = text_end
@@ -179,7 +178,9 @@ class Engine:
         """Answer a short silent question on this thread (``start=False`` only) and return its timings.
 
         The first answer pays for one-time set-up in PyTorch's kernels; this one takes that cost
-        and measures what a step and the codec cost on this machine. The counters start afresh.
+        and measures what a step and the codec cost on this machine. Then two answer at once, so
+        the engine knows what a step for one and for two costs before a talker comes. The counters
+        start afresh.
         """
         if self._thread is not None:
             raise RuntimeError("warm_up runs the engine on the calling thread: create the engine with start=False")
@@ -189,9 +190,18 @@ class Engine:
                                 max_new_tokens=steps, max_chunk=4), events.append)
         while self.run_once():
             pass
-        self.stats = EngineStats()
         if not events or not isinstance(events[-1], Done):
             raise MiniOmniError(f"the warm-up answer failed: {events[-1] if events else 'no event'}")
+        if self.max_answers > 1:  # two answers at once: what a step for two costs, before any talker needs it
+            for _ in range(2):
+                self.open(AnswerRequest(task="A1A2-batch", audio=silence, sample_rate=WHISPER_SAMPLE_RATE,
+                                        max_new_tokens=steps, max_chunk=4), lambda event: None)
+            self._admit()
+            while self.preparing:  # both prepared first, so that every step takes both
+                self._advance(self.preparing[0])
+            while self.run_once():
+                pass
+        self.stats = EngineStats()
         return events[-1].timings
 
     def run_forever(self) -> None:
@@ -354,9 +364,9 @@ class Engine:
     @torch.inference_mode()
     def _step(self) -> None:
         began = self.clock()
-        stepping = answers_to_step(self.active, began, self.lead_floor, self.ahead)
-        # Only the rows up to the highest stepping slot take part (the int8 kernel's cost grows with
-        # the rows); the other rows among them are fed padding at SCRATCH, a position no answer uses.
+        stepping = list(self.active)
+        # Only the rows up to the highest busy slot take part (the int8 kernel's cost grows with
+        # the rows); idle rows among them are fed padding at SCRATCH, a position no answer uses.
         total_rows = 2 * (max(job.slot for job in stepping) + 1)
         ids = self._idle_ids.repeat(total_rows, 1)
         positions = torch.full((total_rows, 1), SCRATCH, dtype=torch.long, device=self.device)
