@@ -178,7 +178,7 @@ class Engine:
         """Answer a short silent question on this thread (``start=False`` only) and return its timings.
 
         The first answer pays for one-time set-up in PyTorch's kernels; this one takes that cost
-        and measures what a step and the codec cost on this machine. Then two answer at once, so
+        and measures what a step and the codec cost on this machine. Then two answers at once, so
         the engine knows what a step for one and for two costs before a talker comes. The counters
         start afresh.
         """
