@@ -19,6 +19,12 @@ float, calibrated on ``miniomni.calibration``'s text, as ``convert --quantize in
 Window by window: only one window's log-probabilities are held at a time (a few hundred MB,
 not one full set per variant).
 
+``--prompts`` also times a full-size prompt's prefill (random Mini-Omni weights, calibrated-style
+int8 weights with 8/7-bit activation products) with its linears as bfloat16 GEMMs on dequantized
+weights and on the int8 products, as ``serve`` decides at start-up (``precision.confirm_prompts``);
+the quality of each is the weight-only and the activation rows of the table (a window of
+``--window`` tokens is a prompt: past 16 rows ``serve`` used the weight-only path before).
+
 ``--step`` also times a full-size decode step (random Mini-Omni weights: layers, heads and
 sampling, the median step of 40-step answers) with int8 activations, without and with outlier
 channels, alternating answers.
@@ -176,6 +182,24 @@ def step_times(args: argparse.Namespace, bits: int) -> None:
           f"{with_:.1f} ms | {with_ / without:.3f} |", flush=True)
 
 
+def prompt_times(bits: int) -> None:
+    """A full-size prefill with the prompt's linears on bfloat16 GEMMs and on the int8 products (serve's choice)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import fullsize
+
+    from miniomni.int8act import products, use_int8_activations
+    from miniomni.precision import confirm_prompts
+    from miniomni.quantize import MAX_DECODE_ROWS
+
+    omni = fullsize.build("bfloat16", "int8", "cpu", encoder_context="audio")
+    use_int8_activations(omni.model.llm, bits, max_rows=MAX_DECODE_ROWS)
+    for positions in (128, 256):
+        measured = confirm_prompts(omni.model, omni.plan, positions, margin=1.0).why.rsplit("; ", 1)[-1]
+        print(f"| prefill, {bits}-bit activations | {measured} |", flush=True)
+        for product in products(omni.model.llm):  # back to bfloat16 GEMMs for the next length
+            product.max_rows = MAX_DECODE_ROWS
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--window", type=int, default=256, help="tokens per forward pass")
@@ -183,6 +207,7 @@ def main() -> None:
     parser.add_argument("--sweep", action="store_true", help="also smoothing alone and outlier channels alone")
     parser.add_argument("--step", action="store_true", help="also time a full-size decode step")
     parser.add_argument("--runs", type=int, default=7, help="answers of 40 steps timed per variant")
+    parser.add_argument("--prompts", action="store_true", help="also time a full-size prefill both ways")
     parser.add_argument("--no-quality", action="store_true", help="only the step timing")
     parser.add_argument("--avx2", action="store_true", help="run again limited to AVX2 (miniomni.precision.AVX2_LIMIT)")
     args = parser.parse_args()
@@ -199,6 +224,8 @@ def main() -> None:
           f"torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
     if not args.no_quality:
         quality(args, bits_available)
+    if args.prompts and bits_available:
+        prompt_times(bits_available[0])
     if args.step and bits_available:
         from miniomni.smoothing import DEFAULT_OUTLIERS
 
