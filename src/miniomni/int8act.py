@@ -115,8 +115,8 @@ def use_int8_activations(model: nn.Module, bits: int, kinds: tuple[str, ...] = K
         raise ValueError(f"unknown products {sorted(unknown)}; choose from {KINDS}")
     packed = 0
     for block in model.layers:
-        attention, mlp = block.attn, block.mlp
-        for owner, name in ((attention, "qkv"), (attention, "out"), (mlp, "down")):
+        mlp = block.mlp
+        for owner, name in _single_products(block):
             linear = getattr(owner, name)
             if name in kinds and isinstance(linear, Int8Linear):
                 linear.int8_activations = Int8ActLinear([linear], bits, max_rows)
@@ -127,11 +127,16 @@ def use_int8_activations(model: nn.Module, bits: int, kinds: tuple[str, ...] = K
     return packed
 
 
+def _single_products(block: nn.Module) -> tuple[tuple[nn.Module, str], ...]:
+    """The linears of a block that are one product each, as (owner, attribute); gate and up are fused."""
+    return (block.attn, "qkv"), (block.attn, "out"), (block.mlp, "down")
+
+
 def products(model: nn.Module) -> list[Int8ActLinear]:
     """Every int8-activation product of ``model``'s blocks (an LLM)."""
     found = []
     for block in model.layers:
-        for owner, name in ((block.attn, "qkv"), (block.attn, "out"), (block.mlp, "down")):
+        for owner, name in _single_products(block):
             product = getattr(getattr(owner, name), "int8_activations", None)
             if product is not None:
                 found.append(product)

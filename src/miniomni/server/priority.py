@@ -12,12 +12,9 @@ take them from a step. Elsewhere (macOS, Windows) this does nothing.
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 import threading
-
-log = logging.getLogger(__name__)
 
 # How far below the compute thread the other threads run. At 10 a thread that wants a core
 # the compute thread also wants gets about a tenth of it; the server's other threads need
@@ -32,11 +29,11 @@ def supported() -> bool:
 
 def lower_thread(tid: int | None = None, by: int = LOWER_BY) -> bool:
     """Lower thread ``tid`` (default: the calling thread) ``by`` nice steps; False where that is not possible."""
-    if not supported():
-        return False
     tid = threading.get_native_id() if tid is None else tid
+    now = thread_nice(tid)
+    if now is None:
+        return False
     try:
-        now = os.getpriority(os.PRIO_PROCESS, tid)
         os.setpriority(os.PRIO_PROCESS, tid, min(19, now + by))
     except OSError:  # the thread has ended, or the system says no
         return False

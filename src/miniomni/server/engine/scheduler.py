@@ -52,10 +52,6 @@ log = logging.getLogger(__name__)
 # 30 s window) bound one that does not.
 TRANSCRIPT_TOKENS = 448
 
-# The last position of every slot: an answer never feeds a token there (prompt + answer fit in
-# MAX_POSITIONS and the last sampled token is not fed back), so idle rows in a step write there.
-SCRATCH = MAX_POSITIONS - 1
-
 
 class EngineBusy(MiniOmniError):
     """Every job slot is taken."""
@@ -364,27 +360,27 @@ class Engine:
     @torch.inference_mode()
     def _step(self) -> None:
         began = self.clock()
-        stepping = list(self.active)
         # Only the rows up to the highest busy slot take part (the int8 kernel's cost grows with
-        # the rows); idle rows among them are fed padding at SCRATCH, a position no answer uses.
-        total_rows = 2 * (max(job.slot for job in stepping) + 1)
+        # the rows); idle rows among them are fed padding at position 0 of their own slot.
+        total_rows = 2 * (max(job.slot for job in self.active) + 1)
         ids = self._idle_ids.repeat(total_rows, 1)
-        positions = torch.full((total_rows, 1), SCRATCH, dtype=torch.long, device=self.device)
-        for job in stepping:
+        positions = torch.zeros(total_rows, 1, dtype=torch.long, device=self.device)
+        for job in self.active:
             rows = self._rows(job)
             ids[rows] = job.state.next_ids()
             positions[rows] = job.state.position
         # Each answer's rows read their own cache length: a row's arithmetic is then the same whatever
         # else is in the batch (with one cache length for all, attention rounds differently).
-        segments = [(self._rows(job), job.state.position + 1) for job in stepping]
+        segments = [(self._rows(job), job.state.position + 1) for job in self.active]
         hidden = self.omni.model.hidden_states(ids.unsqueeze(-1), positions, self.cache.rows(slice(0, total_rows)),
                                                kv_len=segments)
-        self._sample(stepping, {s.id: hidden[self._rows(s)] for s in stepping})
-        for job in [s for s in stepping if s.state.finished]:
+        answers = len(self.active)
+        self._sample(list(self.active), {s.id: hidden[self._rows(s)] for s in self.active})
+        for job in [s for s in self.active if s.state.finished]:
             self.active.remove(job)
             self._finish(job)
         elapsed = self.clock() - began
-        self.step_costs.add(len(stepping), elapsed)
+        self.step_costs.add(answers, elapsed)
         self.stats.steps += 1
         self.stats.step_seconds_total += elapsed
         self.stats.last_step_ms = elapsed * 1000
