@@ -5,6 +5,7 @@ killed mid-stage resumes at this size with the losses it would have had."""
 from __future__ import annotations
 
 import json
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -49,8 +50,10 @@ def _log(path: Path) -> list[dict]:
 def test_both_stages_lower_the_loss_and_the_held_out_wer(quick_run):
     for stage in ("stage1", "stage2"):
         rows = _log(quick_run / stage / "log.jsonl")
-        first, last = rows[0]["loss"], sum(r["loss"] for r in rows[-3:]) / 3
-        assert last < first, (stage, first, last)
+        # A step's loss depends on its batch's mix of tasks (one spike of 4.2 among 1.6 to 2.3 was seen at a
+        # stage's last step): the median of the second half, not the mean of the last three.
+        first, later = rows[0]["loss"], statistics.median(r["loss"] for r in rows[len(rows) // 2 :])
+        assert later < first, (stage, first, later)
         validation = [r["val_loss"] for r in rows if "val_loss" in r]
         assert len(validation) >= 1 and all(v == v for v in validation)
     stage1, stage2 = _log(quick_run / "stage1" / "log.jsonl"), _log(quick_run / "stage2" / "log.jsonl")
