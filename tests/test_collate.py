@@ -230,6 +230,34 @@ def test_padding_in_a_batch_does_not_change_the_loss(tiny_model):
     assert torch.allclose(parts["text"], expected, atol=1e-5)
 
 
+def test_the_heads_run_only_where_a_target_is_with_the_loss_and_gradients_of_all_positions():
+    model = random_omni(tiny_config(), seed=5)
+    model.requires_grad_(True)
+    batch = collate_batch([build_example(Task.ASR, [9, 9, 9], audio_features=features(3, seed=2)),
+                           build_example(Task.A1A2, [7, 8], FRAME, audio_features=features(2)),
+                           build_example(Task.T1T2, [7], question_ids=[3])])
+    at = (batch.targets != X).any(dim=1)
+    assert 0 < int(at.sum()) < at.numel() // 2  # most positions (prompts, padding) carry no target
+    total, parts = loss(model, batch, return_parts=True)
+    total.backward()
+    masked = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    # The same loss from the logits of every position.
+    text_logits, audio_logits = model(batch.input_ids, audio_features=batch.audio_features,
+                                      audio_lengths=batch.audio_lengths)
+    ce = torch.nn.functional.cross_entropy
+    full = {"text": ce(text_logits.flatten(0, 1), batch.targets[:, 7].flatten(), ignore_index=X)}
+    for layer in range(7):
+        targets = batch.targets[:, layer]
+        local = torch.where(targets == X, X, targets - tk.LAYER_SHIFTS[layer])
+        full[f"audio{layer}"] = ce(audio_logits[:, :, layer].flatten(0, 1), local.flatten(), ignore_index=X)
+    for name, value in full.items():
+        assert torch.allclose(parts[name], value, atol=1e-5), name
+    sum(full.values()).backward()
+    for grad, param in zip(masked, model.parameters()):
+        assert torch.allclose(grad, param.grad, atol=1e-5)
+
+
 @pytest.mark.slow
 def test_loss_decreases_when_overfitting_one_example():
     model = random_omni(tiny_config(), seed=4).train()

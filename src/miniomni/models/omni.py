@@ -104,11 +104,18 @@ class OmniModel(nn.Module):
         audio_lengths: Sequence[int] | None = None,
         kv_len: int | KVSegments | None = None,
         last_only: bool = False,
+        at: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits for every position, or only the last one with ``last_only``."""
+        """Logits for every position, only the last one with ``last_only``, or only where ``at`` is set.
+
+        ``at`` is a (B, T) bool mask; the logits are then (N, V) and (N, 7, A) for its N set
+        positions in row-major order (training reads the heads only where a target is).
+        """
         hidden = self.hidden_states(streams, positions, cache, audio_features, audio_lengths, kv_len)
         if last_only:
             hidden = hidden[:, -1:]
+        elif at is not None:
+            hidden = hidden[at]
         return self.heads(hidden)
 
     def new_cache(self, batch_size: int, max_length: int | None = None, dtype: torch.dtype | None = None) -> KVCache:
