@@ -254,7 +254,7 @@ def test_the_heads_run_only_where_a_target_is_with_the_loss_and_gradients_of_all
     for name, value in full.items():
         assert torch.allclose(parts[name], value, atol=1e-5), name
     sum(full.values()).backward()
-    for grad, param in zip(masked, model.parameters()):
+    for grad, param in zip(masked, model.parameters(), strict=True):
         assert torch.allclose(grad, param.grad, atol=1e-5)
 
 
