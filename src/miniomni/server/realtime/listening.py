@@ -22,6 +22,7 @@ from ..turns.vad import StreamingVAD
 from .answers import Answers
 from .context import SessionContext
 from .conversation import Conversation
+from .denoise import Denoiser
 from .formats import InputConverter
 from .protocol import PROTOCOL_SAMPLE_RATE, UNSUPPORTED_EVENTS, ClientError, decode_pcm16, pcm16_to_float
 from .transcripts import Transcripts
@@ -38,6 +39,7 @@ class Listening:
         self.answers = answers
         self.input_converter = InputConverter(session.config.input_format)
         self.end_of_turn: EndOfTurnModel | None = None  # semantic VAD's model, loaded when a session asks for it
+        self.denoiser: Denoiser | None = None  # while the session asks for noise reduction
 
     async def on_append(self, event: dict[str, Any]) -> None:
         fmt = self.session.config.input_format
@@ -51,6 +53,9 @@ class Listening:
         session = self.session
         if not pcm or session.closing:
             return
+        pcm = self._denoised(pcm)
+        if not pcm:
+            return  # held by the denoiser until a whole 10 ms frame is there
         turns = session.turns
         turns.append(pcm, rolling)
         if not turns.detecting:
@@ -64,6 +69,16 @@ class Listening:
             turns.start_vad(vad, first)
         # NumPy, a fraction of a millisecond per 32 ms window: inline, no thread hop.
         self.on_turn_events(turns.on_vad(turns.vad.process(pcm16_to_float(pcm))))
+
+    def _denoised(self, pcm: bytes) -> bytes:
+        """The input after the session's noise reduction (as it is when that is off)."""
+        wanted = self.session.config.noise_reduction is not None
+        if wanted and self.denoiser is None:
+            self.denoiser = Denoiser()
+        elif not wanted and self.denoiser is not None:
+            held, self.denoiser = self.denoiser.flush(), None
+            pcm = held + pcm
+        return pcm if self.denoiser is None else self.denoiser.process(pcm)
 
     def on_turn_events(self, events: list[TurnEvent]) -> None:
         for event in events:
@@ -114,9 +129,15 @@ class Listening:
             self.transcripts.transcribe(user)
 
     async def on_commit(self, event: dict[str, Any]) -> None:
+        if self.denoiser is not None:  # the last milliseconds the denoiser holds belong to this turn
+            held = self.denoiser.flush()
+            if held:
+                self.session.turns.append(held)
         self.add_user_audio(self.session.turns.commit(), transcribe_here=True)
 
     async def on_clear(self, event: dict[str, Any]) -> None:
+        if self.denoiser is not None:
+            self.denoiser.flush()  # what it held is cleared too
         self.session.turns.clear()
         self.session.send({"type": "input_audio_buffer.cleared"})
 

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from . import denoise
 from .formats import PCM, AudioFormat, FormatError, decode_audio, parse_format, pcm16_to_float
 from .formats import PROTOCOL_SAMPLE_RATE as PROTOCOL_SAMPLE_RATE  # the model's rate, both ways
 
@@ -79,6 +80,7 @@ def _is_int(value: Any) -> bool:
 
 
 EAGERNESS = ("low", "medium", "high", "auto")  # semantic VAD's; auto is medium
+NOISE_REDUCTION = ("near_field", "far_field")  # RNNoise has one model: both run it
 IDLE_TIMEOUT_MS = (5000, 30000)  # server VAD's idle_timeout_ms, as OpenAI bounds it
 
 
@@ -126,6 +128,7 @@ class SessionConfig:
     transcription: dict[str, Any] | None = None  # transcribe the user's spoken turns (with the model's asr task)
     tools: list[Any] = field(default_factory=list)  # kept and echoed as sent: this model never calls a tool
     tool_choice: Any = "auto"
+    noise_reduction: str | None = None  # "near_field" or "far_field": the input runs through RNNoise first
 
     @property
     def transcribes(self) -> bool:
@@ -162,14 +165,19 @@ def check_format(value: Any, param: str) -> AudioFormat:
         raise ClientError(str(exc), code="unsupported_audio_format", param=param) from None
 
 
-def check_noise_reduction(value: Any, param: str) -> None:
-    """Only null: no denoiser runs on this server, and a refusal is better than pretending."""
+def parse_noise_reduction(value: Any, param: str) -> str | None:
+    """``{"type": "near_field"}``, ``{"type": "far_field"}`` (both run RNNoise) or null; refused when RNNoise is absent."""
     if value is None:
-        return
-    kind = value.get("type") if isinstance(value, dict) else value
-    raise ClientError(f"{param}: noise reduction ({kind!r}) is not available on this server, which runs no "
-                      "denoiser; send null (the question is heard as it arrives)", code="unsupported_noise_reduction",
-                      param=param)
+        return None
+    kind = value.get("type") if isinstance(value, dict) else None
+    if kind not in NOISE_REDUCTION:
+        raise ClientError(f"{param} must be {{\"type\": \"near_field\"}}, {{\"type\": \"far_field\"}} or null; "
+                          f"got {value!r}", code="unsupported_noise_reduction", param=param)
+    if not denoise.available():
+        raise ClientError(f"{param}: noise reduction runs RNNoise, which this server does not have (its operator "
+                          f"can add it: {denoise.INSTALL_HINT}); send null to have the audio heard as it arrives",
+                          code="unsupported_noise_reduction", param=param)
+    return kind
 
 
 def parse_turn_detection(value: Any, param: str) -> TurnDetection | None:
@@ -242,7 +250,8 @@ def _parse_audio(audio: Any, config: SessionConfig) -> None:
         if side == "input" and "turn_detection" in part:
             config.turn_detection = parse_turn_detection(part["turn_detection"], "session.audio.input.turn_detection")
         if side == "input" and "noise_reduction" in part:
-            check_noise_reduction(part["noise_reduction"], "session.audio.input.noise_reduction")
+            config.noise_reduction = parse_noise_reduction(part["noise_reduction"],
+                                                           "session.audio.input.noise_reduction")
         if side == "input" and "transcription" in part:
             config.transcription = parse_transcription(part["transcription"], "session.audio.input.transcription")
 
@@ -266,7 +275,8 @@ def parse_session_update(session: Any, current: SessionConfig, max_tokens_limit:
             config.output_modalities = parse_modalities(session[key], f"session.{key}")
     _parse_audio(session.get("audio"), config)
     if "input_audio_noise_reduction" in session:  # beta
-        check_noise_reduction(session["input_audio_noise_reduction"], "session.input_audio_noise_reduction")
+        config.noise_reduction = parse_noise_reduction(session["input_audio_noise_reduction"],
+                                                       "session.input_audio_noise_reduction")
     for side in ("input", "output"):  # beta
         if f"{side}_audio_format" in session:
             setattr(config, f"{side}_format", check_format(session[f"{side}_audio_format"],
@@ -427,7 +437,7 @@ def session_object(session_id: str, model: str, config: SessionConfig) -> dict[s
             "input": {
                 "format": config.input_format.shape(),
                 "transcription": None if config.transcription is None else dict(config.transcription),
-                "noise_reduction": None,
+                "noise_reduction": None if config.noise_reduction is None else {"type": config.noise_reduction},
                 "turn_detection": None if config.turn_detection is None else config.turn_detection.as_dict(),
             },
             "output": {"format": config.output_format.shape()},
