@@ -95,8 +95,8 @@ def test_near_and_far_field_are_kept_and_echoed_and_a_bad_value_is_refused(engin
             {"audio": {"input": {"noise_reduction": None}}},
         ])
         monkeypatch.setattr(denoise, "available", lambda: False)
-        await session.receive(json.dumps({"type": "session.update",
-                                          "session": {"audio": {"input": {"noise_reduction": {"type": "near_field"}}}}}))
+        near = {"audio": {"input": {"noise_reduction": {"type": "near_field"}}}}
+        await session.receive(json.dumps({"type": "session.update", "session": near}))
         session.close()
         return out
 

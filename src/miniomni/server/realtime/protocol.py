@@ -166,7 +166,9 @@ def check_format(value: Any, param: str) -> AudioFormat:
 
 
 def parse_noise_reduction(value: Any, param: str) -> str | None:
-    """``{"type": "near_field"}``, ``{"type": "far_field"}`` (both run RNNoise) or null; refused when RNNoise is absent."""
+    """``{"type": "near_field"}`` or ``{"type": "far_field"}`` (both run RNNoise), or null.
+
+    Refused when RNNoise is not installed."""
     if value is None:
         return None
     kind = value.get("type") if isinstance(value, dict) else None
