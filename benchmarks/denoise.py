@@ -2,8 +2,10 @@
 
 English sentences spoken by Piper's joe voice (and espeak-ng with ``--voices piper,espeak``) are
 mixed with noise at a set signal-to-noise ratio: white, pink (1/f, like a fan or traffic) and
-babble (other speech, which a speech denoiser is not meant to remove). Each mix is heard as it
-is and after the server's denoiser (24 kHz, as a session's input runs through it); Whisper base
+babble (three other sentences spoken at once by espeak-ng, which a speech denoiser is not meant
+to remove); a mix whose peak passes full scale is scaled down to fit, as a microphone's gain
+control would. Each mix goes the way a session's input goes (to 24 kHz, 16-bit, in 20 ms
+chunks) and is heard as it is and after the server's denoiser; Whisper base
 (``miniomni.shipped.whisper_base_ct2``) encodes it with ``serve``'s 10 s context and
 openai-whisper's decoder transcribes it greedily. Prints the word error rate per condition, the
 denoiser's cost (milliseconds of one core per second of audio) and how far its output trails.
@@ -35,6 +37,7 @@ from miniomni.server.realtime.denoise import INPUT_RATE, Denoiser
 from miniomni.shipped import whisper_base_ct2
 
 CONTEXT = "10"  # what serve's encoder reads by default
+CHUNK = INPUT_RATE * 2 // 50  # 20 ms of 16-bit PCM, as clients append it
 CONDITIONS = (("clean", None, None), ("white", "white", 10.0), ("white", "white", 5.0), ("pink", "pink", 5.0),
               ("pink", "pink", 0.0), ("babble", "babble", 5.0))
 
@@ -58,18 +61,22 @@ def noise(kind: str, length: int, rng: np.random.Generator, babble: list[np.ndar
 def mix(speech: np.ndarray, kind: str, snr_db: float, rng: np.random.Generator, babble: list[np.ndarray]
         ) -> np.ndarray:
     power = float(np.mean(speech**2))
-    return speech + noise(kind, len(speech), rng, babble) * np.sqrt(power / 10 ** (snr_db / 10))
+    mixed = speech + noise(kind, len(speech), rng, babble) * np.sqrt(power / 10 ** (snr_db / 10))
+    return mixed / max(1.0, float(np.abs(mixed).max()) / 0.99)
 
 
-def denoised(audio: np.ndarray) -> tuple[np.ndarray, float]:
-    """The audio after the session's denoiser (16 kHz -> 24 kHz -> RNNoise -> 16 kHz), and its seconds of compute."""
+def through_server(audio: np.ndarray, denoise: bool) -> tuple[np.ndarray, float]:
+    """The audio as a session hears it (16 kHz -> 24 kHz 16-bit PCM in 20 ms chunks -> 16 kHz), through
+    the denoiser or not, and the denoiser's seconds of compute."""
     at_24k = soxr.resample(audio, WHISPER_SAMPLE_RATE, INPUT_RATE, quality="HQ")
     pcm = np.clip(np.rint(at_24k * 32767), -32768, 32767).astype("<i2").tobytes()
-    started = time.perf_counter()
-    denoiser = Denoiser()
-    out = denoiser.process(pcm) + denoiser.flush()
-    seconds = time.perf_counter() - started
-    back = np.frombuffer(out, dtype="<i2").astype(np.float32) / 32768
+    seconds = 0.0
+    if denoise:
+        started = time.perf_counter()
+        denoiser = Denoiser()
+        pcm = b"".join(denoiser.process(pcm[i:i + CHUNK]) for i in range(0, len(pcm), CHUNK)) + denoiser.flush()
+        seconds = time.perf_counter() - started
+    back = np.frombuffer(pcm, dtype="<i2").astype(np.float32) / 32768
     return soxr.resample(back, INPUT_RATE, WHISPER_SAMPLE_RATE, quality="HQ").astype(np.float32), seconds
 
 
@@ -104,18 +111,19 @@ def main() -> None:
             heard = {"as heard": [], "after RNNoise": []}
             for audio in spoken:
                 noisy = audio if kind is None else mix(audio, kind, snr, rng, babble)
-                clean, seconds = denoised(noisy)
+                plain, _ = through_server(noisy, denoise=False)
+                clean, seconds = through_server(noisy, denoise=True)
                 costs.append(seconds / (len(noisy) / WHISPER_SAMPLE_RATE) * 1000)
                 if kind is None:
-                    lags.append(lag_ms(noisy, clean))
-                for name, version in (("as heard", noisy), ("after RNNoise", clean)):
+                    lags.append(lag_ms(plain, clean))
+                for name, version in (("as heard", plain), ("after RNNoise", clean)):
                     text, _ = transcribe(model, encode(encoder, mel_for(version, CONTEXT)))
                     heard[name].append(normalize_text(text))
             wers = {name: corpus_wer(references, texts).wer for name, texts in heard.items()}
             print(f"| {voice} | {label} | {'-' if snr is None else f'{snr:g} dB'} | {wers['as heard']:.1%} | "
                   f"{wers['after RNNoise']:.1%} |", flush=True)
     print(f"\nRNNoise: {statistics.median(costs):.1f} ms of one core per second of audio (median of {len(costs)}, "
-          f"resampling included); its output trails the input by {statistics.median(lags):.0f} ms")
+          f"20 ms chunks, resampling included); its output trails the input by {statistics.median(lags):.0f} ms")
 
 
 if __name__ == "__main__":

@@ -256,6 +256,9 @@ def test_the_heads_run_only_where_a_target_is_with_the_loss_and_gradients_of_all
     sum(full.values()).backward()
     for grad, param in zip(masked, model.parameters(), strict=True):
         assert torch.allclose(grad, param.grad, atol=1e-5)
+    for wrong, last_only in ((at.long(), False), (at[:, 1:], False), (at, True)):  # indices, a short mask, both
+        with pytest.raises(ValueError, match="bool mask"):
+            model(batch.input_ids, at=wrong, last_only=last_only)
 
 
 @pytest.mark.slow

@@ -111,6 +111,9 @@ class OmniModel(nn.Module):
         ``at`` is a (B, T) bool mask; the logits are then (N, V) and (N, 7, A) for its N set
         positions in row-major order (training reads the heads only where a target is).
         """
+        if at is not None and (last_only or at.dtype != torch.bool or at.shape != streams.shape[::2]):
+            raise ValueError(f"at must be a (B, T) = {tuple(streams.shape[::2])} bool mask without last_only; got "
+                             f"{at.dtype} {tuple(at.shape)}{' with last_only' if last_only else ''}")
         hidden = self.hidden_states(streams, positions, cache, audio_features, audio_lengths, kv_len)
         if last_only:
             hidden = hidden[:, -1:]

@@ -22,7 +22,7 @@ from ..turns.vad import StreamingVAD
 from .answers import Answers
 from .context import SessionContext
 from .conversation import Conversation
-from .denoise import Denoiser
+from .denoise import MAX_RELEASE_BYTES, Denoiser
 from .formats import InputConverter
 from .protocol import PROTOCOL_SAMPLE_RATE, UNSUPPORTED_EVENTS, ClientError, decode_pcm16, pcm16_to_float
 from .transcripts import Transcripts
@@ -53,10 +53,12 @@ class Listening:
         session = self.session
         if not pcm or session.closing:
             return
+        turns = session.turns
+        if self.denoiser is not None:  # a full buffer is refused before the denoiser takes any of it
+            turns.check_room(len(pcm) + MAX_RELEASE_BYTES, rolling)
         pcm = self._denoised(pcm)
         if not pcm:
             return  # held by the denoiser until a whole 10 ms frame is there
-        turns = session.turns
         turns.append(pcm, rolling)
         if not turns.detecting:
             return
@@ -75,10 +77,16 @@ class Listening:
         wanted = self.session.config.noise_reduction is not None
         if wanted and self.denoiser is None:
             self.denoiser = Denoiser()
-        elif not wanted and self.denoiser is not None:
+        elif not wanted and self.denoiser is not None:  # turned off: what it held comes first
             held, self.denoiser = self.denoiser.flush(), None
             pcm = held + pcm
         return pcm if self.denoiser is None else self.denoiser.process(pcm)
+
+    def close(self) -> None:
+        """The session is closing: free the denoiser's state now rather than when it is collected."""
+        if self.denoiser is not None:
+            self.denoiser.close()
+            self.denoiser = None
 
     def on_turn_events(self, events: list[TurnEvent]) -> None:
         for event in events:
@@ -129,15 +137,14 @@ class Listening:
             self.transcripts.transcribe(user)
 
     async def on_commit(self, event: dict[str, Any]) -> None:
-        if self.denoiser is not None:  # the last milliseconds the denoiser holds belong to this turn
-            held = self.denoiser.flush()
-            if held:
-                self.session.turns.append(held)
+        turns = self.session.turns
+        if self.denoiser is not None and not turns.detecting:  # what the denoiser holds ends this turn
+            held, self.denoiser = self.denoiser.flush(), None
+            turns.append(held, rolling=True)  # never refused: at most 50 ms beyond what was accepted
         self.add_user_audio(self.session.turns.commit(), transcribe_here=True)
 
     async def on_clear(self, event: dict[str, Any]) -> None:
-        if self.denoiser is not None:
-            self.denoiser.flush()  # what it held is cleared too
+        self.close()  # what the denoiser held is cleared too
         self.session.turns.clear()
         self.session.send({"type": "input_audio_buffer.cleared"})
 

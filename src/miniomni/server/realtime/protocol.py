@@ -80,7 +80,6 @@ def _is_int(value: Any) -> bool:
 
 
 EAGERNESS = ("low", "medium", "high", "auto")  # semantic VAD's; auto is medium
-NOISE_REDUCTION = ("near_field", "far_field")  # RNNoise has one model: both run it
 IDLE_TIMEOUT_MS = (5000, 30000)  # server VAD's idle_timeout_ms, as OpenAI bounds it
 
 
@@ -165,21 +164,12 @@ def check_format(value: Any, param: str) -> AudioFormat:
         raise ClientError(str(exc), code="unsupported_audio_format", param=param) from None
 
 
-def parse_noise_reduction(value: Any, param: str) -> str | None:
-    """``{"type": "near_field"}`` or ``{"type": "far_field"}`` (both run RNNoise), or null.
-
-    Refused when RNNoise is not installed."""
-    if value is None:
-        return None
-    kind = value.get("type") if isinstance(value, dict) else None
-    if kind not in NOISE_REDUCTION:
-        raise ClientError(f"{param} must be {{\"type\": \"near_field\"}}, {{\"type\": \"far_field\"}} or null; "
-                          f"got {value!r}", code="unsupported_noise_reduction", param=param)
-    if not denoise.available():
-        raise ClientError(f"{param}: noise reduction runs RNNoise, which this server does not have (its operator "
-                          f"can add it: {denoise.INSTALL_HINT}); send null to have the audio heard as it arrives",
-                          code="unsupported_noise_reduction", param=param)
-    return kind
+def check_noise_reduction(value: Any, param: str) -> str | None:
+    """``noise_reduction``: null, near_field or far_field (:func:`.denoise.parse_noise_reduction`)."""
+    try:
+        return denoise.parse_noise_reduction(value, param)
+    except denoise.NoiseReductionError as exc:
+        raise ClientError(str(exc), code="unsupported_noise_reduction", param=param) from None
 
 
 def parse_turn_detection(value: Any, param: str) -> TurnDetection | None:
@@ -252,7 +242,7 @@ def _parse_audio(audio: Any, config: SessionConfig) -> None:
         if side == "input" and "turn_detection" in part:
             config.turn_detection = parse_turn_detection(part["turn_detection"], "session.audio.input.turn_detection")
         if side == "input" and "noise_reduction" in part:
-            config.noise_reduction = parse_noise_reduction(part["noise_reduction"],
+            config.noise_reduction = check_noise_reduction(part["noise_reduction"],
                                                            "session.audio.input.noise_reduction")
         if side == "input" and "transcription" in part:
             config.transcription = parse_transcription(part["transcription"], "session.audio.input.transcription")
@@ -277,7 +267,7 @@ def parse_session_update(session: Any, current: SessionConfig, max_tokens_limit:
             config.output_modalities = parse_modalities(session[key], f"session.{key}")
     _parse_audio(session.get("audio"), config)
     if "input_audio_noise_reduction" in session:  # beta
-        config.noise_reduction = parse_noise_reduction(session["input_audio_noise_reduction"],
+        config.noise_reduction = check_noise_reduction(session["input_audio_noise_reduction"],
                                                        "session.input_audio_noise_reduction")
     for side in ("input", "output"):  # beta
         if f"{side}_audio_format" in session:

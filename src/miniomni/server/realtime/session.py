@@ -121,6 +121,7 @@ class RealtimeSession:
         self.closing = True
         self.answers.stop()
         self.transcripts.cancel()
+        self.listening.close()
 
     def shut_down(self) -> None:
         """The server is stopping: say so, end the running answer as failed, close with 1001 (going away)."""

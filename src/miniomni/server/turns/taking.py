@@ -144,15 +144,18 @@ class InputTurns:
         elif self.vad is not None:
             self.vad.configure(*vad_settings(turn_detection))
 
+    def check_room(self, count: int, rolling: bool = False) -> None:
+        """Refuse ``count`` more bytes when they would overfill the buffer and it may not roll."""
+        if not rolling and not self.detecting and len(self.buffer) + count > self.max_buffer_bytes:
+            raise ClientError(f"the input audio buffer holds at most {self.max_audio_seconds:g} s; "
+                              "commit or clear it first", code="input_audio_buffer_full", param="audio")
+
     def append(self, pcm: bytes, rolling: bool = False) -> None:
         """Add audio; without turn detection a full buffer is the client's error, or with ``rolling`` (a
         microphone that never stops) keeps the latest ``max_audio_seconds``."""
+        self.check_room(len(pcm), rolling)
         self.stream_samples += len(pcm) // 2
         if not self.detecting and len(self.buffer) + len(pcm) > self.max_buffer_bytes:
-            if not rolling:
-                self.stream_samples -= len(pcm) // 2
-                raise ClientError(f"the input audio buffer holds at most {self.max_audio_seconds:g} s; "
-                                  "commit or clear it first", code="input_audio_buffer_full", param="audio")
             del self.buffer[: max(0, len(self.buffer) + len(pcm) - self.max_buffer_bytes)]
             pcm = pcm[-self.max_buffer_bytes :]
         self.buffer += pcm
