@@ -13,6 +13,7 @@
    and the agreement of spoken and written answers to held-out questions (`miniomni eval`).
 
     python scripts/teach_smollm2.py                          # the whole run, into runs/teach-smollm2
+                                                             # (2 cores: ~10 min of data, ~90 of training)
     python scripts/teach_smollm2.py --quick --workdir /tmp/q # a small subset in a few minutes
 
 Every step leaves its output in the work directory and is skipped when that is there, so a killed
