@@ -49,7 +49,7 @@ QUICK = {"topics": 2, "answer_tokens": 32, "sentences": 1, "eval_asr": 8, "eval_
          "score_asr": 8, "score_agreement": 4,
          "set": [f"{stage}:{override}" for stage in ("stage1", "stage2") for override in
                  ("checkpoint_every=8", "eval_every=8", "schedule.warmup_steps=2", "data.batch_tokens=1600")]
-         + ["stage1:steps=16", "stage2:steps=8", "stage2:optim.lr=3.0e-5"]}
+         + ["stage1:steps=48", "stage2:steps=8", "stage2:optim.lr=3.0e-5"]}
 
 
 def log(message: str) -> None:
