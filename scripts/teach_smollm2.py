@@ -60,7 +60,8 @@ def log(message: str) -> None:
 
 
 def make_questions(limit_topics: int | None) -> list[dict]:
-    """Every template of a kind about every topic of it; ``limit_topics`` keeps that many trained topics per kind."""
+    """Every template of a kind about every topic of it; ``limit_topics`` keeps that many trained topics per kind
+    and leaves out the ``more_topics`` (trained only, after the others so that their rows keep their places)."""
     spec = yaml.safe_load((RECIPES / "questions.yaml").read_text())
     rows = []
     for kind, entry in spec["kinds"].items():
@@ -76,6 +77,14 @@ def make_questions(limit_topics: int | None) -> list[dict]:
             for template in entry["templates"]:
                 rows.append({"question": template.format(x=topic), "kind": kind, "topic": topic,
                              "held_out": held_out})
+    if limit_topics is not None:
+        return rows
+    held = {r["topic"] for r in rows if r["held_out"]}
+    for kind, topics in spec.get("more_topics", {}).items():
+        if leaked := held.intersection(topics):
+            raise SystemExit(f"questions.yaml: more_topics of {kind} name held-out topics {sorted(leaked)}")
+        rows += [{"question": template.format(x=topic), "kind": kind, "topic": topic, "held_out": False}
+                 for topic in topics for template in spec["kinds"][kind]["templates"]]
     return rows
 
 
@@ -89,10 +98,16 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 
 def make_qa(work: Path, checkpoint: Path, settings: dict) -> list[dict]:
-    """The questions with SmolLM2's own answers (qa.jsonl; answered once)."""
+    """The questions with SmolLM2's own answers (qa.jsonl; each question answered once, so questions added to
+    questions.yaml later are the only ones answered on the next run)."""
     path = work / "qa.jsonl"
+    rows = make_questions(settings["topics"])
+    known = {}
     if path.is_file():
-        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+        known = {r["question"]: r for r in map(json.loads, path.read_text(encoding="utf-8").splitlines())}
+    missing = [r for r in rows if r["question"] not in known]
+    if not missing:
+        return [known[r["question"]] for r in rows if known[r["question"]]["answer"]]
     import torch
     from tokenizers import Tokenizer
 
@@ -101,21 +116,20 @@ def make_qa(work: Path, checkpoint: Path, settings: dict) -> list[dict]:
     from miniomni.pipeline import MiniOmni
     from miniomni.precision import Precision
 
-    rows = make_questions(settings["topics"])
     parts = read_checkpoint(checkpoint)
     omni = MiniOmni.from_parts(parts, torch.device("cpu"), Precision(dtype=torch.float32))
     tokenizer = Tokenizer.from_str(parts.tokenizer_json)
     started = time.perf_counter()
-    raw = answer_questions(omni.model, tokenizer, [r["question"] for r in rows],
+    raw = answer_questions(omni.model, tokenizer, [r["question"] for r in missing],
                            max_new_tokens=settings["answer_tokens"])
-    for row, text in zip(rows, raw, strict=True):
+    for row, text in zip(missing, raw, strict=True):
         row["lm_output"] = text
         row["answer"] = spoken_answer(text, max_sentences=settings["sentences"])
-    rows = [r for r in rows if r["answer"]]
+        known[row["question"]] = row
     log(f"SmolLM2 answered {len(raw)} questions in {time.perf_counter() - started:.0f} s "
-        f"({len(raw) - len(rows)} without a whole sentence dropped)")
-    write_jsonl(path, rows)
-    return rows
+        f"({sum(not r['answer'] for r in missing)} without a whole sentence dropped)")
+    write_jsonl(path, [known[r["question"]] for r in rows])
+    return [known[r["question"]] for r in rows if known[r["question"]]["answer"]]
 
 
 def make_spoken(work: Path, qa: list[dict], settings: dict) -> dict[str, Path]:

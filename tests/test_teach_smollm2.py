@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "teach_smollm2.py"
@@ -74,14 +75,51 @@ def test_both_stages_lower_the_loss_and_the_held_out_wer(quick_run):
     assert (quick_run / "stage2" / "export" / "lit_model.pth").is_file()
 
 
-def test_a_killed_stage_resumes_with_the_same_losses(quick_run, tmp_path):
-    """Stage 1 at full size (bfloat16 autocast): stopped after step 3 of 4 (checkpoint at 2) and
-    resumed, its step 3 and 4 losses equal the uninterrupted run's bit for bit."""
+def _script():
     sys.path.insert(0, str(SCRIPT.parent))
     try:
         import teach_smollm2
     finally:
         sys.path.remove(str(SCRIPT.parent))
+    return teach_smollm2
+
+
+def test_the_full_runs_more_topics_are_trained_only_and_after_the_others():
+    teach_smollm2 = _script()
+    spec = yaml.safe_load((teach_smollm2.RECIPES / "questions.yaml").read_text())
+    base = [(t, template) for e in spec["kinds"].values() for t in e["topics"] for template in e["templates"]]
+    full = teach_smollm2.make_questions(None)
+    # The kinds' own rows keep their places (so their speech and cached features stay the same) ...
+    assert [(r["topic"], r["question"]) for r in full[: len(base)]] == [(t, q.format(x=t)) for t, q in base]
+    assert len(full) > 2 * len(base)
+    # ... and the added ones are all trained, never about a held-out topic.
+    held = {r["topic"] for r in full[: len(base)] if r["held_out"]}
+    more = full[len(base):]
+    assert held and not any(r["held_out"] for r in more) and not held & {r["topic"] for r in more}
+
+
+def test_questions_added_later_are_the_only_ones_answered(quick_run, tmp_path):
+    teach_smollm2 = _script()
+    settings = teach_smollm2.QUICK
+    rows = [json.loads(line) for line in (quick_run / "qa.jsonl").read_text().splitlines()]
+    # Everything answered: no model is loaded (the checkpoint path does not exist).
+    (tmp_path / "qa.jsonl").write_text((quick_run / "qa.jsonl").read_text())
+    again = teach_smollm2.make_qa(tmp_path, tmp_path / "no-checkpoint", settings)
+    assert again == [r for r in rows if r["answer"]]
+    # Two questions missing: those two are answered, the rest kept as they were, all in the questions' order.
+    missing = {rows[1]["question"], rows[5]["question"]}
+    teach_smollm2.write_jsonl(tmp_path / "qa.jsonl", [r for r in rows if r["question"] not in missing])
+    teach_smollm2.make_qa(tmp_path, quick_run / "init", settings)
+    written = [json.loads(line) for line in (tmp_path / "qa.jsonl").read_text().splitlines()]
+    assert [r["question"] for r in written] == [r["question"] for r in rows]
+    assert [r for r in written if r["question"] not in missing] == [r for r in rows if r["question"] not in missing]
+    assert all(r["lm_output"].strip() for r in written if r["question"] in missing)
+
+
+def test_a_killed_stage_resumes_with_the_same_losses(quick_run, tmp_path):
+    """Stage 1 at full size (bfloat16 autocast): stopped after step 3 of 4 (checkpoint at 2) and
+    resumed, its step 3 and 4 losses equal the uninterrupted run's bit for bit."""
+    teach_smollm2 = _script()
     from miniomni.train.trainer import Trainer
 
     spoken = {"heldout-asr-piper": quick_run / "spoken" / "heldout-asr-piper"}
