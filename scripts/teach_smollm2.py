@@ -13,7 +13,7 @@
    and the agreement of spoken and written answers to held-out questions (`miniomni eval`).
 
     python scripts/teach_smollm2.py                          # the whole run, into runs/teach-smollm2
-                                                             # (2 cores: ~10 min of data, ~90 of training)
+                                                             # (2 cores: ~35 min of data, ~90 of training)
     python scripts/teach_smollm2.py --quick --workdir /tmp/q # a small subset in a few minutes
 
 Every step leaves its output in the work directory and is skipped when that is there, so a killed
@@ -106,8 +106,14 @@ def make_qa(work: Path, checkpoint: Path, settings: dict) -> list[dict]:
     if path.is_file():
         known = {r["question"]: r for r in map(json.loads, path.read_text(encoding="utf-8").splitlines())}
     missing = [r for r in rows if r["question"] not in known]
-    if not missing:
-        return [known[r["question"]] for r in rows if known[r["question"]]["answer"]]
+    if missing:
+        known.update(_answer(missing, checkpoint, settings))
+        write_jsonl(path, [known[r["question"]] for r in rows])
+    return [known[r["question"]] for r in rows if known[r["question"]]["answer"]]
+
+
+def _answer(rows: list[dict], checkpoint: Path, settings: dict) -> dict[str, dict]:
+    """``rows`` with SmolLM2's answers added, by question."""
     import torch
     from tokenizers import Tokenizer
 
@@ -120,16 +126,14 @@ def make_qa(work: Path, checkpoint: Path, settings: dict) -> list[dict]:
     omni = MiniOmni.from_parts(parts, torch.device("cpu"), Precision(dtype=torch.float32))
     tokenizer = Tokenizer.from_str(parts.tokenizer_json)
     started = time.perf_counter()
-    raw = answer_questions(omni.model, tokenizer, [r["question"] for r in missing],
+    raw = answer_questions(omni.model, tokenizer, [r["question"] for r in rows],
                            max_new_tokens=settings["answer_tokens"])
-    for row, text in zip(missing, raw, strict=True):
+    for row, text in zip(rows, raw, strict=True):
         row["lm_output"] = text
         row["answer"] = spoken_answer(text, max_sentences=settings["sentences"])
-        known[row["question"]] = row
     log(f"SmolLM2 answered {len(raw)} questions in {time.perf_counter() - started:.0f} s "
-        f"({sum(not r['answer'] for r in missing)} without a whole sentence dropped)")
-    write_jsonl(path, [known[r["question"]] for r in rows])
-    return [known[r["question"]] for r in rows if known[r["question"]]["answer"]]
+        f"({sum(not r['answer'] for r in rows)} without a whole sentence dropped)")
+    return {r["question"]: r for r in rows}
 
 
 def make_spoken(work: Path, qa: list[dict], settings: dict) -> dict[str, Path]:
