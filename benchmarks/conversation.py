@@ -128,6 +128,7 @@ async def talker(index: int, url: str, args: argparse.Namespace, question: np.nd
                 answer = current["answer"]
                 if kind == "response.created" and answer is not None and answer.response_id is None:
                     answer.response_id = event["response"]["id"]
+                    answer.taken = now
                 elif kind == "response.output_audio.delta" and answer is not None and \
                         event["response_id"] == answer.response_id:
                     samples = (len(event["delta"]) * 3 // 4 - event["delta"][-2:].count("=")) // 2
@@ -315,7 +316,8 @@ def run_k(server: Server, k: int, args: argparse.Namespace, questions: list[np.n
         "cpu_cores": (after_cpu - before_cpu) / wall,
         "thread_cores": {name: cores for name, cores in threads.items() if cores >= 0.005},
         "client_cores": own / wall,
-        "timelines": [{"speech_end": a.speech_end, "first_audio": a.first_audio, "deltas": a.deltas} for a in answers],
+        "timelines": [{"speech_end": a.speech_end, "taken": a.taken, "first_audio": a.first_audio, "deltas": a.deltas}
+                      for a in answers],
     }
     for buffer_ms in (0, 200):
         outs = [dry_outs(a, buffer_ms / 1000) for a in answers]
@@ -440,6 +442,12 @@ def main() -> None:
                 print(f"  server threads (cores, nice): "
                       f"{', '.join(f'{c:.2f} ({n.rsplit(maxsplit=1)[-1]})' for n, c in busy)}; "
                       f"this benchmark's clients: {r['client_cores']:.2f}", flush=True)
+                split = [(a["taken"] - a["speech_end"], a["first_audio"] - a["taken"]) for a in r["timelines"]
+                         if a["taken"] is not None and a["first_audio"] is not None]
+                if split:
+                    print(f"  voice-to-voice, median: the turn taken {statistics.median(t for t, _ in split):.2f} s "
+                          f"after the speech, its first audio {statistics.median(f for _, f in split):.2f} s later",
+                          flush=True)
                 if r["errors"]:
                     print(f"  errors: {r['errors'][:3]}", flush=True)
                 if args.stop_when_failing and r["dry200"][0]:

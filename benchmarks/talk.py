@@ -22,6 +22,7 @@ def room_noise(seconds: float, rng: np.random.Generator) -> np.ndarray:
 class Answer:
     speech_end: float  # when the chunk holding the question's last speech sample was sent
     response_id: str | None = None
+    taken: float | None = None  # when the response was announced: the server took the turn
     first_audio: float | None = None
     deltas: list[tuple[float, float]] = field(default_factory=list)  # (arrival, seconds of audio)
     status: str | None = None

@@ -132,6 +132,7 @@ async def talker(index: int, base_url: str, args: argparse.Namespace, question: 
                 answer = Answer(speech_end=when[0])
                 log.answers.append(answer)
                 first = len(heard)
+                answer.taken = (await until(events, "response.created", log, args.answer_timeout))["_at"]
                 done = await until(events, "response.done", log, args.answer_timeout)
                 answer.response_id, answer.status = done["response"]["id"], done["response"]["status"]
                 stopped = await until(events, "output_audio_buffer.stopped", log, args.answer_timeout)
