@@ -86,6 +86,82 @@ def test_vad_reports_silence_starting_speech_resuming_and_stopping():
     assert [e.kind for e in events_for([0.9] * 3 + [0.4] * 40)] == ["speech_started"]
 
 
+def spoken_question(tmp_path, text: str) -> tuple[np.ndarray, int]:
+    """espeak-ng's ``text`` at 16 kHz between stretches of quiet room noise; and the sample where it ends."""
+    if shutil.which("espeak-ng") is None:
+        pytest.skip("espeak-ng is not installed")
+    path = tmp_path / "q.wav"
+    subprocess.run(["espeak-ng", "-w", str(path), text], check=True)
+    speech, rate = sf.read(path, dtype="float32")
+    speech = soxr.resample(speech, rate, 16000)
+    loud = np.flatnonzero(np.abs(speech) > 0.01)
+    speech = speech[: loud[-1] + 1]  # espeak-ng's own trailing silence is not speech
+    rng = np.random.default_rng(1)
+    room = [0.002 * rng.standard_normal(n).astype(np.float32) for n in (16000, 24000)]
+    return np.concatenate([room[0], speech, room[1]]).astype(np.float32), 16000 + len(speech)
+
+
+def test_the_silence_is_dated_where_the_voice_fell_to_the_rooms_level(tmp_path):
+    audio, end = spoken_question(tmp_path, "Where is the nearest train station?")
+    heard = {}
+    for by_level in (True, False):
+        vad = StreamingVAD(0.5, 500, input_rate=16000, date_by_level=by_level)
+        events = [e for e in vad.process(audio) if e.sample >= end - 1600]  # the question's end, not its pauses
+        heard[by_level] = events
+        assert [e.kind for e in events] == ["silence_started", "speech_stopped"]
+        assert events[1].sample - events[1].silence_start >= 500 * 16
+    level, silero = heard[True], heard[False]
+    assert abs(level[0].sample - end) <= 2 * WINDOW  # within a window or two of the last sound
+    assert silero[0].sample - end >= 3 * WINDOW  # Silero's probability lags behind it
+    assert level[1].sample < silero[1].sample  # so the turn ends sooner, after the same silence
+
+
+def windows_of(script: list[tuple[float, float]], seed: int = 0) -> tuple[StreamingVAD, list[VADEvent]]:
+    """(speech probability, noise amplitude) per window -> the events of a VAD with a scripted network."""
+    rng = np.random.default_rng(seed)
+    audio = np.concatenate([amplitude * rng.standard_normal(WINDOW) for _, amplitude in script]).astype(np.float32)
+    vad = StreamingVAD(0.5, 500, input_rate=16000, model=Scripted([p for p, _ in script]))
+    return vad, vad.process(audio)
+
+
+ROOM, VOICE = 0.002, 0.1  # noise amplitudes: -54 dB and -20 dB
+
+
+def test_a_quiet_stretch_is_withdrawn_when_the_sound_comes_back():
+    script = [(0.0, ROOM)] * 10 + [(1.0, VOICE)] * 10 + [(1.0, ROOM)] * 3 + [(1.0, VOICE)] * 5 + [(1.0, ROOM)] * 4 \
+        + [(0.1, ROOM)] * 20
+    _, events = windows_of(script)
+    kinds = [(e.kind, e.sample // WINDOW) for e in events]
+    assert kinds == [("speech_started", 10), ("silence_started", 20), ("speech_resumed", 23),
+                     ("silence_started", 28), ("speech_stopped", 28 + 16)]
+
+
+def test_soft_speech_that_silero_still_hears_is_not_taken_for_silence():
+    script = [(0.0, ROOM)] * 10 + [(1.0, VOICE)] * 10 + [(1.0, ROOM)] * 14 + [(0.1, ROOM)] * 20
+    vad, events = windows_of(script)
+    kinds = [(e.kind, e.sample // WINDOW) for e in events]
+    # Quiet from window 20; Silero still hears speech after 10 more windows: resumed at window 30, and
+    # from then on only Silero dates the silence (window 34), whatever the level says.
+    assert kinds == [("speech_started", 10), ("silence_started", 20), ("speech_resumed", 30),
+                     ("silence_started", 34), ("speech_stopped", 34 + 16)]
+    assert vad.room_db == pytest.approx(10 * np.log10(ROOM**2), abs=1.0)
+    # Silero hearing speech again at the room's level, after it heard the silence: the same.
+    flicker = [(0.0, ROOM)] * 10 + [(1.0, VOICE)] * 10 + [(0.1, ROOM)] * 3 + [(1.0, ROOM)] + [(0.1, ROOM)] * 20
+    _, events = windows_of(flicker)
+    assert [(e.kind, e.sample // WINDOW) for e in events] == [
+        ("speech_started", 10), ("silence_started", 20), ("speech_resumed", 23), ("silence_started", 24),
+        ("speech_stopped", 24 + 16)]
+
+
+def test_without_a_quiet_room_to_measure_only_silero_dates_the_silence():
+    noisy = [(0.0, 0.05)] * 10 + [(1.0, VOICE)] * 10 + [(1.0, 0.05)] * 3 + [(0.1, 0.05)] * 20  # 6 dB apart
+    _, events = windows_of(noisy)
+    assert [(e.kind, e.sample // WINDOW) for e in events][:2] == [("speech_started", 10), ("silence_started", 23)]
+    at_once = [(1.0, VOICE)] * 10 + [(1.0, 0.0)] * 3 + [(0.1, 0.0)] * 20  # speech from the first window
+    _, events = windows_of(at_once)
+    assert [(e.kind, e.sample // WINDOW) for e in events][:2] == [("speech_started", 0), ("silence_started", 13)]
+
+
 def pcm(seconds: float, value: int = 1000) -> bytes:
     return np.full(int(seconds * RATE), value, dtype="<i2").tobytes()
 

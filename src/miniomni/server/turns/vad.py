@@ -11,6 +11,14 @@ keeps only its own state and context (a few kB). Incoming 24 kHz audio is resamp
 streaming soxr resampler, so chunk boundaries leave no seams. Speech starts when a
 window's probability reaches ``threshold`` and stops after ``silence_duration_ms`` of
 windows below ``threshold - 0.15`` (Silero's own hysteresis).
+
+Silero's probability stays high for 100 to 200 ms after the last word (its recurrent state
+lags). Where the room is quiet enough to tell (the speech at least :data:`MIN_SNR_DB` above
+the room's level, measured while nobody speaks), the silence is dated from where the audio
+fell to the room's level instead: it is reported after :data:`QUIET_WINDOWS` such windows,
+withdrawn if the sound comes back, and if Silero has not agreed within
+:data:`MAX_LAG_WINDOWS` the speaker is taken to be speaking softly (the level is not used
+again in that utterance). So ``silence_duration_ms`` counts silence as the listener hears it.
 """
 
 from __future__ import annotations
@@ -30,6 +38,10 @@ WINDOW = 512  # samples at 16 kHz: 32 ms
 CONTEXT = 64  # samples of the previous window the model sees with each window
 STATE_SHAPE = (2, 1, 128)  # the model's recurrent state, per stream
 HYSTERESIS = 0.15  # speech goes on while the probability stays above threshold - 0.15
+QUIET_DB = 6.0  # a window at most this far above the room's level is quiet
+MIN_SNR_DB = 15.0  # the level is used only for speech at least this far above the room's
+QUIET_WINDOWS = 2  # quiet windows in a row that begin a silence before Silero hears it
+MAX_LAG_WINDOWS = 10  # Silero agrees within this many windows, or the quiet was soft speech
 
 _import_lock = threading.Lock()
 _shared: SileroNetwork | None = None
@@ -37,6 +49,11 @@ _shared: SileroNetwork | None = None
 
 class VADUnavailable(RuntimeError):
     """The silero-vad package is not installed."""
+
+
+def level_db(window: np.ndarray) -> float:
+    """A window's mean power in dB relative to full scale."""
+    return 10.0 * float(np.log10(np.mean(np.square(window, dtype=np.float64)) + 1e-12))
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
@@ -141,10 +158,11 @@ class StreamingVAD:
 
     Not thread-safe: call :meth:`process` from one thread at a time (the server awaits each
     call before the next). ``model`` defaults to the process's shared Silero network.
+    ``date_by_level=False`` dates every silence where Silero hears it (for comparison).
     """
 
     def __init__(self, threshold: float = 0.5, silence_duration_ms: int = 500, input_rate: int = VAD_SAMPLE_RATE,
-                 model: SileroNetwork | None = None) -> None:
+                 model: SileroNetwork | None = None, date_by_level: bool = True) -> None:
         self.threshold = float(threshold)
         self.silence_samples = int(silence_duration_ms) * VAD_SAMPLE_RATE // 1000
         self.input_rate = input_rate
@@ -157,6 +175,16 @@ class StreamingVAD:
         self.speaking = False
         self._silence_start: int | None = None
         self.last_probability = 0.0
+        self.date_by_level = date_by_level
+        self.room_db: float | None = None  # the room's level, from windows while nobody speaks
+        self._forget_utterance()
+
+    def _forget_utterance(self) -> None:
+        self._silence_start = None
+        self._heard = False  # Silero has heard the current silence (not only the level)
+        self._peak_db = -120.0  # the loudest window of the utterance
+        self._quiet_from: int | None = None  # where the current run of quiet windows began
+        self._use_level = self.date_by_level  # cleared when a quiet stretch turned out to be soft speech
 
     def _new_resampler(self) -> soxr.ResampleStream | None:
         if self.input_rate == VAD_SAMPLE_RATE:
@@ -172,12 +200,12 @@ class StreamingVAD:
         self._state[:] = 0.0
         self._context[:] = 0.0
         self.speaking = False
-        self._silence_start = None
+        self._forget_utterance()
 
     def end_speech(self) -> None:
         """The turn was ended from outside (a manual commit, a full buffer)."""
         self.speaking = False
-        self._silence_start = None
+        self._forget_utterance()
 
     def probability(self, window: np.ndarray) -> float:
         """Speech probability of the next 512-sample window (16 kHz), advancing the stream's state."""
@@ -195,25 +223,55 @@ class StreamingVAD:
         events: list[VADEvent] = []
         offset = 0
         while self._pending.size - offset >= WINDOW:
-            probability = self.probability(self._pending[offset : offset + WINDOW])
+            window = self._pending[offset : offset + WINDOW]
+            probability = self.probability(window)
             offset += WINDOW
             self.last_probability = probability
             start = self.position
             self.position += WINDOW
-            if probability >= self.threshold:
-                if self._silence_start is not None:
-                    events.append(VADEvent("speech_resumed", start))
-                self._silence_start = None
-                if not self.speaking:
-                    self.speaking = True
-                    events.append(VADEvent("speech_started", start))
-            elif self.speaking and probability < self.threshold - HYSTERESIS:
-                if self._silence_start is None:
-                    self._silence_start = start
-                    events.append(VADEvent("silence_started", start))
-                if self.position - self._silence_start >= self.silence_samples:
-                    events.append(VADEvent("speech_stopped", self.position, self._silence_start))
-                    self.speaking = False
-                    self._silence_start = None
+            self._window(start, probability, level_db(window), events)
         self._pending = self._pending[offset:].copy() if offset else self._pending
         return events
+
+    def _window(self, start: int, probability: float, level: float, events: list[VADEvent]) -> None:
+        """One window's probability and level -> the events it causes."""
+        if not self.speaking:
+            if probability < self.threshold:
+                self.room_db = level if self.room_db is None else 0.95 * self.room_db + 0.05 * level
+            if probability >= self.threshold:
+                self.speaking = True
+                self._forget_utterance()
+                self._peak_db = level
+                events.append(VADEvent("speech_started", start))
+            return
+        self._peak_db = max(self._peak_db, level)
+        quiet = self._use_level and self.room_db is not None and self._peak_db - self.room_db >= MIN_SNR_DB \
+            and level <= self.room_db + QUIET_DB
+        self._quiet_from = (start if self._quiet_from is None else self._quiet_from) if quiet else None
+        silent = probability < self.threshold - HYSTERESIS  # Silero hears silence
+        if self._silence_start is not None and not self._heard:  # a silence begun by the level alone
+            if not quiet:
+                self._resume(start, events)
+            elif silent:
+                self._heard = True
+            elif self.position - self._silence_start > MAX_LAG_WINDOWS * WINDOW:
+                self._use_level, self._quiet_from = False, None  # Silero still hears speech: soft, not silence
+                self._resume(start, events)
+        elif self._silence_start is not None and probability >= self.threshold:
+            if quiet:  # Silero hears speech at the room's level: soft speech, the level cannot tell
+                self._use_level, self._quiet_from = False, None
+            self._resume(start, events)
+        if self._silence_start is None:
+            lagging = self._quiet_from is not None and start - self._quiet_from <= MAX_LAG_WINDOWS * WINDOW
+            if silent or (lagging and self.position - self._quiet_from >= QUIET_WINDOWS * WINDOW):
+                self._silence_start = self._quiet_from if lagging else start
+                self._heard = silent
+                events.append(VADEvent("silence_started", self._silence_start))
+        if self._heard and silent and self.position - self._silence_start >= self.silence_samples:
+            events.append(VADEvent("speech_stopped", self.position, self._silence_start))
+            self.speaking = False
+            self._forget_utterance()
+
+    def _resume(self, start: int, events: list[VADEvent]) -> None:
+        events.append(VADEvent("speech_resumed", start))
+        self._silence_start, self._heard = None, False
