@@ -200,11 +200,24 @@ def test_step_costs_learn_and_extend_in_a_line():
     assert costs.expected(2) is None and costs.room_for_one_more(1)
     costs.add(2, 0.055)
     costs.add(2, 0.060)  # a running average
-    assert costs.expected(2) == pytest.approx(0.056)
-    assert costs.expected(4) == pytest.approx(0.056 + 2 * 0.016)  # the line through 1 and 2 answers
+    assert costs.expected(2) == pytest.approx(0.0575)
+    assert costs.expected(4) == pytest.approx(0.0575 + 2 * 0.0175)  # the line through 1 and 2 answers
     assert costs.room_for_one_more(2) == (costs.expected(3) <= ROOM * FRAME)
     costs.add(3, 0.080)
     assert not costs.room_for_one_more(2) and not costs.room_for_one_more(3)
+
+
+def test_step_costs_average_over_codec_cycles_not_the_last_few_steps():
+    from miniomni.server.engine.policy import AVERAGED_STEPS, StepCosts
+
+    costs = StepCosts()
+    cycle = [0.045, 0.045, 0.045, 0.125]  # every fourth step also decodes the answers' audio
+    for step in range(3 * AVERAGED_STEPS):
+        costs.add(2, cycle[step % len(cycle)])
+        if step >= AVERAGED_STEPS:  # the mean, wherever the cycle stands (the last step moved it 4 ms at most)
+            assert costs.expected(2) == pytest.approx(0.065, abs=0.005)
+    costs.add(2, 0.5)  # one outlier moves it by a sixteenth
+    assert costs.expected(2) == pytest.approx(0.065 + (0.5 - 0.065) / AVERAGED_STEPS, abs=0.006)
 
 
 def test_a_newcomer_waits_while_one_more_answer_would_break_real_time_and_never_when_alone(engine, clock):

@@ -29,6 +29,9 @@ LEAD_FLOOR = 0.35
 MAX_WAIT = 1.0
 FRAME = SAMPLES_PER_FRAME / OUTPUT_SAMPLE_RATE  # the speech one decode step makes (seconds)
 ROOM = 0.9  # a newcomer is prepared while a step with it is expected to cost at most this share of FRAME
+# Steps averaged (the mean of the first ones, then a moving average of about as many): several codec
+# cycles, since every fourth step or so also decodes each answer's audio and costs twice the others.
+AVERAGED_STEPS = 16
 
 
 class StepCosts:
@@ -36,10 +39,13 @@ class StepCosts:
 
     def __init__(self) -> None:
         self.seconds: dict[int, float] = {}
+        self._counts: dict[int, int] = {}
 
     def add(self, answers: int, seconds: float) -> None:
-        old = self.seconds.get(answers)
-        self.seconds[answers] = seconds if old is None else 0.8 * old + 0.2 * seconds
+        count = min(self._counts.get(answers, 0) + 1, AVERAGED_STEPS)
+        self._counts[answers] = count
+        old = self.seconds.get(answers, seconds)
+        self.seconds[answers] = old + (seconds - old) / count
 
     def expected(self, answers: int) -> float | None:
         """A step's cost for ``answers`` answers: as measured, or extended in a line from the two largest below."""
