@@ -132,17 +132,18 @@ def test_a_quiet_stretch_is_withdrawn_when_the_sound_comes_back():
         + [(0.1, ROOM)] * 20
     _, events = windows_of(script)
     kinds = [(e.kind, e.sample // WINDOW) for e in events]
-    assert kinds == [("speech_started", 10), ("silence_started", 20), ("speech_resumed", 23),
-                     ("silence_started", 28), ("speech_stopped", 28 + 16)]
+    # Quiet from window 20 and from 28: each silence is dated from the second quiet window.
+    assert kinds == [("speech_started", 10), ("silence_started", 21), ("speech_resumed", 23),
+                     ("silence_started", 29), ("speech_stopped", 29 + 16)]
 
 
 def test_soft_speech_that_silero_still_hears_is_not_taken_for_silence():
     script = [(0.0, ROOM)] * 10 + [(1.0, VOICE)] * 10 + [(1.0, ROOM)] * 14 + [(0.1, ROOM)] * 20
     vad, events = windows_of(script)
     kinds = [(e.kind, e.sample // WINDOW) for e in events]
-    # Quiet from window 20; Silero still hears speech after 10 more windows: resumed at window 30, and
-    # from then on only Silero dates the silence (window 34), whatever the level says.
-    assert kinds == [("speech_started", 10), ("silence_started", 20), ("speech_resumed", 30),
+    # Quiet from window 20 (the silence dated from 21); Silero still hears speech more than 10 windows
+    # later: resumed at window 31, and from then on only Silero dates the silence (window 34).
+    assert kinds == [("speech_started", 10), ("silence_started", 21), ("speech_resumed", 31),
                      ("silence_started", 34), ("speech_stopped", 34 + 16)]
     assert vad.room_db == pytest.approx(10 * np.log10(ROOM**2), abs=1.0)
     # Silero hearing speech again at the room's level, after it heard the silence: the same.

@@ -14,8 +14,9 @@ windows below ``threshold - 0.15`` (Silero's own hysteresis).
 
 Silero's probability stays high for 100 to 200 ms after the last word (its recurrent state
 lags). Where the room is quiet enough to tell (the speech at least :data:`MIN_SNR_DB` above
-the room's level, measured while nobody speaks), the silence is dated from where the audio
-fell to the room's level instead: it is reported after :data:`QUIET_WINDOWS` such windows,
+the room's level, measured while nobody speaks), the silence is dated from the second window
+after the audio fell to the room's level instead: it is reported after :data:`QUIET_WINDOWS`
+such windows,
 withdrawn if the sound comes back, and if Silero has not agreed within
 :data:`MAX_LAG_WINDOWS` the speaker is taken to be speaking softly (the level is not used
 again in that utterance). So ``silence_duration_ms`` counts silence as the listener hears it.
@@ -264,7 +265,8 @@ class StreamingVAD:
         if self._silence_start is None:
             lagging = self._quiet_from is not None and start - self._quiet_from <= MAX_LAG_WINDOWS * WINDOW
             if silent or (lagging and self.position - self._quiet_from >= QUIET_WINDOWS * WINDOW):
-                self._silence_start = self._quiet_from if lagging else start
+                # From the second quiet window: the turn's audio keeps the first, where a soft ending may fade.
+                self._silence_start = min(self._quiet_from + WINDOW, start) if lagging else start
                 self._heard = silent
                 events.append(VADEvent("silence_started", self._silence_start))
         if self._heard and silent and self.position - self._silence_start >= self.silence_samples:
