@@ -141,9 +141,9 @@ def test_soft_speech_that_silero_still_hears_is_not_taken_for_silence():
     script = [(0.0, ROOM)] * 10 + [(1.0, VOICE)] * 10 + [(1.0, ROOM)] * 14 + [(0.1, ROOM)] * 20
     vad, events = windows_of(script)
     kinds = [(e.kind, e.sample // WINDOW) for e in events]
-    # Quiet from window 20 (the silence dated from 21); Silero still hears speech more than 10 windows
-    # later: resumed at window 31, and from then on only Silero dates the silence (window 34).
-    assert kinds == [("speech_started", 10), ("silence_started", 21), ("speech_resumed", 31),
+    # Quiet from window 20 (the silence dated from 21); Silero still hears speech 10 windows later:
+    # resumed at window 30, and from then on only Silero dates the silence (window 34).
+    assert kinds == [("speech_started", 10), ("silence_started", 21), ("speech_resumed", 30),
                      ("silence_started", 34), ("speech_stopped", 34 + 16)]
     assert vad.room_db == pytest.approx(10 * np.log10(ROOM**2), abs=1.0)
     # Silero hearing speech again at the room's level, after it heard the silence: the same.
@@ -286,6 +286,27 @@ def test_a_complete_turn_is_committed_as_soon_as_the_model_says_so():
     assert out[0].audio_end_ms == 3250 and out[1].item_id == offered.item_id
     assert out[1].pcm == offered.pcm and vad.ended == 1
     assert machine.on_end_of_turn(check, 0.9) == []  # that turn is over: a repeated answer changes nothing
+
+
+def test_the_end_of_turn_model_hears_a_pause_only_once_silero_hears_it_too():
+    td = TurnDetection(type="semantic_vad", eagerness="high", prefix_padding_ms=0)
+    # Room, speech, then the room's level while Silero is unsure (0.4: neither speech nor silence) for
+    # 9 windows (288 ms, past QUIET_MS), then silence it hears.
+    script = [(0.0, ROOM)] * 10 + [(1.0, VOICE)] * 10 + [(0.4, ROOM)] * 9 + [(0.1, ROOM)] * 10
+    vad = StreamingVAD(*vad_settings(td), input_rate=16000, model=Scripted([p for p, _ in script]))
+    machine = InputTurns(30.0, td)
+    machine.start_vad(vad, 0)
+    rng = np.random.default_rng(0)
+    seen = []
+    for index, (_, amplitude) in enumerate(script):
+        window = (amplitude * rng.standard_normal(WINDOW)).astype(np.float32)
+        machine.append(pcm(WINDOW * 1.5 / RATE))  # the buffer counts 24 kHz samples: 1.5 per 16 kHz sample
+        seen += [(index, type(e).__name__) for e in machine.on_vad(vad.process(window))]
+    kinds = [kind for _, kind in seen]
+    assert kinds[:2] == ["SpeechStarted", "TurnMayEnd"] and kinds.count("TurnCheck") == 1
+    offered, checked = (next(i for i, kind in seen if kind == name) for name in ("TurnMayEnd", "TurnCheck"))
+    assert offered == 21  # the level: the second window at the room's level
+    assert checked == 29  # not at 28, QUIET_MS after the offer, but once Silero heard the silence
 
 
 def test_an_incomplete_turn_waits_and_is_committed_at_the_cap():

@@ -14,11 +14,11 @@ windows below ``threshold - 0.15`` (Silero's own hysteresis).
 
 Silero's probability stays high for 100 to 200 ms after the last word (its recurrent state
 lags). Where the room is quiet enough to tell (the speech at least :data:`MIN_SNR_DB` above
-the room's level, measured while nobody speaks), the silence is dated from the second window
-after the audio fell to the room's level instead: it is reported after :data:`QUIET_WINDOWS`
-such windows,
+the room's level, measured while nobody speaks), the silence is dated from the second of the
+windows where the audio has fallen to the room's level instead: it is reported after
+:data:`QUIET_WINDOWS` such windows,
 withdrawn if the sound comes back, and if Silero has not agreed within
-:data:`MAX_LAG_WINDOWS` the speaker is taken to be speaking softly (the level is not used
+:data:`MAX_LAG_WINDOWS` windows the speaker is taken to be speaking softly (the level is not used
 again in that utterance). So ``silence_duration_ms`` counts silence as the listener hears it.
 """
 
@@ -140,9 +140,11 @@ class VADEvent:
     """What the VAD heard, at ``sample`` (a 16 kHz sample index from the start of the stream).
 
     ``speech_started``: the first speech window. ``silence_started``: the first quiet window
-    after speech (the turn may be ending). ``speech_resumed``: speech again before the
-    silence was long enough. ``speech_stopped``: the silence lasted ``silence_duration_ms``;
-    ``sample`` is where it ended and ``silence_start`` where it began.
+    after speech, or the second of the windows at the room's level (the turn may be
+    ending). ``speech_resumed``: speech again before the silence was long enough (sound
+    back above the room's level, or soft speech that Silero still hears).
+    ``speech_stopped``: the silence lasted ``silence_duration_ms``; ``sample`` is where it
+    ended and ``silence_start`` where it began.
     """
 
     kind: str
@@ -208,6 +210,11 @@ class StreamingVAD:
         self.speaking = False
         self._forget_utterance()
 
+    @property
+    def silence_heard(self) -> bool:
+        """Whether Silero hears the current silence (False while only the level says so)."""
+        return self._silence_start is None or self._heard
+
     def probability(self, window: np.ndarray) -> float:
         """Speech probability of the next 512-sample window (16 kHz), advancing the stream's state."""
         samples = np.concatenate([self._context, np.asarray(window, dtype=np.float32).reshape(1, WINDOW)], axis=1)
@@ -237,7 +244,8 @@ class StreamingVAD:
     def _window(self, start: int, probability: float, level: float, events: list[VADEvent]) -> None:
         """One window's probability and level -> the events it causes."""
         if not self.speaking:
-            if probability < self.threshold:
+            # Quiet windows only: a word's onset (before Silero hears it) or a bang is not the room.
+            if probability < self.threshold - HYSTERESIS and (self.room_db is None or level <= self.room_db + QUIET_DB):
                 self.room_db = level if self.room_db is None else 0.95 * self.room_db + 0.05 * level
             if probability >= self.threshold:
                 self.speaking = True
@@ -255,7 +263,7 @@ class StreamingVAD:
                 self._resume(start, events)
             elif silent:
                 self._heard = True
-            elif self.position - self._silence_start > MAX_LAG_WINDOWS * WINDOW:
+            elif self.position - self._silence_start >= MAX_LAG_WINDOWS * WINDOW:
                 self._use_level, self._quiet_from = False, None  # Silero still hears speech: soft, not silence
                 self._resume(start, events)
         elif self._silence_start is not None and probability >= self.threshold:
