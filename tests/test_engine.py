@@ -198,6 +198,7 @@ def test_step_costs_learn_and_extend_in_a_line():
     assert costs.expected(1) is None and costs.room_for_one_more(0)  # nothing known: try
     costs.add(1, 0.040)
     assert costs.expected(2) is None and costs.room_for_one_more(1)
+    costs.add(2, 0.500)  # the first step with two answers (one-time set-up): replaced by the second
     costs.add(2, 0.055)
     costs.add(2, 0.060)  # a running average
     assert costs.expected(2) == pytest.approx(0.0575)

@@ -42,10 +42,13 @@ class StepCosts:
         self._counts: dict[int, int] = {}
 
     def add(self, answers: int, seconds: float) -> None:
-        count = min(self._counts.get(answers, 0) + 1, AVERAGED_STEPS)
+        count = self._counts.get(answers, 0) + 1
         self._counts[answers] = count
-        old = self.seconds.get(answers, seconds)
-        self.seconds[answers] = old + (seconds - old) / count
+        if count <= 2:  # the first step with this many answers may carry one-time set-up: the second replaces it
+            self.seconds[answers] = seconds
+            return
+        old = self.seconds[answers]
+        self.seconds[answers] = old + (seconds - old) / min(count - 1, AVERAGED_STEPS)
 
     def expected(self, answers: int) -> float | None:
         """A step's cost for ``answers`` answers: as measured, or extended in a line from the two largest below."""
