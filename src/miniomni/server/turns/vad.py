@@ -15,11 +15,11 @@ windows below ``threshold - 0.15`` (Silero's own hysteresis).
 Silero's probability stays high for 100 to 200 ms after the last word (its recurrent state
 lags). Where the room is quiet enough to tell (the speech at least :data:`MIN_SNR_DB` above
 the room's level, measured while nobody speaks), the silence is dated from the second of the
-windows where the audio has fallen to the room's level instead: it is reported after
-:data:`QUIET_WINDOWS` such windows,
-withdrawn if the sound comes back, and if Silero has not agreed within
-:data:`MAX_LAG_WINDOWS` windows the speaker is taken to be speaking softly (the level is not used
-again in that utterance). So ``silence_duration_ms`` counts silence as the listener hears it.
+windows where the audio has fallen to the room's level instead. It is reported after
+:data:`QUIET_WINDOWS` such windows and withdrawn if the sound comes back; if Silero has not
+agreed within :data:`MAX_LAG_WINDOWS` windows, the speaker is taken to be speaking softly
+(the level is not used again in that utterance). The turn still ends only once Silero hears
+the silence. So ``silence_duration_ms`` counts silence as the listener hears it.
 """
 
 from __future__ import annotations
