@@ -26,6 +26,7 @@ import statistics
 import numpy as np
 import soxr
 import torch
+from conversation import pcm16
 from encoder_context import SENTENCES, VOICES, encode, load_models, mel_for, speak, transcribe
 from talk import RATE, room_noise
 
@@ -49,7 +50,7 @@ def take_turn(audio: np.ndarray, by_level: bool) -> dict:
     result = {"offered": None, "withdrawn": 0}
     for start in range(0, len(audio), CHUNK):
         piece = audio[start : start + CHUNK]
-        turns.append((np.clip(piece, -1, 1) * 32767).astype("<i2").tobytes())
+        turns.append(pcm16(piece))
         for event in turns.on_vad(turns.vad.process(piece)):
             now = (start + len(piece)) / RATE
             if isinstance(event, TurnMayEnd):

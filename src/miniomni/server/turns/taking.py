@@ -187,7 +187,7 @@ class InputTurns:
             out.append(TurnMayEnd(self.speech_item_id, self._turn_audio(self.turn_end)))
         if self.turn_detection.semantic and self.turn_end is not None and not self.checked and \
                 self.stream_samples >= self.turn_end + QUIET_MS * PROTOCOL_SAMPLE_RATE // 1000 and \
-                getattr(self.vad, "silence_heard", True):  # not while only the room's level says it is quiet
+                self.vad.silence_heard:  # not while only the room's level says it is quiet
             self.checked = True
             out.append(TurnCheck(self.speech_item_id, self._turn_audio(self.stream_samples), self.turn_end))
         if self.speech_start is not None and \
